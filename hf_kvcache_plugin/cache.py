@@ -1,0 +1,492 @@
+"""``QuantizedKVCache``: a ``transformers.Cache`` whose layers keep K/V quantized.
+
+Per layer, tokens live in three places, in order:
+
+    [ sinks (full precision) | quantized blocks (append-only) | residual window (full precision) ]
+
+``update`` appends new tokens to the sinks until ``sink_tokens`` are held, then
+to the residual window. Once the window holds at least ``residual_length + G``
+tokens, its oldest whole blocks of G tokens are quantized and appended; the
+newest ``residual_length`` tokens always stay exact. The first ``update``
+(prefill) returns its inputs unchanged; later ones return sinks + dequantized
+blocks + residual, in the compute dtype, on the inputs' device.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import PretrainedConfig
+from transformers.cache_utils import (
+    Cache,
+    CacheLayerMixin,
+    DummyLayer,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    get_layer_types_and_kwargs,
+)
+
+from .blocks import BlockCodec, QuantizedBlocks
+from .config import MIXED_AGED_BITS, CacheConfig, PluginConfig
+
+__all__ = ["QuantizedKVLayer", "QuantizedKVCache", "create_quantized_kv_cache"]
+
+_SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "compute": None}
+_SLIDING_TYPES = ("sliding_attention", "chunked_attention")
+
+
+def _nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+class QuantizedKVLayer(CacheLayerMixin):
+    """One attention layer's quantized cache (see the module docstring for the layout)."""
+
+    is_compileable = False
+    is_croppable = True
+    is_sliding = False
+
+    def __init__(
+        self,
+        key_bits: int,
+        value_bits: int,
+        group_size: int,
+        residual_length: int,
+        sink_tokens: int = 0,
+        key_axis: str = "channel",
+        value_axis: str = "token",
+        symmetric: bool = False,
+        scale_dtype: str = "float16",
+        clip_percentile: float | None = None,
+        aged_bits: int | None = None,
+        recent_tokens: int = 0,
+        layer_idx: int | None = None,
+        expected_num_heads: int | None = None,
+        expected_head_dim: int | None = None,
+    ):
+        super().__init__()
+        self.key_bits, self.value_bits = key_bits, value_bits
+        self.group_size = group_size
+        self.residual_length = residual_length
+        self.sink_tokens = sink_tokens
+        self.key_axis, self.value_axis = key_axis, value_axis
+        self.symmetric = symmetric
+        self.scale_dtype = scale_dtype
+        self.clip_percentile = clip_percentile
+        self.aged_bits = aged_bits
+        self.recent_tokens = recent_tokens
+        self.layer_idx = layer_idx
+        self.expected_num_heads = expected_num_heads
+        self.expected_head_dim = expected_head_dim
+        self._clear()
+
+    # ------------------------------------------------------------------ state
+    def _clear(self) -> None:
+        self.is_initialized = False
+        self.keys = self.values = None  # unused by this layer; kept for the mixin's contract
+        self.sink_keys = self.sink_values = None
+        self.residual_keys = self.residual_values = None
+        self.quantized_keys: QuantizedBlocks | None = None
+        self.quantized_values: QuantizedBlocks | None = None
+        self._length = 0
+
+    def _name(self) -> str:
+        return f"layer {self.layer_idx}" if self.layer_idx is not None else "this layer"
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self._check_rank(key_states, value_states)
+        b, h, _, d = key_states.shape
+        dv = value_states.shape[-1]
+        if self.expected_num_heads is not None and h != self.expected_num_heads:
+            raise ValueError(
+                f"{self._name()}: key/value states have {h} heads but the model config has "
+                f"{self.expected_num_heads} key/value heads"
+            )
+        if self.expected_head_dim is not None and d != self.expected_head_dim:
+            raise ValueError(
+                f"{self._name()}: key states have head_dim {d} but the model config has head_dim {self.expected_head_dim}"
+            )
+        for name, axis, dim in (("keys", self.key_axis, d), ("values", self.value_axis, dv)):
+            if axis == "token" and dim % self.group_size != 0:
+                raise ValueError(
+                    f"{self._name()}: `group_size` ({self.group_size}) has to divide head_dim ({dim}) to group "
+                    f"{name} per token"
+                )
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.batch_size, self.num_heads, self.head_dim, self.value_head_dim = b, h, d, dv
+        scale_dtype = _SCALE_DTYPES[self.scale_dtype]
+        self.quantized_keys = QuantizedBlocks(
+            BlockCodec(self.key_bits, self.group_size, self.key_axis, self.symmetric, scale_dtype, self.clip_percentile),
+            aged_bits=self.aged_bits,
+            recent_tokens=self.recent_tokens,
+        )
+        self.quantized_values = QuantizedBlocks(
+            BlockCodec(
+                self.value_bits, self.group_size, self.value_axis, self.symmetric, scale_dtype, self.clip_percentile
+            ),
+            aged_bits=self.aged_bits,
+            recent_tokens=self.recent_tokens,
+        )
+        self.sink_keys = key_states.new_empty(b, h, 0, d)
+        self.sink_values = value_states.new_empty(b, h, 0, dv)
+        self.residual_keys = key_states.new_empty(b, h, 0, d)
+        self.residual_values = value_states.new_empty(b, h, 0, dv)
+        self.is_initialized = True
+
+    def _check_rank(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        for name, t in (("key_states", key_states), ("value_states", value_states)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4:
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(
+                    f"{self._name()}: `{name}` has to be a 4-d tensor [batch, num_kv_heads, seq_len, head_dim] "
+                    f"but got shape {shape}"
+                )
+            if not t.is_floating_point():
+                raise ValueError(f"{self._name()}: `{name}` has to be floating point but got dtype {t.dtype}")
+        if key_states.shape[:3] != value_states.shape[:3]:
+            raise ValueError(
+                f"{self._name()}: key_states {tuple(key_states.shape)} and value_states {tuple(value_states.shape)} "
+                "differ in batch, heads or seq_len"
+            )
+
+    def _check_against_state(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self._check_rank(key_states, value_states)
+        b, h, _, d = key_states.shape
+        expected = (self.batch_size, self.num_heads, self.head_dim, self.value_head_dim)
+        if (b, h, d, value_states.shape[-1]) != expected:
+            raise ValueError(
+                f"{self._name()}: got key/value states with (batch, heads, head_dim, value head_dim) = "
+                f"{(b, h, d, value_states.shape[-1])} but this cache holds {expected}"
+            )
+        if key_states.dtype != self.dtype or value_states.dtype != self.dtype:
+            raise ValueError(
+                f"{self._name()}: got key/value states of dtype {key_states.dtype}/{value_states.dtype} but this "
+                f"cache holds {self.dtype}"
+            )
+
+    # ------------------------------------------------------------------ update
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        else:
+            self._check_against_state(key_states, value_states)
+        had_history = self._length > 0
+        self._length += key_states.shape[-2]
+
+        n_sink = min(key_states.shape[-2], self.sink_tokens - self.sink_keys.shape[-2])
+        if n_sink > 0:
+            self.sink_keys = torch.cat([self.sink_keys, key_states[:, :, :n_sink]], dim=-2)
+            self.sink_values = torch.cat([self.sink_values, value_states[:, :, :n_sink]], dim=-2)
+            key_states, value_states = key_states[:, :, n_sink:], value_states[:, :, n_sink:]
+        self.residual_keys = torch.cat([self.residual_keys, key_states], dim=-2)
+        self.residual_values = torch.cat([self.residual_values, value_states], dim=-2)
+
+        if had_history:
+            keys_out, values_out = self._materialize()
+        else:
+            # Prefill: everything is in the inputs, returned exact.
+            keys_out = torch.cat([self.sink_keys, self.residual_keys], dim=-2)
+            values_out = torch.cat([self.sink_values, self.residual_values], dim=-2)
+        self._flush_full_blocks()
+        return keys_out, values_out
+
+    def _materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[sinks | dequantized blocks | residual] for keys and values, one allocation each."""
+        outs = []
+        for sink, blocks, residual in (
+            (self.sink_keys, self.quantized_keys, self.residual_keys),
+            (self.sink_values, self.quantized_values, self.residual_values),
+        ):
+            s, q, r = sink.shape[-2], blocks.num_tokens, residual.shape[-2]
+            out = residual.new_empty(residual.shape[0], residual.shape[1], s + q + r, residual.shape[-1])
+            out[:, :, :s] = sink
+            if q:
+                blocks.dequantize_into(out[:, :, s : s + q])
+            out[:, :, s + q :] = residual
+            outs.append(out)
+        return outs[0], outs[1]
+
+    def _flush_full_blocks(self) -> None:
+        excess = self.residual_keys.shape[-2] - self.residual_length
+        n_tokens = (excess // self.group_size) * self.group_size
+        if n_tokens <= 0:
+            return
+        self.quantized_keys.append(self.residual_keys[:, :, :n_tokens])
+        self.quantized_values.append(self.residual_values[:, :, :n_tokens])
+        # clone: a slice would keep the whole old window alive
+        self.residual_keys = self.residual_keys[:, :, n_tokens:].clone()
+        self.residual_values = self.residual_values[:, :, n_tokens:].clone()
+
+    # ------------------------------------------------------------------ queries
+    def get_seq_length(self) -> int:
+        return self._length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self._length + query_length, 0
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All cached keys and values as dense tensors in the compute dtype."""
+        if not self.is_initialized:
+            raise ValueError(f"{self._name()} holds no tokens yet")
+        return self._materialize()
+
+    def stats(self) -> dict[str, int]:
+        if not self.is_initialized:
+            return {"seq_length": 0, "quantized_bytes": 0, "residual_bytes": 0, "sink_bytes": 0, "fp_bytes": 0}
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return {
+            "seq_length": self._length,
+            "quantized_bytes": self.quantized_keys.nbytes + self.quantized_values.nbytes,
+            "residual_bytes": _nbytes(self.residual_keys) + _nbytes(self.residual_values),
+            "sink_bytes": _nbytes(self.sink_keys) + _nbytes(self.sink_values),
+            "fp_bytes": self.batch_size * self.num_heads * self._length * (self.head_dim + self.value_head_dim) * itemsize,
+        }
+
+    # ------------------------------------------------------------------ edits
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove ``-tokens_to_remove`` tokens from the end (``transformers``' convention: n <= 0)."""
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"`crop` takes the number of tokens to remove as a negative integer but got {tokens_to_remove}"
+            )
+        count = -tokens_to_remove
+        if count == 0 or not self.is_initialized:
+            return
+        if count > self._length:
+            raise ValueError(f"{self._name()}: cannot crop {count} tokens, the cache holds only {self._length}")
+        self._length -= count
+        r = self.residual_keys.shape[-2]
+        from_residual = min(count, r)
+        self.residual_keys = self.residual_keys[:, :, : r - from_residual].clone()
+        self.residual_values = self.residual_values[:, :, : r - from_residual].clone()
+        count -= from_residual
+        if count == 0:
+            return
+        q = self.quantized_keys.num_tokens
+        from_blocks = min(count, q)
+        if from_blocks:
+            # the kept head of a partly cropped block rejoins the (now empty) residual window
+            self.residual_keys = self.quantized_keys.drop_last_tokens(from_blocks, self.dtype)
+            self.residual_values = self.quantized_values.drop_last_tokens(from_blocks, self.dtype)
+        count -= from_blocks
+        if count:
+            s = self.sink_keys.shape[-2]
+            self.sink_keys = self.sink_keys[:, :, : s - count].clone()
+            self.sink_values = self.sink_values[:, :, : s - count].clone()
+
+    def _map_all(self, fn) -> None:
+        for name in ("sink_keys", "sink_values", "residual_keys", "residual_values"):
+            setattr(self, name, fn(getattr(self, name)))
+        self.quantized_keys.map_tensors(fn)
+        self.quantized_values.map_tensors(fn)
+        self.batch_size = self.residual_keys.shape[0]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            idx = beam_idx.to(self.device)
+            self._map_all(lambda t: t.index_select(0, idx))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._map_all(lambda t: t[indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._map_all(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def offload(self) -> None:
+        if self.is_initialized:
+            self._map_all(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        if self.is_initialized and self.residual_keys.device != self.device:
+            self._map_all(lambda t: t.to(self.device, non_blocking=True))
+
+    def reset(self) -> None:
+        self._clear()
+
+
+def _layer_stats(layer: Any) -> dict[str, int]:
+    """Byte accounting for our layers and for the full-precision layers we delegate to."""
+    if isinstance(layer, QuantizedKVLayer):
+        return layer.stats()
+    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+    held = _nbytes(keys) + _nbytes(values) if getattr(layer, "is_initialized", False) else 0
+    seq = layer.get_seq_length() if isinstance(layer, CacheLayerMixin) else 0
+    return {"seq_length": seq, "quantized_bytes": 0, "residual_bytes": held, "sink_bytes": 0, "fp_bytes": held}
+
+
+class QuantizedKVCache(Cache):
+    """Quantized KV cache for ``model.generate(..., past_key_values=QuantizedKVCache(model.config))``.
+
+    Args:
+        config: the model's ``PretrainedConfig`` (its decoder part is used). May be
+            ``None`` when ``num_layers`` is given (a model-free cache).
+        quant_type: ``int8 | int4 | int2 | mixed``.
+        cache_config: a full ``CacheConfig``; exclusive with ``quant_type``/``options``.
+        num_layers: number of layers when ``config`` is ``None``.
+        **options: any other ``CacheConfig`` field (``group_size``, ``residual_length``,
+            ``sink_tokens``, ``key_bits``, ``value_bits``, ``layer_overrides``, ...).
+
+    Full-attention layers are quantized; sliding-window layers keep their bounded
+    window in full precision (``DynamicSlidingWindowLayer``); layers listed in
+    ``skip_layers`` are plain ``DynamicLayer``s. Other layer kinds (linear
+    attention, ...) are refused with an error naming the layer.
+    """
+
+    def __init__(
+        self,
+        config: PretrainedConfig | None = None,
+        quant_type: str | None = None,
+        *,
+        cache_config: CacheConfig | None = None,
+        num_layers: int | None = None,
+        **options: Any,
+    ):
+        if cache_config is not None and (quant_type is not None or options):
+            raise ValueError("pass either `cache_config` or `quant_type`/options, not both")
+        if cache_config is None:
+            cache_config = CacheConfig(quant_type=quant_type or "int4", **options)
+        self.cache_config = cache_config
+        layer_types, layer_kwargs, heads, head_dim = self._model_layout(config, num_layers)
+        cache_config.validate_for_model(len(layer_types), head_dim if head_dim is not None else cache_config.group_size)
+        layers = [
+            self._make_layer(i, layer_type, kwargs, heads, head_dim)
+            for i, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs))
+        ]
+        super().__init__(layers=layers)
+
+    @staticmethod
+    def _model_layout(config, num_layers):
+        if config is None:
+            if num_layers is None or num_layers < 1:
+                raise ValueError("`QuantizedKVCache` needs the model `config` or a positive `num_layers`")
+            return ["full_attention"] * num_layers, [{}] * num_layers, None, None
+        if not isinstance(config, PretrainedConfig):
+            raise ValueError(
+                f"`config` has to be the model's `PretrainedConfig` (model.config) but got {type(config).__name__}"
+            )
+        decoder = config.get_text_config(decoder=True)
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(decoder)
+        heads = getattr(decoder, "num_key_value_heads", None) or getattr(decoder, "num_attention_heads", None)
+        head_dim = getattr(decoder, "head_dim", None)
+        if head_dim is None and getattr(decoder, "hidden_size", None) and getattr(decoder, "num_attention_heads", None):
+            head_dim = decoder.hidden_size // decoder.num_attention_heads
+        return layer_types, layer_kwargs, heads, head_dim
+
+    def _make_layer(self, idx: int, layer_type: str, kwargs: dict, heads: int | None, head_dim: int | None):
+        cfg = self.cache_config
+        if layer_type == "dummy":
+            return DummyLayer()
+        if layer_type in _SLIDING_TYPES:
+            # A sliding window is bounded already; it stays in full precision.
+            return DynamicSlidingWindowLayer(**kwargs)
+        if layer_type != "full_attention":
+            raise ValueError(
+                f"layer {idx} is a `{layer_type}` layer; `QuantizedKVCache` supports `full_attention` layers "
+                f"(quantized) and {list(_SLIDING_TYPES)} layers (kept in full precision) only"
+            )
+        if idx in cfg.skip_layers:
+            return DynamicLayer()
+        override = cfg.layer_overrides.get(idx)
+        key_bits = (override and override.key_bits) or cfg.resolved_key_bits
+        value_bits = (override and override.value_bits) or cfg.resolved_value_bits
+        mixed = cfg.quant_type == "mixed"
+        return QuantizedKVLayer(
+            key_bits=key_bits,
+            value_bits=value_bits,
+            group_size=cfg.group_size,
+            residual_length=cfg.residual_length,
+            sink_tokens=cfg.sink_tokens,
+            key_axis=cfg.key_axis,
+            value_axis=cfg.value_axis,
+            symmetric=cfg.symmetric,
+            scale_dtype=cfg.scale_dtype,
+            clip_percentile=cfg.clip_percentile,
+            aged_bits=MIXED_AGED_BITS if mixed else None,
+            recent_tokens=cfg.mixed_int8_tokens if mixed else 0,
+            layer_idx=idx,
+            expected_num_heads=heads,
+            expected_head_dim=head_dim,
+        )
+
+    @classmethod
+    def from_config(cls, cfg: CacheConfig | PluginConfig, model_config: PretrainedConfig | None = None, **kwargs):
+        """Build from a loaded YAML config (``load_config(path)``) or a ``CacheConfig``."""
+        cache_config = cfg.cache if isinstance(cfg, PluginConfig) else cfg
+        if not isinstance(cache_config, CacheConfig):
+            raise ValueError(f"`cfg` has to be a PluginConfig or CacheConfig but got {type(cfg).__name__}")
+        return cls(model_config, cache_config=cache_config, **kwargs)
+
+    # ------------------------------------------------------------------ checks on Cache entry points
+    def _check_layer_idx(self, layer_idx: int) -> None:
+        if not isinstance(layer_idx, int) or not 0 <= layer_idx < len(self.layers):
+            raise ValueError(f"`layer_idx` has to be in [0, {len(self.layers) - 1}] but got {layer_idx!r}")
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        self._check_layer_idx(layer_idx)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove < 0 and -tokens_to_remove > self.get_seq_length():
+            raise ValueError(
+                f"cannot crop {-tokens_to_remove} tokens, the cache holds only {self.get_seq_length()}"
+            )
+        super().crop(tokens_to_remove)
+
+    # ------------------------------------------------------------------ seed-compatible helpers
+    def store(self, layer_id: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Append K/V ``[batch, heads, seq, head_dim]`` to layer ``layer_id``."""
+        self.update(key_states, value_states, layer_id)
+
+    def retrieve(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """All K/V of layer ``layer_id``, dequantized to the compute dtype."""
+        self._check_layer_idx(layer_id)
+        layer = self.layers[layer_id]
+        if isinstance(layer, QuantizedKVLayer):
+            return layer.dequantized()
+        if not getattr(layer, "is_initialized", False):
+            raise ValueError(f"layer {layer_id} holds no tokens yet")
+        return layer.keys, layer.values
+
+    def get_stats(self) -> dict[str, Any]:
+        """Exact bytes held (data, scales, zeros, residual, sinks) against a full-precision cache."""
+        per_layer = [_layer_stats(layer) for layer in self.layers]
+        quantized = sum(s["quantized_bytes"] for s in per_layer)
+        residual = sum(s["residual_bytes"] for s in per_layer)
+        sinks = sum(s["sink_bytes"] for s in per_layer)
+        fp = sum(s["fp_bytes"] for s in per_layer)
+        total = quantized + residual + sinks
+        return {
+            "seq_length": self.get_seq_length(),
+            "num_layers": len(self.layers),
+            "quant_type": self.cache_config.quant_type,
+            "quantized_bytes": quantized,
+            "residual_bytes": residual,
+            "sink_bytes": sinks,
+            "total_bytes": total,
+            "fp_bytes": fp,
+            "compression_ratio": fp / total if total else 1.0,
+        }
+
+
+def create_quantized_kv_cache(
+    quant_type: str = "int4",
+    num_layers: int = 1,
+    num_heads: int | None = None,
+    head_dim: int | None = None,
+    **options: Any,
+) -> QuantizedKVCache:
+    """Model-free cache: ``num_layers`` quantized layers checked against ``num_heads``/``head_dim``."""
+    cache = QuantizedKVCache(None, quant_type, num_layers=num_layers, **options)
+    if head_dim is not None:
+        cache.cache_config.validate_for_model(num_layers, head_dim)
+    for layer in cache.layers:
+        layer.expected_num_heads, layer.expected_head_dim = num_heads, head_dim
+    return cache

@@ -1,0 +1,230 @@
+"""YAML configuration: one dataclass per component, one loader, every default here.
+
+Unknown keys, wrong types and impossible values raise ``ValueError`` naming the
+key, the value received and what is allowed. Checks that need the model
+(group size vs head_dim, layer indices) run in ``CacheConfig.validate_for_model``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .quantization import SUPPORTED_BITS
+
+__all__ = ["CacheConfig", "LayerOverride", "PluginConfig", "load_config", "parse_config"]
+
+QUANT_TYPES = ("int8", "int4", "int2", "mixed")
+GROUP_AXES = ("channel", "token")
+SCALE_DTYPES = ("float16", "bfloat16", "float32", "compute")
+BITS_OF_QUANT_TYPE = {"int8": 8, "int4": 4, "int2": 2, "mixed": 8}
+MIXED_AGED_BITS = 4
+
+
+@dataclass
+class LayerOverride:
+    """Bits for one layer; ``None`` keeps the cache-wide setting."""
+
+    key_bits: int | None = None
+    value_bits: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("key_bits", "value_bits"):
+            _check_bits_field(f"layer_overrides.{name}", getattr(self, name))
+
+
+@dataclass
+class CacheConfig:
+    """Settings of ``QuantizedKVCache``.
+
+    ``group_size`` G is both the number of tokens per block (the unit that
+    leaves the residual window and gets quantized) and the group length:
+    G tokens per channel for ``channel`` grouping, G channels of head_dim per
+    token for ``token`` grouping (then G must divide head_dim).
+    """
+
+    quant_type: str = "int4"
+    key_bits: int | None = None
+    value_bits: int | None = None
+    group_size: int = 32
+    residual_length: int = 128
+    sink_tokens: int = 0
+    key_axis: str = "channel"
+    value_axis: str = "token"
+    symmetric: bool = False
+    scale_dtype: str = "float16"
+    clip_percentile: float | None = None
+    mixed_int8_tokens: int = 512
+    layer_overrides: dict[int, LayerOverride] = field(default_factory=dict)
+    skip_layers: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _check_choice("quant_type", self.quant_type, QUANT_TYPES)
+        _check_choice("key_axis", self.key_axis, GROUP_AXES)
+        _check_choice("value_axis", self.value_axis, GROUP_AXES)
+        _check_choice("scale_dtype", self.scale_dtype, SCALE_DTYPES)
+        _check_bits_field("key_bits", self.key_bits)
+        _check_bits_field("value_bits", self.value_bits)
+        if self.group_size < 1:
+            raise ValueError(f"`group_size` has to be a positive integer but got {self.group_size}")
+        for name in ("residual_length", "sink_tokens", "mixed_int8_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` has to be >= 0 but got {getattr(self, name)}")
+        if self.residual_length % self.group_size != 0:
+            raise ValueError(
+                f"`residual_length` has to be a multiple of `group_size` ({self.group_size}) "
+                f"but got {self.residual_length}"
+            )
+        if self.quant_type == "mixed" and self.mixed_int8_tokens % self.group_size != 0:
+            raise ValueError(
+                f"`mixed_int8_tokens` has to be a multiple of `group_size` ({self.group_size}) "
+                f"but got {self.mixed_int8_tokens}"
+            )
+        if self.clip_percentile is not None and not (50.0 < self.clip_percentile <= 100.0):
+            raise ValueError(f"`clip_percentile` has to be in (50, 100] or null but got {self.clip_percentile}")
+        for bits in (self.resolved_key_bits, self.resolved_value_bits):
+            per_byte = 8 // bits
+            if self.group_size % per_byte != 0:
+                raise ValueError(
+                    f"`group_size` has to be a multiple of {per_byte} to pack {bits}-bit codes but got {self.group_size}"
+                )
+        self.layer_overrides = {
+            int(k): v if isinstance(v, LayerOverride) else LayerOverride(**v) for k, v in self.layer_overrides.items()
+        }
+        for idx in list(self.layer_overrides) + list(self.skip_layers):
+            if idx < 0:
+                raise ValueError(f"layer indices in `layer_overrides`/`skip_layers` must be >= 0 but got {idx}")
+
+    @property
+    def resolved_key_bits(self) -> int:
+        return self.key_bits or BITS_OF_QUANT_TYPE[self.quant_type]
+
+    @property
+    def resolved_value_bits(self) -> int:
+        return self.value_bits or BITS_OF_QUANT_TYPE[self.quant_type]
+
+    def validate_for_model(self, num_layers: int, head_dim: int) -> None:
+        """Checks that need the model's shape."""
+        uses_token_axis = "token" in (self.key_axis, self.value_axis)
+        if uses_token_axis and head_dim % self.group_size != 0:
+            raise ValueError(
+                f"`group_size` ({self.group_size}) has to divide head_dim ({head_dim}) when keys or values are "
+                f"grouped per token (along head_dim); use a divisor of {head_dim}, e.g. "
+                f"{[d for d in (8, 16, 32, 64, 128) if head_dim % d == 0] or [head_dim]}"
+            )
+        for name, indices in (("layer_overrides", list(self.layer_overrides)), ("skip_layers", self.skip_layers)):
+            bad = [i for i in indices if i >= num_layers]
+            if bad:
+                raise ValueError(f"`{name}` names layers {bad} but the model has {num_layers} layers (0..{num_layers - 1})")
+
+
+@dataclass
+class PluginConfig:
+    """The whole YAML file. ``model`` is a Hugging Face id or a local path."""
+
+    model: str | None = None
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+
+def _check_choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"`{name}` has to be one of {list(allowed)} but got {value!r}")
+
+
+def _check_bits_field(name: str, value: Any) -> None:
+    if value is not None and value not in SUPPORTED_BITS:
+        raise ValueError(f"`{name}` has to be one of {list(SUPPORTED_BITS)} or null but got {value!r}")
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if dataclasses.is_dataclass(annotation):
+        return isinstance(value, (dict, annotation))
+    return True
+
+
+def _describe(annotation: Any) -> str:
+    return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Turn a mapping into ``cls``, naming the offending key on any mismatch."""
+    if isinstance(data, cls):
+        return data
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"`{where or 'config'}` has to be a mapping but got {type(data).__name__}: {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields), key=str)
+    if unknown:
+        raise ValueError(
+            f"unknown key(s) {unknown} in `{where or 'config'}`; allowed keys are {sorted(fields)}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{where}.{name}" if where else name
+        annotation = hints[name]
+        if not _type_ok(value, annotation):
+            raise ValueError(f"`{key}` has to be of type {_describe(annotation)} but got {type(value).__name__}: {value!r}")
+        if dataclasses.is_dataclass(annotation):
+            value = _build(annotation, value, key)
+        elif name == "layer_overrides":
+            value = {_layer_index(key, k): _build(LayerOverride, v, f"{key}.{k}") for k, v in value.items()}
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        prefix = f"{where}." if where else ""
+        raise ValueError(f"{exc} (in `{prefix}*`)" if prefix else str(exc)) from None
+
+
+def _layer_index(where: str, key: Any) -> int:
+    try:
+        return int(key)
+    except (TypeError, ValueError):
+        raise ValueError(f"`{where}` keys have to be layer indices (integers) but got {key!r}") from None
+
+
+def parse_config(data: dict | None) -> PluginConfig:
+    """Build a ``PluginConfig`` from an already-parsed mapping."""
+    return _build(PluginConfig, data, "")
+
+
+def load_config(path: str | Path) -> PluginConfig:
+    """Read a YAML file into a ``PluginConfig``; every error names the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    try:
+        return parse_config(data)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
