@@ -353,9 +353,8 @@ class QuantizedKVCache(Cache):
             raise ValueError("pass either `cache_config` or `quant_type`/options, not both")
         if cache_config is None:
             cache_config = CacheConfig(quant_type=quant_type or "int4", **options)
-        self.cache_config = cache_config
         layer_types, layer_kwargs, heads, head_dim = self._model_layout(config, num_layers)
-        cache_config.validate_for_model(len(layer_types), head_dim if head_dim is not None else cache_config.group_size)
+        self.cache_config = cache_config.for_model(len(layer_types), head_dim)
         layers = [
             self._make_layer(i, layer_type, kwargs, heads, head_dim)
             for i, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs))
@@ -484,9 +483,9 @@ def create_quantized_kv_cache(
     **options: Any,
 ) -> QuantizedKVCache:
     """Model-free cache: ``num_layers`` quantized layers checked against ``num_heads``/``head_dim``."""
-    cache = QuantizedKVCache(None, quant_type, num_layers=num_layers, **options)
-    if head_dim is not None:
-        cache.cache_config.validate_for_model(num_layers, head_dim)
+    cache_config = CacheConfig(quant_type=quant_type, **options).for_model(num_layers, head_dim)
+    cache = QuantizedKVCache(None, cache_config=cache_config, num_layers=num_layers)
     for layer in cache.layers:
-        layer.expected_num_heads, layer.expected_head_dim = num_heads, head_dim
+        if isinstance(layer, QuantizedKVLayer):
+            layer.expected_num_heads, layer.expected_head_dim = num_heads, head_dim
     return cache

@@ -25,6 +25,7 @@ GROUP_AXES = ("channel", "token")
 SCALE_DTYPES = ("float16", "bfloat16", "float32", "compute")
 BITS_OF_QUANT_TYPE = {"int8": 8, "int4": 4, "int2": 2, "mixed": 8}
 MIXED_AGED_BITS = 4
+DEFAULT_GROUP_SIZE = 32
 
 
 @dataclass
@@ -46,13 +47,14 @@ class CacheConfig:
     ``group_size`` G is both the number of tokens per block (the unit that
     leaves the residual window and gets quantized) and the group length:
     G tokens per channel for ``channel`` grouping, G channels of head_dim per
-    token for ``token`` grouping (then G must divide head_dim).
+    token for ``token`` grouping (then G must divide head_dim). ``None`` picks
+    ``min(DEFAULT_GROUP_SIZE, head_dim)`` once the model is known.
     """
 
     quant_type: str = "int4"
     key_bits: int | None = None
     value_bits: int | None = None
-    group_size: int = 32
+    group_size: int | None = None
     residual_length: int = 128
     sink_tokens: int = 0
     key_axis: str = "channel"
@@ -71,11 +73,23 @@ class CacheConfig:
         _check_choice("scale_dtype", self.scale_dtype, SCALE_DTYPES)
         _check_bits_field("key_bits", self.key_bits)
         _check_bits_field("value_bits", self.value_bits)
-        if self.group_size < 1:
-            raise ValueError(f"`group_size` has to be a positive integer but got {self.group_size}")
         for name in ("residual_length", "sink_tokens", "mixed_int8_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` has to be >= 0 but got {getattr(self, name)}")
+        if self.clip_percentile is not None and not (50.0 < self.clip_percentile <= 100.0):
+            raise ValueError(f"`clip_percentile` has to be in (50, 100] or null but got {self.clip_percentile}")
+        self.layer_overrides = {
+            int(k): v if isinstance(v, LayerOverride) else LayerOverride(**v) for k, v in self.layer_overrides.items()
+        }
+        for idx in list(self.layer_overrides) + list(self.skip_layers):
+            if idx < 0:
+                raise ValueError(f"layer indices in `layer_overrides`/`skip_layers` must be >= 0 but got {idx}")
+        if self.group_size is not None:
+            self._check_group_size()
+
+    def _check_group_size(self) -> None:
+        if self.group_size < 1:
+            raise ValueError(f"`group_size` has to be a positive integer but got {self.group_size}")
         if self.residual_length % self.group_size != 0:
             raise ValueError(
                 f"`residual_length` has to be a multiple of `group_size` ({self.group_size}) "
@@ -86,20 +100,17 @@ class CacheConfig:
                 f"`mixed_int8_tokens` has to be a multiple of `group_size` ({self.group_size}) "
                 f"but got {self.mixed_int8_tokens}"
             )
-        if self.clip_percentile is not None and not (50.0 < self.clip_percentile <= 100.0):
-            raise ValueError(f"`clip_percentile` has to be in (50, 100] or null but got {self.clip_percentile}")
-        for bits in (self.resolved_key_bits, self.resolved_value_bits):
-            per_byte = 8 // bits
-            if self.group_size % per_byte != 0:
-                raise ValueError(
-                    f"`group_size` has to be a multiple of {per_byte} to pack {bits}-bit codes but got {self.group_size}"
-                )
-        self.layer_overrides = {
-            int(k): v if isinstance(v, LayerOverride) else LayerOverride(**v) for k, v in self.layer_overrides.items()
-        }
-        for idx in list(self.layer_overrides) + list(self.skip_layers):
-            if idx < 0:
-                raise ValueError(f"layer indices in `layer_overrides`/`skip_layers` must be >= 0 but got {idx}")
+        all_bits = {self.resolved_key_bits, self.resolved_value_bits}
+        for override in self.layer_overrides.values():
+            all_bits |= {b for b in (override.key_bits, override.value_bits) if b}
+        if self.quant_type == "mixed":
+            all_bits.add(MIXED_AGED_BITS)
+        per_byte = 8 // min(all_bits)
+        if self.group_size % per_byte != 0:
+            raise ValueError(
+                f"`group_size` has to be a multiple of {per_byte} to pack {min(all_bits)}-bit codes but got "
+                f"{self.group_size}"
+            )
 
     @property
     def resolved_key_bits(self) -> int:
@@ -109,10 +120,21 @@ class CacheConfig:
     def resolved_value_bits(self) -> int:
         return self.value_bits or BITS_OF_QUANT_TYPE[self.quant_type]
 
-    def validate_for_model(self, num_layers: int, head_dim: int) -> None:
-        """Checks that need the model's shape."""
+    def for_model(self, num_layers: int, head_dim: int | None) -> "CacheConfig":
+        """A copy with ``group_size`` resolved for this model, checked against its shape."""
+        resolved = self
+        if self.group_size is None:
+            group = DEFAULT_GROUP_SIZE if head_dim is None else min(DEFAULT_GROUP_SIZE, head_dim)
+            resolved = dataclasses.replace(self, group_size=group)
+        resolved.validate_for_model(num_layers, head_dim)
+        return resolved
+
+    def validate_for_model(self, num_layers: int, head_dim: int | None) -> None:
+        """Checks that need the model's shape (``head_dim=None``: unknown until the first tensors)."""
+        if self.group_size is None:
+            raise ValueError("`group_size` is unresolved; call `for_model` first")
         uses_token_axis = "token" in (self.key_axis, self.value_axis)
-        if uses_token_axis and head_dim % self.group_size != 0:
+        if head_dim is not None and uses_token_axis and head_dim % self.group_size != 0:
             raise ValueError(
                 f"`group_size` ({self.group_size}) has to divide head_dim ({head_dim}) when keys or values are "
                 f"grouped per token (along head_dim); use a divisor of {head_dim}, e.g. "

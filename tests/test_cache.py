@@ -1,0 +1,346 @@
+"""QuantizedKVCache mechanics against a plain full-precision reference, exact byte accounting,
+and every Cache operation on the quantized part and the residual alike."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig
+
+from hf_kvcache_plugin import QuantizedKVCache, create_quantized_kv_cache
+from hf_kvcache_plugin.quantization import sqnr_db
+
+B, H, D = 2, 4, 16
+
+
+def kv(tokens: int, batch: int = B, seed: int = 0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(batch, H, tokens, D, generator=g).to(dtype)
+    v = torch.randn(batch, H, tokens, D, generator=g).to(dtype)
+    return k, v
+
+
+def make(quant_type="int4", layers=1, **options):
+    options.setdefault("group_size", 8)
+    options.setdefault("residual_length", 16)
+    return create_quantized_kv_cache(quant_type, num_layers=layers, num_heads=H, head_dim=D, **options)
+
+
+def fill(cache, k, v, steps=(20, 1, 1, 5, 1), layer=0):
+    """Prefill then decode-like updates; returns the full reference K/V and the last outputs."""
+    start, out = 0, None
+    for n in steps:
+        out = cache.update(k[:, :, start : start + n], v[:, :, start : start + n], layer)
+        start += n
+    return k[:, :, :start], v[:, :, :start], out
+
+
+def expected_quantized_bytes(tokens, bits, group, scale_bytes=2, batch=B):
+    """Bytes of `tokens` quantized tokens per stream pair, KIVI layout, asymmetric."""
+    blocks = tokens // group
+    key = batch * H * blocks * (D * group * bits // 8 + 2 * D * scale_bytes)  # per channel: scale+zero
+    value = batch * H * blocks * (group * D * bits // 8 + 2 * group * (D // group) * scale_bytes)  # per token
+    return key + value
+
+
+def test_prefill_returns_exact_inputs():
+    cache = make()
+    k, v = kv(40)
+    ko, vo = cache.update(k, v, 0)
+    assert torch.equal(ko, k) and torch.equal(vo, v)
+    assert cache.get_seq_length() == 40
+
+
+@pytest.mark.parametrize("quant_type,min_db", [("int8", 38.0), ("int4", 15.0), ("int2", 3.5), ("mixed", 38.0)])
+def test_decode_returns_history_within_sqnr_and_exact_residual(quant_type, min_db):
+    cache = make(quant_type, mixed_int8_tokens=64)
+    k, v = kv(60)
+    kr, vr, (ko, vo) = fill(cache, k, v, steps=(40, 1, 1, 1, 17))
+    layer = cache.layers[0]
+    assert ko.shape == kr.shape and vo.shape == vr.shape
+    q = layer.quantized_keys.num_tokens
+    # the residual window (at least residual_length newest tokens) comes back bit-exact
+    assert layer.residual_keys.shape[-2] >= 16
+    assert torch.equal(ko[:, :, q:], kr[:, :, q:]) and torch.equal(vo[:, :, q:], vr[:, :, q:])
+    assert sqnr_db(kr[:, :, :q], ko[:, :, :q]) > min_db
+    assert sqnr_db(vr[:, :, :q], vo[:, :, :q]) > min_db
+
+
+def test_residual_window_and_block_flush():
+    cache = make(group_size=8, residual_length=16)
+    layer = cache.layers[0]
+    k, v = kv(64)
+    cache.update(k[:, :, :23], v[:, :, :23], 0)  # 23 = 16 + 7 < 16 + 8: nothing quantized
+    assert layer.quantized_keys.num_tokens == 0 and layer.residual_keys.shape[-2] == 23
+    cache.update(k[:, :, 23:24], v[:, :, 23:24], 0)  # 24 = 16 + 8: one block leaves the window
+    assert layer.quantized_keys.num_tokens == 8 and layer.residual_keys.shape[-2] == 16
+    cache.update(k[:, :, 24:64], v[:, :, 24:64], 0)  # 56 in the window: 5 blocks leave at once
+    assert layer.quantized_keys.num_tokens == 48 and layer.residual_keys.shape[-2] == 16
+
+
+def test_history_is_never_requantized():
+    cache = make("int4")
+    layer = cache.layers[0]
+    k, v = kv(200)
+    cache.update(k[:, :, :40], v[:, :, :40], 0)
+    first = layer.quantized_keys.recent
+    snapshot = (first.data.clone(), first.scale.clone(), first.zero.clone())
+    n_first = first.shape[2]
+    for t in range(40, 200):
+        cache.update(k[:, :, t : t + 1], v[:, :, t : t + 1], 0)
+    now = layer.quantized_keys.recent
+    assert torch.equal(now.data[:, :, :n_first], snapshot[0])
+    assert torch.equal(now.scale[:, :, :n_first], snapshot[1])
+    assert torch.equal(now.zero[:, :, :n_first], snapshot[2])
+
+
+@pytest.mark.parametrize("bits,quant_type", [(8, "int8"), (4, "int4"), (2, "int2")])
+@pytest.mark.parametrize("tokens", [24, 100, 257])
+def test_exact_byte_accounting(bits, quant_type, tokens):
+    cache = make(quant_type, layers=2, sink_tokens=3)
+    k, v = kv(tokens)
+    for layer in range(2):
+        cache.update(k, v, layer)
+    stats = cache.get_stats()
+    quantized_tokens = ((tokens - 3 - 16) // 8) * 8
+    residual_tokens = tokens - 3 - quantized_tokens
+    per_token_fp = 2 * B * H * D * 4  # K and V, fp32
+    assert stats["quantized_bytes"] == 2 * expected_quantized_bytes(quantized_tokens, bits, 8)
+    assert stats["residual_bytes"] == 2 * residual_tokens * per_token_fp
+    assert stats["sink_bytes"] == 2 * 3 * per_token_fp
+    assert stats["total_bytes"] == stats["quantized_bytes"] + stats["residual_bytes"] + stats["sink_bytes"]
+    assert stats["fp_bytes"] == 2 * tokens * per_token_fp
+    assert stats["compression_ratio"] == pytest.approx(stats["fp_bytes"] / stats["total_bytes"])
+    assert stats["seq_length"] == tokens
+
+
+def test_fp_bytes_match_a_dynamic_cache_and_bf16_compression():
+    k, v = kv(1024, dtype=torch.bfloat16)
+    dyn = DynamicCache()
+    dyn.update(k, v, 0)
+    cache = make("int4", group_size=16, residual_length=32)
+    cache.update(k, v, 0)
+    stats = cache.get_stats()
+    assert stats["fp_bytes"] == dyn.layers[0].keys.nbytes + dyn.layers[0].values.nbytes
+    # int4 + fp16 scale/zero per 16 elements = 6 bits/elem; plus 32 fp tokens of 1024
+    expected = (1024 - 32) / 1024 * 6 / 16 + 32 / 1024
+    assert stats["total_bytes"] / stats["fp_bytes"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_sinks_stay_exact():
+    cache = make("int2", sink_tokens=4)
+    k, v = kv(80)
+    _, _, (ko, vo) = fill(cache, k, v, steps=(50, 1, 29))
+    assert torch.equal(ko[:, :, :4], k[:, :, :4]) and torch.equal(vo[:, :, :4], v[:, :, :4])
+
+
+def test_sinks_filled_across_updates():
+    cache = make("int4", sink_tokens=5)
+    k, v = kv(40)
+    fill(cache, k, v, steps=(2, 1, 1, 36))
+    layer = cache.layers[0]
+    assert torch.equal(layer.sink_keys, k[:, :, :5])
+    assert layer.quantized_keys.num_tokens + layer.residual_keys.shape[-2] == 35
+
+
+def test_mixed_repacks_aged_blocks_once_to_int4():
+    cache = make("mixed", mixed_int8_tokens=16)
+    layer = cache.layers[0]
+    k, v = kv(120)
+    fill(cache, k, v, steps=(60, 1, 1, 58))
+    qk = layer.quantized_keys
+    assert qk.recent.bits == 8 and qk.recent.shape[2] == 2  # the newest 16 tokens in INT8
+    assert qk.aged.bits == 4 and qk.num_tokens == 104  # everything older in INT4
+    int4 = make("int4")
+    int8 = make("int8")
+    for c in (int4, int8):
+        fill(c, k, v, steps=(60, 1, 1, 58))
+    assert int4.get_stats()["total_bytes"] < cache.get_stats()["total_bytes"] < int8.get_stats()["total_bytes"]
+
+
+def test_layer_overrides_and_skip_layers():
+    cache = make("int4", layers=3, layer_overrides={1: {"key_bits": 8, "value_bits": 2}}, skip_layers=[2])
+    assert cache.layers[1].key_bits == 8 and cache.layers[1].value_bits == 2
+    assert type(cache.layers[2]).__name__ == "DynamicLayer"
+    k, v = kv(50)
+    for i in range(3):
+        cache.update(k, v, i)
+    ko, vo = cache.retrieve(2)
+    assert torch.equal(ko, k)
+    stats = cache.get_stats()
+    assert stats["fp_bytes"] == 3 * 2 * k.nbytes
+    assert stats["residual_bytes"] >= 2 * k.nbytes  # the skipped layer holds everything in fp
+
+
+@pytest.mark.parametrize("remove", [1, 10, 20, 35, 47])
+@pytest.mark.parametrize("sinks", [0, 4])
+def test_crop_inside_blocks_matches_a_cache_that_never_saw_the_tokens(remove, sinks):
+    k, v = kv(64)
+    cache = make("int8", sink_tokens=sinks)
+    cache.update(k[:, :, :50], v[:, :, :50], 0)
+    cache.crop(-remove)
+    assert cache.get_seq_length() == 50 - remove
+    assert cache.get_mask_sizes(3, 0) == (50 - remove + 3, 0)
+    ko, vo = cache.update(k[:, :, 50 - remove : 52 - remove], v[:, :, 50 - remove : 52 - remove], 0)
+    assert ko.shape[-2] == 52 - remove
+    # every surviving token is its original up to int8 error; the new ones are exact
+    assert sqnr_db(k[:, :, : 52 - remove], ko) > 38
+    assert torch.equal(ko[:, :, -2:], k[:, :, 50 - remove : 52 - remove])
+
+
+def test_crop_errors():
+    cache = make()
+    k, v = kv(10)
+    cache.update(k, v, 0)
+    with pytest.raises(ValueError, match="negative integer"):
+        cache.crop(3)
+    with pytest.raises(ValueError, match="cannot crop 11 tokens, the cache holds only 10"):
+        cache.crop(-11)
+    cache.crop(0)
+    assert cache.get_seq_length() == 10
+
+
+def _state(cache):
+    return [t.clone() for t in cache.retrieve(0)]
+
+
+def test_reorder_cache_selects_beams_in_quantized_and_residual_parts():
+    k, v = kv(60, batch=3)
+    cache = make()
+    cache.update(k, v, 0)
+    before = _state(cache)
+    beam_idx = torch.tensor([2, 2, 0])
+    cache.reorder_cache(beam_idx)
+    after = _state(cache)
+    assert torch.equal(after[0], before[0][beam_idx]) and torch.equal(after[1], before[1][beam_idx])
+    ko, _ = cache.update(*kv(1, batch=3, seed=5), 0)
+    assert ko.shape == (3, H, 61, D)
+
+
+def test_batch_select_and_repeat_interleave():
+    k, v = kv(60, batch=3)
+    cache = make()
+    cache.update(k, v, 0)
+    before = _state(cache)
+    cache.batch_repeat_interleave(2)
+    assert torch.equal(_state(cache)[0], before[0].repeat_interleave(2, dim=0))
+    cache.batch_select_indices(torch.tensor([1, 4]))
+    assert torch.equal(_state(cache)[1], before[1][[0, 2]])
+    assert cache.layers[0].batch_size == 2
+    ko, _ = cache.update(*kv(1, batch=2, seed=3), 0)
+    assert ko.shape[0] == 2
+
+
+def test_reset_offload_prefetch_deepcopy_save_load():
+    k, v = kv(60)
+    cache = make("mixed", mixed_int8_tokens=16, sink_tokens=2)
+    cache.update(k, v, 0)
+    before = _state(cache)
+
+    clone = copy.deepcopy(cache)
+    assert torch.equal(_state(clone)[0], before[0])
+    clone.update(*kv(1, seed=9), 0)
+    assert cache.get_seq_length() == 60 and clone.get_seq_length() == 61  # independent
+
+    buf = io.BytesIO()
+    torch.save(cache, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert torch.equal(_state(loaded)[1], before[1])
+    assert loaded.get_stats() == cache.get_stats()
+
+    cache.layers[0].offload()
+    assert cache.layers[0].residual_keys.device.type == "cpu"
+    cache.layers[0].prefetch()
+    assert torch.equal(_state(cache)[0], before[0])
+
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.get_stats()["total_bytes"] == 0
+    ko, _ = cache.update(k[:, :, :5], v[:, :, :5], 0)
+    assert torch.equal(ko, k[:, :, :5])
+
+
+@pytest.mark.parametrize(
+    "k_shape,dtype,message",
+    [
+        ((B, H, 4), torch.float32, "4-d tensor"),
+        ((B, H + 1, 4, D), torch.float32, "5 heads but the model config has 4"),
+        ((B, H, 4, D + 8), torch.float32, "head_dim 24 but the model config has head_dim 16"),
+        ((B, H, 4, D), torch.int64, "floating point"),
+    ],
+)
+def test_bad_tensors_are_refused_with_the_layer_named(k_shape, dtype, message):
+    cache = make()
+    k = torch.zeros(k_shape, dtype=dtype)
+    with pytest.raises(ValueError, match=message):
+        cache.update(k, k, 0)
+
+
+def test_mismatch_after_initialisation():
+    cache = make()
+    cache.update(*kv(4), 0)
+    with pytest.raises(ValueError, match="layer 0: got key/value states with"):
+        cache.update(*kv(4, batch=B + 1), 0)
+    with pytest.raises(ValueError, match="dtype torch.bfloat16"):
+        cache.update(*kv(4, dtype=torch.bfloat16), 0)
+
+
+def test_layer_index_out_of_range():
+    cache = make(layers=2)
+    with pytest.raises(ValueError, match=r"`layer_idx` has to be in \[0, 1\] but got 2"):
+        cache.update(*kv(4), 2)
+    with pytest.raises(ValueError, match="layer_idx"):
+        cache.retrieve(-1)
+
+
+def test_seed_compatible_store_and_retrieve():
+    cache = create_quantized_kv_cache(quant_type="int8", num_layers=2, num_heads=H, head_dim=D)
+    k, v = kv(300)
+    cache.store(1, k, v)
+    ko, vo = cache.retrieve(1)
+    assert sqnr_db(k, ko) > 38 and sqnr_db(v, vo) > 38
+    stats = cache.get_stats()
+    assert {"seq_length", "quantized_bytes", "residual_bytes", "total_bytes", "fp_bytes", "compression_ratio"} <= set(
+        stats
+    )
+    with pytest.raises(ValueError, match="holds no tokens"):
+        cache.retrieve(0)
+
+
+def test_group_size_must_divide_head_dim_for_token_grouping():
+    with pytest.raises(ValueError, match=r"`group_size` \(32\) has to divide head_dim \(16\)"):
+        create_quantized_kv_cache("int4", num_layers=1, num_heads=H, head_dim=16, group_size=32, residual_length=32)
+    # channel grouping for both streams lifts the constraint
+    create_quantized_kv_cache(
+        "int4", num_layers=1, num_heads=H, head_dim=16, group_size=32, residual_length=32, value_axis="channel"
+    )
+
+
+def test_sliding_window_layers_stay_full_precision_and_linear_layers_are_refused():
+    config = LlamaConfig(
+        hidden_size=32, num_attention_heads=2, num_key_value_heads=2, head_dim=16, num_hidden_layers=3,
+        intermediate_size=64, vocab_size=64,
+    )
+    config.layer_types = ["full_attention", "sliding_attention", "full_attention"]
+    config.sliding_window = 8
+    cache = QuantizedKVCache(config, "int4", group_size=8, residual_length=8)
+    assert [type(layer).__name__ for layer in cache.layers] == [
+        "QuantizedKVLayer", "DynamicSlidingWindowLayer", "QuantizedKVLayer",
+    ]
+    config.layer_types = ["full_attention", "linear_attention", "full_attention"]
+    with pytest.raises(ValueError, match="layer 1 is a `linear_attention` layer"):
+        QuantizedKVCache(config, "int4", group_size=8, residual_length=8)
+
+
+def test_constructor_errors():
+    with pytest.raises(ValueError, match="`quant_type` has to be one of"):
+        QuantizedKVCache(None, "int3", num_layers=1)
+    with pytest.raises(ValueError, match="model `config` or a positive `num_layers`"):
+        QuantizedKVCache(None, "int4")
+    with pytest.raises(ValueError, match="PretrainedConfig"):
+        QuantizedKVCache({"num_hidden_layers": 2}, "int4")
+    with pytest.raises(ValueError, match=r"`skip_layers` names layers \[5\] but the model has 2 layers"):
+        QuantizedKVCache(None, "int4", num_layers=2, skip_layers=[5])
