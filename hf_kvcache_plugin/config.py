@@ -25,7 +25,7 @@ GROUP_AXES = ("channel", "token")
 SCALE_DTYPES = ("float16", "bfloat16", "float32", "compute")
 BITS_OF_QUANT_TYPE = {"int8": 8, "int4": 4, "int2": 2, "mixed": 8}
 MIXED_AGED_BITS = 4
-DEFAULT_GROUP_SIZE = 32
+DEFAULT_GROUP_SIZE = 64
 
 
 @dataclass
@@ -189,6 +189,8 @@ def _type_ok(value: Any, annotation: Any) -> bool:
 
 
 def _describe(annotation: Any) -> str:
+    if dataclasses.is_dataclass(annotation):
+        return "mapping"
     return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from transformers import GenerationMixin
+from transformers import LlamaForCausalLM
 
 __all__ = [
     "GENERATE_CACHE_KWARG",
@@ -23,10 +23,10 @@ __all__ = [
     "greedy_agreement",
 ]
 
-# transformers 5.24 renamed `past_key_values` to `cache` in `generate` (the old
-# name still works, with a FutureWarning, until 6.0). Internal callers use
-# whichever name this version takes.
-GENERATE_CACHE_KWARG = "cache" if "cache" in inspect.signature(GenerationMixin.generate).parameters else "past_key_values"
+# transformers 5.24 renamed `past_key_values` to `cache` in the models' forward
+# and in `generate` (the old name still works, with a FutureWarning, until 6.0).
+# Internal callers use whichever name this version takes.
+GENERATE_CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 _FORWARD_CACHE_KWARG = GENERATE_CACHE_KWARG
 
 

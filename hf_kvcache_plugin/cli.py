@@ -1,0 +1,117 @@
+"""``hf-kvcache``: generate with a quantized KV cache from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+
+from .cache import QuantizedKVCache
+from .config import PluginConfig, load_config
+from .evaluation import GENERATE_CACHE_KWARG
+
+__all__ = ["main", "resolve_model", "format_bytes"]
+
+_SHARED_MODEL = Path("shared") / "models" / "stories260K"
+
+
+def _default_model_candidates() -> list[Path]:
+    """``../shared/models/stories260K`` beside the working directory or beside this checkout."""
+    checkout = Path(__file__).resolve().parents[1]
+    return [Path.cwd().parent / _SHARED_MODEL, checkout.parent / _SHARED_MODEL]
+
+
+def resolve_model(cli_model: str | None, config: PluginConfig) -> str:
+    """``--model`` > the config's ``model:`` > ``../shared/models/stories260K`` when it exists."""
+    if cli_model:
+        return cli_model
+    if config.model:
+        return config.model
+    for candidate in _default_model_candidates():
+        if (candidate / "config.json").is_file():
+            return str(candidate)
+    raise ValueError(
+        "no model given: pass `--model` with a Hugging Face model id (e.g. `--model HuggingFaceTB/SmolLM2-135M`) "
+        "or a local directory holding config.json and weights, or set `model:` in the YAML config"
+    )
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _load_model(name: str, device: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name).to(device).eval()
+    except (OSError, ValueError) as exc:
+        raise ValueError(
+            f"could not load model {name!r}: {exc}\nPass `--model` with a Hugging Face id or a local path "
+            "to a directory with config.json, weights and tokenizer files."
+        ) from None
+    return model, tokenizer
+
+
+def _generate(args: argparse.Namespace) -> int:
+    config = load_config(args.config) if args.config else PluginConfig()
+    if args.quant_type:
+        config.cache = dataclasses.replace(config.cache, quant_type=args.quant_type)
+    model_name = resolve_model(args.model, config)
+    model, tokenizer = _load_model(model_name, args.device)
+    if not args.prompt:
+        raise ValueError("`--prompt` is empty: give the text to continue")
+    inputs = tokenizer(args.prompt, return_tensors="pt").to(args.device)
+    cache = QuantizedKVCache.from_config(config, model.config)
+    with torch.inference_mode():
+        output = model.generate(
+            **inputs,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.sample,
+            **{GENERATE_CACHE_KWARG: cache},
+        )
+    print(tokenizer.decode(output[0], skip_special_tokens=True))
+    stats = cache.get_stats()
+    print(
+        f"[kv cache] {config.cache.quant_type}: {format_bytes(stats['total_bytes'])} for {stats['seq_length']} tokens "
+        f"vs DynamicCache {format_bytes(stats['fp_bytes'])} in {model.dtype} "
+        f"({stats['compression_ratio']:.2f}x smaller)"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-kvcache", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text with a quantized KV cache and print its memory")
+    gen.add_argument("--model", help="Hugging Face model id or local path (default: config `model:`, then "
+                     "../shared/models/stories260K when present)")
+    gen.add_argument("--prompt", required=True, help="text to continue")
+    gen.add_argument("--config", help="YAML config (see configs/)")
+    gen.add_argument("--quant-type", choices=["int8", "int4", "int2", "mixed"], help="overrides the config")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    gen.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as exc:
+        print(f"hf-kvcache: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
