@@ -48,8 +48,8 @@ __all__ = [
 QUANTIZED_ATTENTION = "kvquant_sdpa"
 # key under which QuantizedKVCache.update hands its layer to this function
 FUSED_STATE_KEY = "quantized_kv_layer"
-# tokens of codes turned into floats at a time: 512 tokens x head_dim 128 x 4 B = 256 KiB per head
-DEFAULT_CHUNK_TOKENS = 512
+# tokens of codes turned into floats at a time: 256 tokens x head_dim 128 x 4 B = 128 KiB per head
+DEFAULT_CHUNK_TOKENS = 256
 
 logger = logging.getLogger(__name__)
 _warned: set[str] = set()
