@@ -4,10 +4,22 @@ from .cache import QuantizedKVCache, QuantizedKVLayer, create_quantized_kv_cache
 from .config import CacheConfig, LayerOverride, PluginConfig, PrefixStoreConfig, SizerConfig, load_config, parse_config
 from .prefix_store import PrefixEntry, PrefixMatch, PrefixStore, chunk_keys, model_fingerprint, prefix_namespace
 from .quantization import QuantizedTensor, dequantize, quantize
+from .sizer import (
+    AdaptiveSizer,
+    MemoryMonitor,
+    MemoryPressure,
+    MemoryReading,
+    SizerDecision,
+    create_adaptive_sizer,
+)
 
 __all__ = [
+    "AdaptiveSizer",
     "CacheConfig",
     "LayerOverride",
+    "MemoryMonitor",
+    "MemoryPressure",
+    "MemoryReading",
     "PluginConfig",
     "PrefixEntry",
     "PrefixMatch",
@@ -17,7 +29,9 @@ __all__ = [
     "QuantizedKVLayer",
     "QuantizedTensor",
     "SizerConfig",
+    "SizerDecision",
     "chunk_keys",
+    "create_adaptive_sizer",
     "create_quantized_kv_cache",
     "dequantize",
     "load_config",
