@@ -2,6 +2,7 @@
 
 from .cache import QuantizedKVCache, QuantizedKVLayer, create_quantized_kv_cache
 from .config import CacheConfig, LayerOverride, PluginConfig, PrefixStoreConfig, SizerConfig, load_config, parse_config
+from .hook import PrefixCacheHook, RequestRecord, attach_prefix_cache
 from .prefix_store import PrefixEntry, PrefixMatch, PrefixStore, chunk_keys, model_fingerprint, prefix_namespace
 from .quantization import QuantizedTensor, dequantize, quantize
 from .sizer import (
@@ -21,6 +22,7 @@ __all__ = [
     "MemoryPressure",
     "MemoryReading",
     "PluginConfig",
+    "PrefixCacheHook",
     "PrefixEntry",
     "PrefixMatch",
     "PrefixStore",
@@ -28,8 +30,10 @@ __all__ = [
     "QuantizedKVCache",
     "QuantizedKVLayer",
     "QuantizedTensor",
+    "RequestRecord",
     "SizerConfig",
     "SizerDecision",
+    "attach_prefix_cache",
     "chunk_keys",
     "create_adaptive_sizer",
     "create_quantized_kv_cache",
