@@ -1,5 +1,6 @@
 """Quantized KV cache, prefix reuse and serving helpers for Hugging Face ``transformers``."""
 
+from .attention import QUANTIZED_ATTENTION, enable_quantized_attention, register_quantized_attention
 from .cache import QuantizedKVCache, QuantizedKVLayer, create_quantized_kv_cache
 from .config import CacheConfig, LayerOverride, PluginConfig, PrefixStoreConfig, SizerConfig, load_config, parse_config
 from .hook import PrefixCacheHook, RequestRecord, attach_prefix_cache
@@ -27,6 +28,7 @@ __all__ = [
     "PrefixMatch",
     "PrefixStore",
     "PrefixStoreConfig",
+    "QUANTIZED_ATTENTION",
     "QuantizedKVCache",
     "QuantizedKVLayer",
     "QuantizedTensor",
@@ -38,9 +40,11 @@ __all__ = [
     "create_adaptive_sizer",
     "create_quantized_kv_cache",
     "dequantize",
+    "enable_quantized_attention",
     "load_config",
     "model_fingerprint",
     "parse_config",
     "prefix_namespace",
     "quantize",
+    "register_quantized_attention",
 ]
