@@ -17,7 +17,7 @@ import torch
 from _model import SHARED_MODEL
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_kvcache_plugin import attach_prefix_cache, load_config
+from hf_kvcache_plugin import attach_prefix_cache, enable_quantized_attention, load_config
 
 SYSTEM_PROMPT = (
     "You are a storyteller for small children. Your stories are short and kind. Every story has a child, an "
@@ -48,6 +48,9 @@ if model_name is None:
 
 tokenizer = AutoTokenizer.from_pretrained(model_name)
 model = AutoModelForCausalLM.from_pretrained(model_name).eval()
+if config.cache.attention == "fused":
+    # attention reads the packed blocks (the reused prefix included) instead of dequantizing them
+    enable_quantized_attention(model)
 
 # The store, the sizer (the YAML's `sizer:` section) and the cache settings all come from the config.
 hook = attach_prefix_cache(model, config=config)
