@@ -2,22 +2,49 @@
 
 from .attention import QUANTIZED_ATTENTION, enable_quantized_attention, register_quantized_attention
 from .cache import QuantizedKVCache, QuantizedKVLayer, create_quantized_kv_cache
-from .config import CacheConfig, LayerOverride, PluginConfig, load_config, parse_config
+from .config import CacheConfig, LayerOverride, PluginConfig, PrefixStoreConfig, SizerConfig, load_config, parse_config
+from .hook import PrefixCacheHook, RequestRecord, attach_prefix_cache
+from .prefix_store import PrefixEntry, PrefixMatch, PrefixStore, chunk_keys, model_fingerprint, prefix_namespace
 from .quantization import QuantizedTensor, dequantize, quantize
+from .sizer import (
+    AdaptiveSizer,
+    MemoryMonitor,
+    MemoryPressure,
+    MemoryReading,
+    SizerDecision,
+    create_adaptive_sizer,
+)
 
 __all__ = [
+    "AdaptiveSizer",
     "CacheConfig",
     "LayerOverride",
+    "MemoryMonitor",
+    "MemoryPressure",
+    "MemoryReading",
     "PluginConfig",
+    "PrefixCacheHook",
+    "PrefixEntry",
+    "PrefixMatch",
+    "PrefixStore",
+    "PrefixStoreConfig",
     "QUANTIZED_ATTENTION",
     "QuantizedKVCache",
     "QuantizedKVLayer",
     "QuantizedTensor",
+    "RequestRecord",
+    "SizerConfig",
+    "SizerDecision",
+    "attach_prefix_cache",
+    "chunk_keys",
+    "create_adaptive_sizer",
     "create_quantized_kv_cache",
     "dequantize",
     "enable_quantized_attention",
     "load_config",
+    "model_fingerprint",
     "parse_config",
+    "prefix_namespace",
     "quantize",
     "register_quantized_attention",
 ]
