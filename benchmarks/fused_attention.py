@@ -70,19 +70,24 @@ def filled_cache(name: str, model, context: int, dtype: torch.dtype):
     return cache
 
 
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor really holds; quanto's tensor subclasses report their logical dtype,
+    so their inner tensors (packed data, scale, shift) are counted instead."""
+    if hasattr(t, "__tensor_flatten__"):
+        inner, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, name)) for name in inner)
+    return t.numel() * t.element_size()
+
+
 def cache_bytes(cache) -> int:
     if isinstance(cache, QuantizedKVCache):
         return cache.get_stats()["total_bytes"]
-    total = 0
-    for layer in cache.layers:
-        for name in ("keys", "values", "_quantized_keys", "_quantized_values"):
-            obj = getattr(layer, name, None)
-            if isinstance(obj, torch.Tensor):
-                total += obj.numel() * obj.element_size()
-            elif obj is not None:  # quanto's QTensor: count its inner tensors
-                inner, _ = obj.__tensor_flatten__()
-                total += sum(getattr(obj, n).numel() * getattr(obj, n).element_size() for n in inner)
-    return total
+    return sum(
+        tensor_bytes(obj)
+        for layer in cache.layers
+        for obj in (getattr(layer, n, None) for n in ("keys", "values", "_quantized_keys", "_quantized_values"))
+        if isinstance(obj, torch.Tensor)
+    )
 
 
 @torch.inference_mode()
