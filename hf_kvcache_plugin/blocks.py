@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .quantization import QuantizedTensor, dequantize, quantize, unpack_codes
+from .quantization import QuantizedTensor, dequantize, dequantize_into, quantize
 
 __all__ = ["BlockCodec", "QuantizedBlocks", "concat_blocks"]
 
@@ -58,46 +58,59 @@ class BlockCodec:
         )
 
 
+def _to_physical(q: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """data/scale/zero with the group dims back at ``q.axis``: the order ``quantize`` writes them in.
+
+    Channel-grouped keys are stored token-major (``[B, H, n, 1, G/per_byte, D]`` in memory), so that
+    dequantizing writes whole rows of head_dim; concatenating and slicing in this view keeps it so.
+    """
+    a = q.axis
+    zero = None if q.zero is None else q.zero.movedim(-1, a)
+    return q.data.movedim((-2, -1), (a, a + 1)), q.scale.movedim(-1, a), zero
+
+
+def _from_physical(q: QuantizedTensor, data, scale, zero, n_blocks: int) -> QuantizedTensor:
+    a = q.axis
+    shape = list(q.shape)
+    shape[_BLOCK_DIM] = n_blocks
+    return QuantizedTensor(
+        data=data.movedim((a, a + 1), (-2, -1)),
+        scale=scale.movedim(a, -1),
+        zero=None if zero is None else zero.movedim(a, -1),
+        bits=q.bits,
+        group_size=q.group_size,
+        axis=a,
+        shape=tuple(shape),
+        dtype=q.dtype,
+    )
+
+
 def _cat(parts: list[QuantizedTensor]) -> QuantizedTensor:
     first = parts[0]
     if len(parts) == 1:
         return first
-    shape = list(first.shape)
-    shape[_BLOCK_DIM] = sum(p.shape[_BLOCK_DIM] for p in parts)
-    return QuantizedTensor(
-        data=torch.cat([p.data for p in parts], dim=_BLOCK_DIM),
-        scale=torch.cat([p.scale for p in parts], dim=_BLOCK_DIM),
-        zero=None if first.zero is None else torch.cat([p.zero for p in parts], dim=_BLOCK_DIM),
-        bits=first.bits,
-        group_size=first.group_size,
-        axis=first.axis,
-        shape=tuple(shape),
-        dtype=first.dtype,
+    # the block dim (2) precedes the group axis (3 or 4), so it is dim 2 in the physical view too
+    physical = [_to_physical(p) for p in parts]
+    return _from_physical(
+        first,
+        torch.cat([d for d, _, _ in physical], dim=_BLOCK_DIM),
+        torch.cat([s for _, s, _ in physical], dim=_BLOCK_DIM),
+        None if first.zero is None else torch.cat([z for _, _, z in physical], dim=_BLOCK_DIM),
+        sum(p.shape[_BLOCK_DIM] for p in parts),
     )
 
 
 def _slice(q: QuantizedTensor, start: int, end: int) -> QuantizedTensor:
     """Blocks [start, end) as a compact copy (a view would pin the whole buffer)."""
-    shape = list(q.shape)
-    shape[_BLOCK_DIM] = end - start
-    return q.map_tensors(lambda t: t[:, :, start:end].clone(), new_shape=tuple(shape))
+    data, scale, zero = (
+        None if t is None else t[:, :, start:end].contiguous() for t in _to_physical(q)
+    )
+    return _from_physical(q, data, scale, zero, end - start)
 
 
 def _dequantize_into(q: QuantizedTensor, out: torch.Tensor) -> None:
     """Write the blocks of ``q`` as tokens into ``out`` ([B, H, n*G, D], may be a strided view)."""
-    b, h, n, g, d = q.shape
-    blocks = out.view(b, h, n, g, d)
-    if q.axis == 3:  # channel grouping, grouped layout [B, H, n, D, 1, G]
-        target = blocks.transpose(3, 4).unsqueeze(-2)
-    else:  # token grouping, grouped layout [B, H, n, G, D // G, G]
-        target = blocks.view(b, h, n, g, d // q.group_size, q.group_size)
-    # uint8 codes converted straight into the output: no full-size float temporary
-    target.copy_(unpack_codes(q.data, q.bits))
-    if q.zero is None:
-        target.sub_(2 ** (q.bits - 1))
-    target.mul_(q.scale.unsqueeze(-1))
-    if q.zero is not None:
-        target.add_(q.zero.unsqueeze(-1))
+    dequantize_into(q, out.view(q.shape))
 
 
 class QuantizedBlocks:
