@@ -179,7 +179,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(RESULTS / "fused_attention.json"))
+    parser.add_argument("--out", default=str(RESULTS / "fused_attention.json"), help="JSON file to write")
     parser.add_argument("--memory-probe", nargs=2, metavar=("CONFIG", "CONTEXT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -238,9 +238,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(row))
         return row
 
-    contexts = args.contexts or ([512, 2048, 8192] if args.quick else [512, 2048, 8192, 32768])
+    contexts = args.contexts or ([512, 2048] if args.quick else [512, 2048, 8192, 32768])
     stories_contexts = args.stories_contexts or ([256, 512] if args.quick else [128, 256, 512])
-    peak_context = args.peak_context or (2048 if args.quick else 8192)
+    peak_context = args.peak_context or (1024 if args.quick else 8192)
     peak_steps = args.peak_steps or args.residual_length + 8
     include = tuple(args.caches) if args.caches else None
     specs = standard_specs(args.group_size, args.residual_length, include)

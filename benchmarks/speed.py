@@ -99,9 +99,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out")
     args = p.parse_args(argv)
     set_threads(args.threads)
-    default_grid = ["512:1", "2048:1"] if args.quick else ["512:1", "2048:1", "8192:1", "512:8", "2048:8"]
+    # 8k-token decode is measured by fused_attention.py; here the grid stays within a CI-sized run
+    default_grid = ["512:1"] if args.quick else ["512:1", "2048:1", "512:8"]
     grid = [tuple(int(x) for x in g.split(":")) for g in (args.grid or default_grid)]
-    new_tokens = args.new_tokens or (160 if args.quick else 256)
+    new_tokens = args.new_tokens or (48 if args.quick else 160)
     repeats = args.repeats or (2 if args.quick else 3)
     names = args.caches or (
         ["dynamic", "ours-int4", "quanto-int4", "hqq-int4"]

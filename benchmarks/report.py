@@ -1,0 +1,205 @@
+"""Turn the benchmarks' JSON into results/REPORT.md and PNG plots (nothing is measured here).
+
+    python benchmarks/report.py                       # benchmarks/results
+    python benchmarks/report.py --results benchmarks/results/quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+# KV budget for the capacity table, and the model it is spent on: Llama-3-8B's KV shape
+# (32 layers x 8 KV heads x head_dim 128), the shape the memory benchmark measures per layer.
+CAPACITY_BUDGETS_GIB = (4, 16)
+CAPACITY_LAYERS = 32
+
+
+def load(results: Path, name: str) -> dict | None:
+    path = results / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """columns: (header, key, format)."""
+    lines = ["| " + " | ".join(h for h, _, _ in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for r in rows:
+        cells = []
+        for _, key, fmt in columns:
+            v = r.get(key)
+            cells.append("-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def machine_line(record: dict) -> str:
+    m = record.get("machine", {})
+    cpu = m.get("cpu_model") or m.get("cpu", "?")
+    threads = m.get("torch_threads") or m.get("threads", "?")
+    load_avg = m.get("load_average_1m")
+    extra = f", load {load_avg}" if load_avg is not None else ""
+    return f"_{cpu}, torch {m.get('torch', '?')}, {threads} thread(s){extra}._"
+
+
+def memory_section(mem: dict, results: Path) -> list[str]:
+    rows = [r for r in mem["rows"] if r.get("model") == "realistic" and "total_bytes" in r]
+    out = ["## Memory", "", machine_line(mem), "",
+           f"Realistic shape (8 KV heads, head_dim 128, bf16), {mem['settings'].get('num_layers')} layer(s); "
+           "bytes counted from each cache's own tensors; floor = code bits + scale/zero bits.", ""]
+    out.append(table(rows, [("cache", "cache", "s"), ("context", "context", "d"), ("MiB", "total_bytes", ",.0f"),
+                            ("x DynamicCache", "ratio_to_dynamic", ".3f"), ("bits/elem", "bits_per_element", ".3f"),
+                            ("floor bits", "floor_bits_per_element", ".3f"), ("over floor", "over_floor", ".1%")])
+               .replace("| MiB |", "| bytes |"))
+    peaks = mem.get("peak_decode")
+    if peaks:
+        out += ["", "Peak process memory while decoding (fresh process per cache, RSS sampled by psutil):", "",
+                table(peaks, [("cache", "cache", "s"), ("context", "context", "d"),
+                              ("cache at rest MiB", "rss_cache_at_rest_mib", ".1f"),
+                              ("peak above model MiB", "peak_decode_above_model_mib", ".1f")])]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name in dict.fromkeys(r["cache"] for r in rows):
+        pts = sorted((r["context"], r["total_bytes"] / 2**20) for r in rows if r["cache"] == name)
+        ax.plot(*zip(*pts), marker="o", label=name, linestyle="--" if not name.startswith(("ours", "dyn")) else "-")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("cache MiB (per measured layers)")
+    ax.set_title("KV cache memory vs context (head_dim 128, bf16)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(results / "memory_vs_context.png", dpi=120)
+    plt.close(fig)
+    out += ["", "![memory vs context](memory_vs_context.png)", ""]
+    out += capacity_section(rows, mem["settings"].get("num_layers") or 1)
+    return out
+
+
+def capacity_section(rows: list[dict], measured_layers: int) -> list[str]:
+    longest = max(r["context"] for r in rows)
+    cap_rows = []
+    for r in rows:
+        if r["context"] != longest:
+            continue
+        per_token_layer = r["total_bytes"] / (longest * measured_layers)
+        row = {"cache": r["cache"], "bytes_per_token": per_token_layer * CAPACITY_LAYERS}
+        for gib in CAPACITY_BUDGETS_GIB:
+            row[f"tokens_{gib}"] = int(gib * 2**30 / row["bytes_per_token"])
+        cap_rows.append(row)
+    cols = [("cache", "cache", "s"), ("KV bytes/token (32 layers)", "bytes_per_token", ",.0f")]
+    cols += [(f"tokens in {g} GiB", f"tokens_{g}", ",d") for g in CAPACITY_BUDGETS_GIB]
+    return ["### Capacity", "",
+            f"Longest context that fits a KV budget, from the bytes per token measured at {longest} tokens, "
+            f"for Llama-3-8B's KV shape ({CAPACITY_LAYERS} layers x 8 KV heads x head_dim 128, bf16):", "",
+            table(cap_rows, cols), ""]
+
+
+def quality_section(q: dict, results: Path) -> list[str]:
+    rows = q["rows"]
+    out = ["## Quality", "", machine_line(q), "",
+           f"stories260K on TinyStories text: {q['settings'].get('windows', '?')} windows; every prediction after a "
+           "64-token prefill reads the cache; greedy agreement with DynamicCache; attention-output relative error.", "",
+           table(rows, [("cache", "cache", "s"), ("bits/elem", "bits_per_element", ".2f"),
+                        ("perplexity", "perplexity", ".4f"), ("delta %", "ppl_delta_pct", "+.3f"),
+                        ("greedy agreement", "greedy_agreement", ".3f"),
+                        ("attn rel. error", "attn_rel_error_mean", ".2e")])]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for family, marker in (("ours", "o"), ("quanto", "s"), ("hqq", "^")):
+        pts = sorted((r["bits_per_element"], max(r["ppl_delta_pct"], 1e-3)) for r in rows if r["family"] == family)
+        if pts:
+            ax.plot(*zip(*pts), marker=marker, linestyle="-" if family == "ours" else "none", label=family)
+            for r in rows:
+                if r["family"] == family:
+                    ax.annotate(r["cache"].split("-")[-1], (r["bits_per_element"], max(r["ppl_delta_pct"], 1e-3)),
+                                fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per element (measured, incl. metadata and residual)")
+    ax.set_ylabel("perplexity increase over DynamicCache, % (floored at 0.001)")
+    ax.set_title("Quality per bit, stories260K")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(results / "ppl_vs_bits.png", dpi=120)
+    plt.close(fig)
+    return out + ["", "![perplexity delta vs bits](ppl_vs_bits.png)", ""]
+
+
+def speed_section(speed: dict | None, fused: dict | None, results: Path) -> list[str]:
+    out = ["## Speed", ""]
+    if speed:
+        out += [machine_line(speed), "", "Decode and prefill tokens/s (medians of interleaved repeats), standard "
+                "attention path:", "",
+                table(speed["rows"], [("cache", "cache", "s"), ("context", "context", "d"), ("batch", "batch", "d"),
+                                      ("prefill tok/s", "prefill_tok_s", ".1f"), ("decode tok/s", "decode_tok_s", ".1f"),
+                                      ("decode x dynamic", "decode_vs_dynamic", ".2f"),
+                                      ("decode x quanto", "decode_vs_quanto", ".2f")]), ""]
+    if fused:
+        mem = {(m["config"], m["context"]): m for m in fused["memory"]}
+        rows = [r | {"peak_over_stored": mem[(r["config"], r["context"])]["peak_over_stored"]} for r in fused["speed"]]
+        out += ["Decode with attention reading the quantized cache (`kvquant_sdpa`), batch 1:", "",
+                machine_line(fused), "",
+                table(rows, [("cache", "config", "s"), ("context", "context", "d"), ("tok/s", "tokens_per_s", ".1f"),
+                             ("x dynamic", "vs_dynamic", ".2f"), ("x dequantize path", "vs_dequantize", ".2f"),
+                             ("peak / stored", "peak_over_stored", ".3f")]), ""]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    series: dict[str, list] = {}
+    if speed:
+        for r in speed["rows"]:
+            if r["batch"] == 1:
+                series.setdefault(r["cache"], []).append((r["context"], r["decode_tok_s"]))
+    if fused:
+        for r in fused["speed"]:
+            if "fused" in r["config"]:
+                series.setdefault(r["config"] + " (fused)", []).append((r["context"], r["tokens_per_s"]))
+    for name, pts in series.items():
+        ax.plot(*zip(*sorted(pts)), marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("decode tokens/s, batch 1")
+    ax.set_title("Decode speed vs context (CPU)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(results / "decode_speed_vs_context.png", dpi=120)
+    plt.close(fig)
+    return out + ["![decode speed vs context](decode_speed_vs_context.png)", ""]
+
+
+def throughput_section(tp: dict) -> list[str]:
+    return ["## Quantize / dequantize throughput", "", machine_line(tp), "",
+            f"bf16 tensor {tp['settings'].get('shape')}; GB/s of the bf16 tensor per second of CPU time; "
+            "the copy rows are the physical ceiling.", "",
+            table(tp["rows"], [("kernel", "kernel", "s"), ("op", "op", "s"), ("GB/s", "gb_s", ".2f"),
+                               ("GB/s (wall)", "gb_s_wall", ".2f"), ("ms", "ms", ".1f")]), ""]
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", default=str(HERE / "results"))
+    args = parser.parse_args(argv)
+    results = Path(args.results)
+    lines = ["# Benchmark report", "", "Generated by `benchmarks/report.py` from the JSON in this folder; "
+             "rerun with `python benchmarks/run_all.py` (add `--quick` for the small grid).", ""]
+    mem, quality, speed, tp = (load(results, n) for n in ("memory", "quality", "speed", "throughput"))
+    fused = load(results, "fused_attention")
+    if mem:
+        lines += memory_section(mem, results)
+    if quality:
+        lines += quality_section(quality, results)
+    if speed or fused:
+        lines += speed_section(speed, fused, results)
+    if tp:
+        lines += throughput_section(tp)
+    out = results / "REPORT.md"
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

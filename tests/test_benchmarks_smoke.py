@@ -1,0 +1,90 @@
+"""Every benchmark script runs end to end on tiny sizes and writes meaningful JSON (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import HAVE_REAL, REAL_REASON
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+
+def run(script: str, *args: str) -> None:
+    subprocess.run([sys.executable, str(BENCH / script), *args], check=True, capture_output=True, text=True,
+                   timeout=240)
+
+
+def by(rows, **match):
+    return next(r for r in rows if all(r.get(k) == v for k, v in match.items()))
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    run("memory.py", "--contexts", "256", "--stories-contexts", "128", "--window", "8", "--peak-context", "256",
+        "--peak-steps", "4", "--peak-layers", "1", "--caches", "dynamic", "ours-int4", "quanto-int4",
+        "--out", str(out))
+    run("speed.py", "--grid", "64:1", "--new-tokens", "4", "--repeats", "1", "--num-layers", "1",
+        "--caches", "dynamic", "ours-int4", "quanto-int4", "--out", str(out))
+    run("throughput.py", "--tokens", "512", "--repeats", "1", "--out", str(out))
+    run("fused_attention.py", "--contexts", "256", "--configs", "dynamic", "ours_int4_dequantize", "ours_int4_fused",
+        "--repeats", "1", "--steps", "2", "--out", str(out / "fused_attention.json"))
+    if HAVE_REAL:
+        run("quality.py", "--windows", "1", "--prompts", "2", "--batch", "2", "--new-tokens", "8",
+            "--caches", "dynamic", "ours-int4", "quanto-int4", "--out", str(out))
+    run("report.py", "--results", str(out))
+    return out
+
+
+def load(results, name):
+    return json.loads((results / f"{name}.json").read_text())
+
+
+def test_memory_bytes_and_peak(results):
+    mem = load(results, "memory")
+    assert mem["machine"]["torch"] and mem["settings"]["contexts"] == [256]
+    rows = [r for r in mem["rows"] if r["model"] == "realistic"]
+    dynamic, ours = by(rows, cache="dynamic"), by(rows, cache="ours-int4")
+    assert ours["total_bytes"] < dynamic["total_bytes"]
+    assert ours["bits_per_element"] >= ours["floor_bits_per_element"]
+    assert {r["cache"] for r in mem["peak_decode"]} <= {"dynamic", "ours-int4", "quanto-int4"}
+
+
+def test_speed_rows_have_ratios(results):
+    speed = load(results, "speed")
+    row = by(speed["rows"], cache="ours-int4")
+    assert row["decode_tok_s"] > 0 and row["decode_vs_dynamic"] > 0
+
+
+def test_throughput_has_copy_ceiling(results):
+    tp = load(results, "throughput")
+    kernels = {r["kernel"] for r in tp["rows"]}
+    assert "copy" in kernels and "ours-int4-channel" in kernels
+
+
+def test_fused_attention_rows(results):
+    fused = load(results, "fused_attention")
+    row = by(fused["speed"], config="ours_int4_fused")
+    assert row["vs_dequantize"] > 0
+    mem = by(fused["memory"], config="ours_int4_fused")
+    assert mem["stored_bytes"] < by(fused["memory"], config="dynamic")["stored_bytes"]
+
+
+@pytest.mark.skipif(not HAVE_REAL, reason=REAL_REASON)
+def test_quality_rows(results):
+    quality = load(results, "quality")
+    assert by(quality["rows"], cache="dynamic")["ppl_delta_pct"] == 0
+    assert by(quality["rows"], cache="ours-int4")["perplexity"] > 1
+
+
+def test_report_and_plots(results):
+    report = (results / "REPORT.md").read_text()
+    assert "## Memory" in report and "## Speed" in report and "### Capacity" in report
+    for plot in ("memory_vs_context.png", "decode_speed_vs_context.png"):
+        assert (results / plot).stat().st_size > 1000
