@@ -34,7 +34,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .quantization import QuantizedTensor, unpack_codes
+from .quantization import QuantizedTensor, dequantize
 
 __all__ = [
     "QUANTIZED_ATTENTION",
@@ -202,6 +202,12 @@ def _chunks(n_blocks: int, group: int, chunk_tokens: int):
         yield i, min(n_blocks, i + step)
 
 
+def _dequantized_chunk(q: QuantizedTensor, start: int, end: int) -> torch.Tensor:
+    """Blocks [start, end) as float32 tokens [B, H, (end - start) * G, D]: the generic (bounded) path."""
+    shape = (q.shape[0], q.shape[1], end - start) + tuple(q.shape[3:])
+    return dequantize(q.map_tensors(lambda t: t[:, :, start:end], new_shape=shape), torch.float32).flatten(2, 3)
+
+
 def _code_parts(packed: torch.Tensor, bits: int, symmetric: bool):
     """Yield (i, codes) for i in range(8 // bits): the float codes of positions i::(8 // bits)
     along the packed axis. Working part by part avoids interleaving the codes back
@@ -223,9 +229,9 @@ def _quantized_key_scores(qf: torch.Tensor, keys: QuantizedTensor, out: torch.Te
     per_byte = 8 // keys.bits
     out_blocks = out.view(b, h, m, n, g)
     for i, j in _chunks(n, g, chunk_tokens):
-        scale = keys.scale[:, :, i:j].float()
         target = out_blocks[:, :, :, i:j]  # [B, H, M, c, G]
         if keys.axis == 3:
+            scale = keys.scale[:, :, i:j].float()
             # per channel: packed [B, H, c, D, 1, G/pb], scale/zero [B, H, c, D, 1]
             qs = qf[:, :, None] * scale.squeeze(-1)[:, :, :, None, :]  # [B, H, c, M, D]
             packed = keys.data[:, :, i:j].squeeze(-2)  # [B, H, c, D, G/pb]
@@ -237,13 +243,7 @@ def _quantized_key_scores(qf: torch.Tensor, keys: QuantizedTensor, out: torch.Te
                 target += qz[..., None]
         else:
             # per token: dequantize the chunk (bounded), then multiply
-            codes = unpack_codes(keys.data[:, :, i:j], keys.bits).float()
-            if keys.zero is None:
-                codes -= 2 ** (keys.bits - 1)
-            kd = codes * scale[..., None]
-            if keys.zero is not None:
-                kd += keys.zero[:, :, i:j].float()[..., None]
-            kd = kd.reshape(b, h, (j - i) * g, d)
+            kd = _dequantized_chunk(keys, i, j)
             target.copy_(torch.matmul(qf, kd.transpose(-1, -2)).view(b, h, m, j - i, g))
 
 
@@ -254,9 +254,9 @@ def _quantized_value_output(p: torch.Tensor, values: QuantizedTensor, out: torch
     per_byte = 8 // values.bits
     p_blocks = p.reshape(b, h, m, n, g)
     for i, j in _chunks(n, g, chunk_tokens):
-        scale = values.scale[:, :, i:j].float()
         pc = p_blocks[:, :, :, i:j]  # [B, H, M, c, G]
         if values.axis == 4:
+            scale = values.scale[:, :, i:j].float()
             # per token: packed [B, H, c, G, ng, gs/pb], scale/zero [B, H, c, G, ng]
             ng = scale.shape[-1]
             gs = d // ng
@@ -271,12 +271,4 @@ def _quantized_value_output(p: torch.Tensor, values: QuantizedTensor, out: torch
                 pz = torch.einsum("bhmcg,bhcgn->bhmn", pc, values.zero[:, :, i:j].float())  # [B, H, M, ng]
                 out_groups += pz[..., None]
         else:
-            codes = unpack_codes(values.data[:, :, i:j], values.bits).float()
-            if values.zero is None:
-                codes -= 2 ** (values.bits - 1)
-            vd = codes * scale[..., None]
-            if values.zero is not None:
-                vd += values.zero[:, :, i:j].float()[..., None]
-            # channel grouping: [B, H, c, D, 1, G] -> tokens [B, H, c*G, D]
-            vd = vd.squeeze(-2).transpose(-1, -2).reshape(b, h, (j - i) * g, d)
-            out += torch.matmul(pc.reshape(b, h, m, -1), vd)
+            out += torch.matmul(pc.reshape(b, h, m, -1), _dequantized_chunk(values, i, j))
