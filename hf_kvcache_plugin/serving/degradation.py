@@ -1,0 +1,184 @@
+"""Graceful degradation of the store path: ``GuardedStore`` and ``harden_cache``.
+
+A store-like object (``PrefixStore``, or anything with lookup- and insert-like
+methods) is wrapped so that a request never fails because the store did:
+
+==========================  ====================================================
+event                       what the caller gets
+==========================  ====================================================
+lookup raises / times out   a miss (``StoreMiss``): the prompt is recomputed
+breaker open                a miss at once, without touching the store
+insert raises               "nothing stored" (``False`` / ``0``): skipped
+memory pressure critical    inserts skipped before reaching the store
+``ValueError``              re-raised: bad input is the caller's to fix
+==========================  ====================================================
+
+Every event is counted in ``ServingMetrics`` (hits, misses, fallbacks by
+reason, errors by exception class, lookup latency). Other attributes pass
+through unguarded. Blocks that cannot be quantized are handled inside the
+cache itself (see ``QuantizedKVCache``); ``harden_cache`` on a cache exposes
+its bytes and full-precision blocks as gauges.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pybreaker
+
+from ..cache import QuantizedKVCache
+from ..config import BreakerConfig
+from .breakers import CircuitGuard, create_breaker
+from .metrics import ServingMetrics
+
+__all__ = ["DEFAULT_INSERT_METHODS", "DEFAULT_LOOKUP_METHODS", "GuardedStore", "StoreMiss", "harden_cache"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StoreMiss:
+    """A miss in the shape of ``PrefixStore.lookup``'s ``PrefixMatch``: no entries, no chunk keys.
+
+    Without chunk keys the caller also stores nothing for that request, which
+    is what a store that just failed should be asked to do. It is falsy.
+    """
+
+    chunk_size: int = 0
+    chunk_keys: tuple = ()
+    entries: tuple = ()
+    hit_keys: tuple = ()
+    num_tokens: int = 0
+    pinned: bool = False
+
+    def __bool__(self) -> bool:
+        return False
+
+
+def _miss_like(store: Any) -> Callable[..., StoreMiss]:
+    return lambda *args, **kwargs: StoreMiss(chunk_size=getattr(store, "chunk_size", 0))
+
+
+# method name -> value when the call is skipped or fails (a factory of the store for lookups)
+DEFAULT_LOOKUP_METHODS: dict[str, Callable[[Any], Callable[..., Any]]] = {
+    "lookup": _miss_like,
+    "get": lambda store: lambda *args, **kwargs: None,
+}
+DEFAULT_INSERT_METHODS: dict[str, Any] = {"put": False, "put_chain": 0, "insert": False}
+
+
+def _is_hit(result: Any) -> bool:
+    """A ``PrefixMatch`` hits when it covers tokens; anything else when it is truthy."""
+    tokens = getattr(result, "num_tokens", None)
+    return tokens > 0 if isinstance(tokens, int) else bool(result)
+
+
+class GuardedStore:
+    """``store`` behind a circuit breaker, with metrics and fallbacks (see the module docstring).
+
+    Args:
+        store: a store-like object.
+        name: component name in metrics, logs and the breaker.
+        breaker: a ``pybreaker.CircuitBreaker``; default one from ``config`` (``create_breaker``).
+        metrics: where events are counted; default a fresh ``ServingMetrics``.
+        memory_pressure: returns ``low|moderate|high|critical``; at ``critical`` inserts are skipped.
+        lookup_methods / insert_methods: which methods are guarded, and what a failed call returns.
+        clock: seconds, for the lookup latency histogram.
+    """
+
+    def __init__(
+        self,
+        store: Any,
+        name: str = "store",
+        *,
+        breaker: pybreaker.CircuitBreaker | None = None,
+        config: BreakerConfig | None = None,
+        metrics: ServingMetrics | None = None,
+        memory_pressure: Callable[[], str] | None = None,
+        lookup_methods: Mapping[str, Callable[[Any], Callable[..., Any]]] = DEFAULT_LOOKUP_METHODS,
+        insert_methods: Mapping[str, Any] = DEFAULT_INSERT_METHODS,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
+        self.store = store
+        self.name = name
+        self.metrics = metrics if metrics is not None else ServingMetrics()
+        self.breaker = breaker if breaker is not None else create_breaker(name, config, metrics=self.metrics)
+        self.guard = CircuitGuard(self.breaker, name, self.metrics)
+        self.memory_pressure = memory_pressure
+        self._misses = {m: make(store) for m, make in lookup_methods.items() if callable(getattr(store, m, None))}
+        self._skipped = {m: v for m, v in insert_methods.items() if callable(getattr(store, m, None))}
+        if not self._misses or not self._skipped:
+            raise ValueError(
+                f"`{name}`: a store needs a lookup method (one of {sorted(lookup_methods)}) and an insert method "
+                f"(one of {sorted(insert_methods)}); {type(store).__name__} has "
+                f"{sorted(self._misses) or 'no lookup'} and {sorted(self._skipped) or 'no insert'}"
+            )
+        self._clock = clock
+        if callable(getattr(store, "stats", None)):
+            self.metrics.watch_store(store, name)
+
+    def __getattr__(self, attr: str) -> Any:
+        # only reached for names not set on the wrapper itself
+        if attr in self._misses:
+            return lambda *args, **kwargs: self._lookup(attr, args, kwargs)
+        if attr in self._skipped:
+            return lambda *args, **kwargs: self._insert(attr, args, kwargs)
+        return getattr(self.store, attr)
+
+    def __contains__(self, key: object) -> bool:
+        return self.guard.call(self.store.__contains__, key, fallback=lambda: False)
+
+    def __len__(self) -> int:
+        return self.guard.call(self.store.__len__, fallback=lambda: 0)
+
+    @property
+    def state(self) -> str:
+        """The breaker's state: ``closed``, ``open`` or ``half-open``."""
+        return self.guard.state
+
+    def _lookup(self, method: str, args: tuple, kwargs: dict) -> Any:
+        start = self._clock()
+        result = self.guard.call(
+            getattr(self.store, method), *args, fallback=lambda: self._misses[method](*args, **kwargs), **kwargs
+        )
+        self.metrics.lookup_seconds.labels(self.name).observe(self._clock() - start)
+        (self.metrics.hits if _is_hit(result) else self.metrics.misses).labels(self.name).inc()
+        return result
+
+    def _insert(self, method: str, args: tuple, kwargs: dict) -> Any:
+        if self.memory_pressure is not None and self.memory_pressure() == "critical":
+            logger.debug("%s: memory pressure critical, %s skipped", self.name, method)
+            self.metrics.record_fallback(self.name, "memory_critical")
+            return self._skipped[method]
+        return self.guard.call(getattr(self.store, method), *args, fallback=lambda: self._skipped[method], **kwargs)
+
+
+def harden_cache(
+    cache_or_store: Any,
+    name: str = "store",
+    *,
+    metrics: ServingMetrics | None = None,
+    config: BreakerConfig | None = None,
+    breaker: pybreaker.CircuitBreaker | None = None,
+    memory_pressure: Callable[[], str] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Any:
+    """Production guards for a cache or a store.
+
+    - a ``QuantizedKVCache`` is returned as is, watched by ``metrics``
+      (``hf_kvcache_cache_bytes``, ``hf_kvcache_cache_full_precision_blocks``
+      under ``name``); its blocks that cannot be quantized already stay exact.
+    - a store-like object comes back as a ``GuardedStore``.
+    """
+    metrics = metrics if metrics is not None else ServingMetrics()
+    if isinstance(cache_or_store, QuantizedKVCache):
+        metrics.watch_cache(cache_or_store, name)
+        return cache_or_store
+    return GuardedStore(
+        cache_or_store, name, breaker=breaker, config=config, metrics=metrics, memory_pressure=memory_pressure,
+        clock=clock,
+    )  # fmt: skip
