@@ -186,6 +186,13 @@ class QuantizedBlocks:
                 f"blocks of {blocks.bits} bits / group {blocks.group_size} cannot be appended to a stream of "
                 f"{self.codec.bits} bits / group {self.codec.group_size}"
             )
+        bad = unquantizable_blocks(blocks)
+        if bad:
+            # codes under a NaN/Inf scale mean nothing: loading them would corrupt the history silently
+            raise ValueError(
+                f"blocks {bad} have non-finite scales or zeros (quantized from NaN/Inf values, or a range that "
+                "overflows the scale dtype); they cannot be appended"
+            )
         self.recent = blocks if self.recent is None else _cat([self.recent, blocks])
         if self.aged_bits is not None:
             self._age()

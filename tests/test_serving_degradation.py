@@ -175,3 +175,22 @@ def test_every_call_failing_never_raises_from_the_guard():
         store.fail_with = exc
         assert g.lookup(b"ns", [1, 2, 3, 4]).num_tokens == 0
         assert g.put_chain([((1, 2, 3, 4), "kv")]) == 0
+
+
+def test_release_bypasses_an_open_breaker_and_never_raises():
+    g, store, metrics, _ = guarded()
+    store.fail_with = ConnectionError("down")
+    g.lookup(b"ns", [1, 2, 3, 4])
+    g.lookup(b"ns", [1, 2, 3, 4])
+    assert g.state == "open"
+    released = []
+    store.release = released.append
+    g.release("match-1")  # an open circuit must not keep earlier lookups' entries pinned
+    assert released == ["match-1"]
+
+    def broken(match):
+        raise OSError("store process gone")
+
+    store.release = broken
+    g.release("match-2")
+    assert count(metrics, "hf_kvcache_errors_total", component="prefix", kind="OSError") == 1
