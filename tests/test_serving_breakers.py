@@ -121,7 +121,9 @@ def test_half_open_needs_success_threshold_successes_and_a_trial_failure_reopens
 def test_listener_feeds_metrics_and_logs(caplog):
     clock, metrics = FakeClock(), ServingMetrics()
     breaker = create_breaker("store", BreakerConfig(fail_max=2, reset_timeout_s=5), metrics=metrics, clock=clock)
-    state = lambda s: metrics.value("hf_kvcache_breaker_state", breaker="store", hf_kvcache_breaker_state=s)  # noqa: E731
+    def state(name):
+        return metrics.value("hf_kvcache_breaker_state", breaker="store", hf_kvcache_breaker_state=name)
+
     assert state("closed") == 1.0
     with caplog.at_level(logging.INFO, logger="hf_kvcache_plugin.serving.breakers"):
         trip(breaker, 2)
@@ -138,7 +140,8 @@ def test_listener_feeds_metrics_and_logs(caplog):
 
 def test_guard_falls_back_counts_by_kind_and_reraises_bad_input():
     clock, metrics = FakeClock(), ServingMetrics()
-    guard = CircuitGuard(create_breaker("peer", BreakerConfig(fail_max=2), metrics=metrics, clock=clock), "peer", metrics)
+    breaker = create_breaker("peer", BreakerConfig(fail_max=2), metrics=metrics, clock=clock)
+    guard = CircuitGuard(breaker, "peer", metrics)
     assert guard.call(ok, fallback=lambda: "local") == "ok"
     with pytest.raises(ValueError, match="bad key"):
         guard.call(lambda: (_ for _ in ()).throw(ValueError("bad key")), fallback=lambda: "local")
@@ -152,6 +155,8 @@ def test_guard_falls_back_counts_by_kind_and_reraises_bad_input():
     assert guard.call(ok, fallback=lambda: "local") == "local"  # rejected while open
 
     errors = lambda kind: metrics.value("hf_kvcache_errors_total", component="peer", kind=kind)  # noqa: E731
-    fallbacks = lambda reason: metrics.value("hf_kvcache_fallbacks_total", component="peer", reason=reason)  # noqa: E731
+    def fallbacks(reason):
+        return metrics.value("hf_kvcache_fallbacks_total", component="peer", reason=reason)
+
     assert errors("ConnectionError") == 1 and errors("TimeoutError") == 1 and errors("ValueError") == 1
     assert fallbacks("error") == 2 and fallbacks("breaker_open") == 1

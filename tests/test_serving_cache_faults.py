@@ -7,7 +7,7 @@ import struct
 import pytest
 import torch
 
-from hf_kvcache_plugin import QuantizedKVCache, SnapshotError, create_quantized_kv_cache
+from hf_kvcache_plugin import CacheConfig, QuantizedKVCache, SnapshotError, create_quantized_kv_cache
 from hf_kvcache_plugin.blocks import unquantizable_blocks
 from hf_kvcache_plugin.quantization import quantize
 
@@ -18,7 +18,8 @@ B, H, D, G = 2, 2, 8, 8
 
 def kv(tokens: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(B, H, tokens, D, generator=g, dtype=dtype), torch.randn(B, H, tokens, D, generator=g, dtype=dtype)
+    shape = (B, H, tokens, D)
+    return torch.randn(shape, generator=g, dtype=dtype), torch.randn(shape, generator=g, dtype=dtype)
 
 
 def make(quant_type: str = "int4", layers: int = 1, **options) -> QuantizedKVCache:
@@ -75,7 +76,8 @@ def test_fallback_bytes_are_exact_and_total_stays_the_sum():
     # the placeholder keeps the packed tier's size; the exact block [B, H, G, D] fp32 comes on top
     assert stats["quantized_bytes"] == clean_stats["quantized_bytes"]
     assert stats["fallback_bytes"] == B * H * G * D * 4
-    assert stats["total_bytes"] == sum(stats[n] for n in ("quantized_bytes", "residual_bytes", "sink_bytes", "fallback_bytes"))
+    parts = ("quantized_bytes", "residual_bytes", "sink_bytes", "fallback_bytes")
+    assert stats["total_bytes"] == sum(stats[n] for n in parts)
 
 
 def test_fallback_blocks_survive_crop_reorder_and_aging():
@@ -205,9 +207,9 @@ def test_snapshot_from_another_model_or_setting_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"from another model or setting: layer 0 was saved as \('quantized', 2, 8"):
         QuantizedKVCache.load(path, tiny_llama_config(layers=2, head_dim=8, kv_heads=4, heads=4))
     with pytest.raises(ValueError, match=r"other cache settings: `quant_type` is 'int4' in the file, 'int8' expected"):
-        QuantizedKVCache.load(path, config, cache_config=cache.cache_config.__class__(quant_type="int8", residual_length=8))
+        QuantizedKVCache.load(path, config, cache_config=CacheConfig(quant_type="int8", residual_length=8))
     # the settings it was made with are accepted, an unresolved group size too
-    QuantizedKVCache.load(path, config, cache_config=cache.cache_config.__class__(quant_type="int4", residual_length=8))
+    QuantizedKVCache.load(path, config, cache_config=CacheConfig(quant_type="int4", residual_length=8))
 
 
 def test_save_is_atomic_and_leaves_no_temporary(tmp_path, monkeypatch):

@@ -117,7 +117,9 @@ def test_failing_store_gives_misses_and_skipped_inserts_then_the_breaker_stops_c
     assert g.state == "closed"
     assert g.lookup(b"ns", [5, 6, 7, 8]).num_tokens == 4
 
-    fallbacks = lambda reason: count(metrics, "hf_kvcache_fallbacks_total", component="prefix", reason=reason)  # noqa: E731
+    def fallbacks(reason):
+        return count(metrics, "hf_kvcache_fallbacks_total", component="prefix", reason=reason)
+
     assert fallbacks("error") == 2 and fallbacks("breaker_open") == 3
     assert count(metrics, "hf_kvcache_errors_total", component="prefix", kind="ConnectionError") == 2
     assert count(metrics, "hf_kvcache_breaker_opens_total", breaker="prefix") == 1

@@ -35,9 +35,8 @@ def plain(model):
 def quantized(model):
     def generate(input_ids, **kwargs):
         cache = QuantizedKVCache(model.config, "int8", residual_length=8)
-        return model.generate(
-            input_ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, **{GENERATE_CACHE_KWARG: cache}, **kwargs
-        )
+        options = {"max_new_tokens": NEW, "min_new_tokens": NEW, "do_sample": False, GENERATE_CACHE_KWARG: cache}
+        return model.generate(input_ids, **options, **kwargs)
 
     return generate
 

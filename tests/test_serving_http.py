@@ -61,7 +61,8 @@ def test_metrics_are_prometheus_text(served):
     metrics.hits.labels("store").inc(4)
     code, content_type, body = get(server.url + "/metrics")
     assert code == 200 and content_type.startswith("text/plain; version=")
-    samples = {s.name: s.value for f in text_string_to_metric_families(body) for s in f.samples if s.labels.get("component") == "store"}
+    families = text_string_to_metric_families(body)
+    samples = {s.name: s.value for f in families for s in f.samples if s.labels.get("component") == "store"}
     assert samples["hf_kvcache_hits_total"] == 4
 
 

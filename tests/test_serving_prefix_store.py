@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from hf_kvcache_plugin import BreakerConfig, CacheConfig, PrefixEntry, PrefixStore, QuantizedKVCache, attach_prefix_cache
+from hf_kvcache_plugin import BreakerConfig, CacheConfig, PrefixStore, QuantizedKVCache, attach_prefix_cache
 from hf_kvcache_plugin.evaluation import GENERATE_CACHE_KWARG
 from hf_kvcache_plugin.serving import (
     GuardedStore,
@@ -171,3 +171,34 @@ def test_prefix_store_consistency_check(model, prompt):
     assert check().status.value == "healthy"
     store._used_bytes += 8  # an accounting bug
     assert "used_bytes" in check().reason and check().status.value == "degraded"
+
+
+def test_build_service_wires_guards_health_and_critical_memory(model, prompt):
+    import json
+    import urllib.error
+    import urllib.request
+
+    from hf_kvcache_plugin import parse_config
+    from hf_kvcache_plugin.serving.service import build_service
+
+    used = {"fraction": 0.5}
+    config = parse_config({
+        "cache": {"quant_type": "int8", "group_size": 8, "residual_length": 16},
+        "prefix_store": {"chunk_size": CHUNK, "max_size_mb": 4},
+    })  # fmt: skip
+    with build_service(model, config, memory_reader=lambda: used["fraction"], http=True, http_port=0) as svc:
+        assert svc.checker.names == ["memory", "breakers", "prefix_store"]
+        svc.endpoint(prompt, max_new_tokens=NEW)
+        assert len(svc.store) == 3 and svc.checker.readiness().status.value == "healthy"
+        used["fraction"] = 0.97
+        report = svc.checker.readiness()
+        assert not report.ok and report.reasons[0].startswith("memory: memory 97% used (critical)")
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(svc.server.url + "/readyz", timeout=10)
+        assert info.value.code == 503 and json.loads(info.value.read())["status"] == "unhealthy"
+        other = prompt.flip(1)
+        svc.endpoint(other, max_new_tokens=NEW)  # served, but its chunks are not stored
+        assert len(svc.store) == 3
+        assert svc.metrics.value("hf_kvcache_fallbacks_total", component="prefix_store", reason="memory_critical") == 1
+        assert svc.outcomes()["served"] == 2
+    assert "generate" not in model.__dict__  # the hook is detached

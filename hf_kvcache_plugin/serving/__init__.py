@@ -4,8 +4,9 @@ One module per concern: ``metrics`` (Prometheus, a registry per instance),
 ``breakers`` (pybreaker with an injectable clock), ``health`` (checks and
 their aggregation), ``http`` (``/healthz``, ``/readyz``, ``/metrics``),
 ``rate_limit`` (token buckets per client), ``degradation`` (``GuardedStore``,
-``harden_cache``) and ``endpoint`` (``ServingEndpoint``: a request never
-fails because the cache did).
+``harden_cache``), ``endpoint`` (``ServingEndpoint``: a request never fails
+because the cache did) and ``service`` (all of it wired from a config, and
+``hf-kvcache serve``).
 """
 
 from .breakers import BreakerMetricsListener, CircuitGuard, MonotonicClockStorage, create_breaker
@@ -25,6 +26,7 @@ from .health import (
 from .http import HealthServer
 from .metrics import PRESSURE_LEVELS, ServingMetrics
 from .rate_limit import RateLimiter, RateLimitExceeded
+from .service import ServingService, build_service
 
 __all__ = [
     "PRESSURE_LEVELS",
@@ -42,8 +44,10 @@ __all__ = [
     "RateLimiter",
     "ServingEndpoint",
     "ServingMetrics",
+    "ServingService",
     "StoreMiss",
     "breaker_check",
+    "build_service",
     "check_prompt",
     "consistency_check",
     "create_breaker",

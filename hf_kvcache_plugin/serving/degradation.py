@@ -110,7 +110,7 @@ def prefix_store_problems(store: PrefixStore) -> list[str]:
     measured = sum(slot.entry.nbytes for slot in slots.values())
     if used != held or held != measured:
         problems.append(f"used_bytes {used} != recorded entry bytes {held} != measured entry bytes {measured}")
-    orphans = [k.hex()[:12] for k, slot in slots.items() if slot.entry.parent is not None and slot.entry.parent not in slots]
+    orphans = [k.hex()[:12] for k, s in slots.items() if s.entry.parent is not None and s.entry.parent not in slots]
     if orphans:
         problems.append(f"{len(orphans)} entries whose parent chunk is gone: {orphans[:5]}")
     return problems

@@ -30,13 +30,17 @@ logger = logging.getLogger(__name__)
 def check_prompt(input_ids: Any) -> None:
     """A batch of non-empty integer prompts ``[batch, seq_len]``, or a ``ValueError`` that says what is wrong."""
     if not isinstance(input_ids, torch.Tensor):
-        raise ValueError(f"`input_ids` has to be a tensor [batch, seq_len] of token ids but got {type(input_ids).__name__}")
+        raise ValueError(
+            f"`input_ids` has to be a tensor [batch, seq_len] of token ids but got {type(input_ids).__name__}"
+        )
     if input_ids.dim() != 2:
         raise ValueError(f"`input_ids` has to be 2-d [batch, seq_len] but got shape {tuple(input_ids.shape)}")
     if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
         raise ValueError(f"`input_ids` has to hold integer token ids but got dtype {input_ids.dtype}")
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-        raise ValueError(f"the prompt is empty (`input_ids` of shape {tuple(input_ids.shape)}): give at least one token")
+        raise ValueError(
+            f"the prompt is empty (`input_ids` of shape {tuple(input_ids.shape)}): give at least one token"
+        )
 
 
 class _TokenClock(StoppingCriteria):

@@ -63,10 +63,13 @@ class ServingMetrics:
             "hf_kvcache_errors", "Exceptions met on the serving path by component and exception class",
             ["component", "kind"], registry=r,
         )  # fmt: skip
-        self.breaker_opens = Counter("hf_kvcache_breaker_opens", "Times a circuit breaker opened", ["breaker"], registry=r)
-        self.breaker_recoveries = Counter(
-            "hf_kvcache_breaker_recoveries", "Times a circuit breaker closed again after a trial", ["breaker"], registry=r
+        self.breaker_opens = Counter(
+            "hf_kvcache_breaker_opens", "Times a circuit breaker opened", ["breaker"], registry=r
         )
+        self.breaker_recoveries = Counter(
+            "hf_kvcache_breaker_recoveries", "Times a circuit breaker closed again after a trial", ["breaker"],
+            registry=r,
+        )  # fmt: skip
         self.breaker_state = Enum(
             "hf_kvcache_breaker_state", "Circuit breaker state", ["breaker"], states=list(BREAKER_STATES), registry=r
         )
@@ -74,7 +77,9 @@ class ServingMetrics:
             "hf_kvcache_memory_pressure_level", "Memory pressure: 0 low, 1 moderate, 2 high, 3 critical", registry=r
         )
         self.memory_used_ratio = Gauge("hf_kvcache_memory_used_ratio", "Used fraction of system memory", registry=r)
-        self.cache_bytes = Gauge("hf_kvcache_cache_bytes", "Bytes held by a watched KV cache", ["component"], registry=r)
+        self.cache_bytes = Gauge(
+            "hf_kvcache_cache_bytes", "Bytes held by a watched KV cache", ["component"], registry=r
+        )
         self.cache_full_precision_blocks = Gauge(
             "hf_kvcache_cache_full_precision_blocks", "Blocks a watched KV cache keeps in full precision because "
             "they could not be quantized", ["component"], registry=r,
@@ -123,7 +128,7 @@ class ServingMetrics:
 
     # ------------------------------------------------------------------ reading
     def value(self, name: str, **labels: str) -> float | None:
-        """One sample's current value (``None`` if absent), e.g. ``value("hf_kvcache_hits_total", component="store")``."""
+        """One sample's value or ``None``, e.g. ``value("hf_kvcache_hits_total", component="store")``."""
         return self.registry.get_sample_value(name, labels)
 
     def as_dict(self) -> dict[str, float]:
