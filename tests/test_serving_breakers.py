@@ -145,18 +145,18 @@ def test_guard_falls_back_counts_by_kind_and_reraises_bad_input():
     assert guard.call(ok, fallback=lambda: "local") == "ok"
     with pytest.raises(ValueError, match="bad key"):
         guard.call(lambda: (_ for _ in ()).throw(ValueError("bad key")), fallback=lambda: "local")
-    assert guard.call(failing, fallback=lambda: "local") == "local"
+    assert guard.call(failing, fallback=lambda: "local", operation="fetch") == "local"
 
     def timeout():
         raise TimeoutError("peer did not answer")
 
-    assert guard.call(timeout, fallback=lambda: "local") == "local"  # opens the breaker
+    assert guard.call(timeout, fallback=lambda: "local", operation="fetch") == "local"  # opens the breaker
     assert guard.state == "open"
-    assert guard.call(ok, fallback=lambda: "local") == "local"  # rejected while open
+    assert guard.call(ok, fallback=lambda: "local", operation="fetch") == "local"  # rejected while open
 
     errors = lambda kind: metrics.value("hf_kvcache_errors_total", component="peer", kind=kind)  # noqa: E731
     def fallbacks(reason):
-        return metrics.value("hf_kvcache_fallbacks_total", component="peer", reason=reason)
+        return metrics.value("hf_kvcache_fallbacks_total", component="peer", operation="fetch", reason=reason)
 
     assert errors("ConnectionError") == 1 and errors("TimeoutError") == 1 and errors("ValueError") == 1
     assert fallbacks("error") == 2 and fallbacks("breaker_open") == 1

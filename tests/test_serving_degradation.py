@@ -117,10 +117,12 @@ def test_failing_store_gives_misses_and_skipped_inserts_then_the_breaker_stops_c
     assert g.state == "closed"
     assert g.lookup(b"ns", [5, 6, 7, 8]).num_tokens == 4
 
-    def fallbacks(reason):
-        return count(metrics, "hf_kvcache_fallbacks_total", component="prefix", reason=reason)
+    def fallbacks(operation, reason):
+        return count(metrics, "hf_kvcache_fallbacks_total", component="prefix", operation=operation, reason=reason)
 
-    assert fallbacks("error") == 2 and fallbacks("breaker_open") == 3
+    assert fallbacks("lookup", "error") == 1 and fallbacks("insert", "error") == 1
+    assert fallbacks("lookup", "breaker_open") == 1 and fallbacks("insert", "breaker_open") == 1
+    assert fallbacks("contains", "breaker_open") == 1
     assert count(metrics, "hf_kvcache_errors_total", component="prefix", kind="ConnectionError") == 2
     assert count(metrics, "hf_kvcache_breaker_opens_total", breaker="prefix") == 1
     assert count(metrics, "hf_kvcache_breaker_recoveries_total", breaker="prefix") == 1
@@ -141,7 +143,7 @@ def test_bad_input_is_raised_not_swallowed_and_does_not_trip_the_breaker():
             g.lookup(b"ns", [])
     assert g.state == "closed"
     assert count(metrics, "hf_kvcache_errors_total", component="prefix", kind="ValueError") == 3
-    assert count(metrics, "hf_kvcache_fallbacks_total", component="prefix", reason="error") == 0
+    assert count(metrics, "hf_kvcache_fallbacks_total", component="prefix", operation="lookup", reason="error") == 0
 
 
 def test_critical_memory_skips_inserts_before_they_reach_the_store():
@@ -153,7 +155,8 @@ def test_critical_memory_skips_inserts_before_they_reach_the_store():
     assert g.put_chain([((2, 2, 2, 2), "b")]) == 0
     assert store.calls == calls and (2, 2, 2, 2) not in store.entries
     assert g.lookup(b"ns", [1, 1, 1, 1]).num_tokens == 4  # lookups still served
-    assert count(metrics, "hf_kvcache_fallbacks_total", component="prefix", reason="memory_critical") == 1
+    labels = {"component": "prefix", "operation": "insert", "reason": "memory_critical"}
+    assert count(metrics, "hf_kvcache_fallbacks_total", **labels) == 1
 
 
 def test_harden_cache_dispatches_and_refuses_what_is_not_a_store():

@@ -66,7 +66,8 @@ def test_a_failing_cache_path_is_recomputed_without_the_cache(plain, prompts, mo
     out = endpoint(prompts[1])
     assert torch.equal(out, plain(prompts[1]))
     assert requests(metrics, "degraded") == 1 and requests(metrics, "failed") == 0
-    assert metrics.value("hf_kvcache_fallbacks_total", component="generate", reason="recompute") == 1
+    labels = {"component": "generate", "operation": "generate", "reason": "recompute"}
+    assert metrics.value("hf_kvcache_fallbacks_total", **labels) == 1
     assert metrics.value("hf_kvcache_errors_total", component="generate", kind="RuntimeError") == 1
 
 

@@ -50,12 +50,12 @@ def test_names_follow_prometheus_conventions():
 
 def test_plain_dict_holds_every_sample():
     metrics = ServingMetrics()
-    metrics.record_fallback("store", "error", 2)
+    metrics.record_fallback("store", "insert", "error", 2)
     metrics.record_error("store", TimeoutError())
     metrics.lookup_seconds.labels("store").observe(0.003)
     metrics.record_pressure("high", 0.9)
     d = metrics.as_dict()
-    assert d['hf_kvcache_fallbacks_total{component="store",reason="error"}'] == 2
+    assert d['hf_kvcache_fallbacks_total{component="store",operation="insert",reason="error"}'] == 2
     assert d['hf_kvcache_errors_total{component="store",kind="TimeoutError"}'] == 1
     assert d['hf_kvcache_lookup_duration_seconds_count{component="store"}'] == 1
     assert d['hf_kvcache_lookup_duration_seconds_bucket{component="store",le="0.005"}'] == 1

@@ -98,7 +98,8 @@ def test_store_faults_give_the_same_tokens_and_the_breaker_recovers(hooked, mode
         assert torch.equal(run(model, prompt), expected)  # recomputed locally, same greedy tokens
     assert hook.store.state == "open"
     assert counter(metrics, "hf_kvcache_breaker_opens_total", breaker="prefix") == 1
-    assert counter(metrics, "hf_kvcache_fallbacks_total", component="prefix", reason="breaker_open") >= 1
+    labels = {"component": "prefix", "operation": "lookup", "reason": "breaker_open"}
+    assert counter(metrics, "hf_kvcache_fallbacks_total", **labels) >= 1
 
     monkeypatch.undo()
     clock.now += 30
@@ -139,7 +140,8 @@ def test_entries_with_non_finite_scales_are_never_stored_nor_loaded(model, promp
     guarded = GuardedStore(PrefixStore(max_size_mb=4, chunk_size=CHUNK), "p", metrics=metrics)
     assert guarded.put_chain([good, bad]) == 1  # the chain is cut before the bad entry
     assert guarded.put(bad) is False
-    assert metrics.value("hf_kvcache_fallbacks_total", component="p", reason="invalid_entry") == 2
+    labels = {"component": "p", "operation": "insert", "reason": "invalid_entry"}
+    assert metrics.value("hf_kvcache_fallbacks_total", **labels) == 2
 
     cache = QuantizedKVCache(model.config, cache_config=CONFIG)
     with pytest.raises(ValueError, match=r"blocks \[0\] have non-finite scales or zeros"):
@@ -199,6 +201,7 @@ def test_build_service_wires_guards_health_and_critical_memory(model, prompt):
         other = prompt.flip(1)
         svc.endpoint(other, max_new_tokens=NEW)  # served, but its chunks are not stored
         assert len(svc.store) == 3
-        assert svc.metrics.value("hf_kvcache_fallbacks_total", component="prefix_store", reason="memory_critical") == 1
+        labels = {"component": "prefix_store", "operation": "insert", "reason": "memory_critical"}
+        assert svc.metrics.value("hf_kvcache_fallbacks_total", **labels) == 1
         assert svc.outcomes()["served"] == 2
     assert "generate" not in model.__dict__  # the hook is detached

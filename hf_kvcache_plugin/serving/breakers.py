@@ -132,8 +132,10 @@ def create_breaker(
 class CircuitGuard:
     """Calls through ``breaker``; a failure or an open circuit returns ``fallback()`` instead, counted.
 
-    Exceptions the breaker excludes (``ValueError`` by default) are the
-    caller's bad input: they are counted and re-raised, never swallowed.
+    Fallbacks are counted under this guard's component, the call's
+    ``operation`` and the reason (``error`` or ``breaker_open``). Exceptions
+    the breaker excludes (``ValueError`` by default) are the caller's bad
+    input: they are counted and re-raised, never swallowed.
     """
 
     def __init__(self, breaker: pybreaker.CircuitBreaker, component: str, metrics: ServingMetrics | None = None):
@@ -145,11 +147,13 @@ class CircuitGuard:
     def state(self) -> str:
         return self.breaker.current_state
 
-    def call(self, fn: Callable[..., T], *args: Any, fallback: Callable[[], T], **kwargs: Any) -> T:
+    def call(
+        self, fn: Callable[..., T], *args: Any, fallback: Callable[[], T], operation: str = "call", **kwargs: Any
+    ) -> T:
         try:
             return self.breaker.call(fn, *args, **kwargs)
         except pybreaker.CircuitBreakerError:
-            self._count_fallback("breaker_open")
+            self._count_fallback(operation, "breaker_open")
             return fallback()
         except Exception as exc:  # noqa: BLE001 - any failure of a guarded call falls back; see below
             if self.metrics is not None:
@@ -157,9 +161,9 @@ class CircuitGuard:
             if not self.breaker.is_system_error(exc):
                 raise
             logger.debug("%s: %s failed (%r); falling back", self.component, getattr(fn, "__name__", fn), exc)
-            self._count_fallback("error")
+            self._count_fallback(operation, "error")
             return fallback()
 
-    def _count_fallback(self, reason: str) -> None:
+    def _count_fallback(self, operation: str, reason: str) -> None:
         if self.metrics is not None:
-            self.metrics.record_fallback(self.component, reason)
+            self.metrics.record_fallback(self.component, operation, reason)

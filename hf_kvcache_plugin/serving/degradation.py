@@ -16,7 +16,7 @@ release raises              swallowed: the request has its answer already
 ==========================  ====================================================
 
 Every event is counted in ``ServingMetrics`` (hits, misses, fallbacks by
-reason, errors by exception class, lookup latency). ``release`` bypasses the
+operation and reason, errors by exception class, lookup latency). ``release`` bypasses the
 breaker (an open circuit must not leak the pins of earlier lookups); other
 attributes pass through unguarded. Blocks that cannot be quantized are
 handled inside the cache itself (see ``QuantizedKVCache``).
@@ -181,10 +181,10 @@ class GuardedStore:
         return getattr(self.store, attr)
 
     def __contains__(self, key: object) -> bool:
-        return self.guard.call(self.store.__contains__, key, fallback=lambda: False)
+        return self.guard.call(self.store.__contains__, key, fallback=lambda: False, operation="contains")
 
     def __len__(self) -> int:
-        return self.guard.call(self.store.__len__, fallback=lambda: 0)
+        return self.guard.call(self.store.__len__, fallback=lambda: 0, operation="len")
 
     @property
     def state(self) -> str:
@@ -194,8 +194,9 @@ class GuardedStore:
     def _lookup(self, method: str, args: tuple, kwargs: dict) -> Any:
         start = self._clock()
         result = self.guard.call(
-            getattr(self.store, method), *args, fallback=lambda: self._misses[method](*args, **kwargs), **kwargs
-        )
+            getattr(self.store, method), *args, fallback=lambda: self._misses[method](*args, **kwargs),
+            operation="lookup", **kwargs,
+        )  # fmt: skip
         self.metrics.lookup_seconds.labels(self.name).observe(self._clock() - start)
         (self.metrics.hits if _is_hit(result) else self.metrics.misses).labels(self.name).inc()
         return result
@@ -203,13 +204,15 @@ class GuardedStore:
     def _insert(self, method: str, args: tuple, kwargs: dict) -> Any:
         if self.memory_pressure is not None and self.memory_pressure() == "critical":
             logger.debug("%s: memory pressure critical, %s skipped", self.name, method)
-            self.metrics.record_fallback(self.name, "memory_critical")
+            self.metrics.record_fallback(self.name, "insert", "memory_critical")
             return self._skipped[method]
         if self.validate_entry is not None and args:
             args = self._valid_entries(method, args)
             if args is None:
                 return self._skipped[method]
-        return self.guard.call(getattr(self.store, method), *args, fallback=lambda: self._skipped[method], **kwargs)
+        skipped = self._skipped[method]
+        call = getattr(self.store, method)
+        return self.guard.call(call, *args, fallback=lambda: skipped, operation="insert", **kwargs)
 
     def _valid_entries(self, method: str, args: tuple) -> tuple | None:
         """``args`` with the chain cut before its first invalid entry (later ones extend it); None: nothing left."""
@@ -218,7 +221,7 @@ class GuardedStore:
             problem = self.validate_entry(entry)
             if problem is not None:
                 logger.warning("%s: not storing %d entr(y/ies): %s", self.name, len(entries) - i, problem)
-                self.metrics.record_fallback(self.name, "invalid_entry", len(entries) - i)
+                self.metrics.record_fallback(self.name, "insert", "invalid_entry", len(entries) - i)
                 if i == 0:
                     return None
                 return (entries[:i], *args[1:])

@@ -106,7 +106,7 @@ class ServingEndpoint:
                 self._count("failed")
                 raise
             logger.warning("%s: the cached path failed (%r); recomputing without the cache", self.name, exc)
-            self.metrics.record_fallback(self.name, "recompute")
+            self.metrics.record_fallback(self.name, "generate", "recompute")
             start, tokens, outcome = self._clock(), _TokenClock(self._clock), "degraded"
             try:
                 out = self.fallback_generate(input_ids, **self._with_clock(kwargs, tokens))

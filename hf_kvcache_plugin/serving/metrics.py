@@ -56,8 +56,8 @@ class ServingMetrics:
             "hf_kvcache_misses", "Store lookups that found nothing (failed lookups included)", ["component"], registry=r
         )
         self.fallbacks = Counter(
-            "hf_kvcache_fallbacks", "Times a component fell back (recompute, skip storing, full precision) by reason",
-            ["component", "reason"], registry=r,
+            "hf_kvcache_fallbacks", "Calls answered by a fallback instead (a miss, a skipped insert, a recompute), by "
+            "component, operation and reason", ["component", "operation", "reason"], registry=r,
         )  # fmt: skip
         self.errors = Counter(
             "hf_kvcache_errors", "Exceptions met on the serving path by component and exception class",
@@ -103,8 +103,8 @@ class ServingMetrics:
     def record_error(self, component: str, exc: BaseException) -> None:
         self.errors.labels(component, type(exc).__name__).inc()
 
-    def record_fallback(self, component: str, reason: str, count: float = 1) -> None:
-        self.fallbacks.labels(component, reason).inc(count)
+    def record_fallback(self, component: str, operation: str, reason: str, count: float = 1) -> None:
+        self.fallbacks.labels(component, operation, reason).inc(count)
 
     def record_pressure(self, level: str, used_fraction: float) -> None:
         self.memory_pressure_level.set(PRESSURE_LEVELS.index(level))
