@@ -10,18 +10,25 @@ The block axis (dim 2) comes before either group axis, so appending blocks is
 a concatenation along dim 2 of data, scale and zero alike: history is never
 re-quantized. With mixed precision, blocks that age out of the newest
 ``int8_tokens`` are re-packed once from the ``recent`` tier to the ``aged`` one.
+
+A block that cannot be quantized (NaN/Inf values, or a range whose scale
+overflows the scale dtype) is kept in full precision instead: the packed tier
+holds a zero placeholder for it, so every block keeps its position, and its
+exact tokens live in ``full_precision_blocks``, which ``dequantize_into``
+writes over the placeholder. Both count in ``nbytes``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .quantization import QuantizedTensor, dequantize, dequantize_into, quantize
 
-__all__ = ["BlockCodec", "QuantizedBlocks", "concat_blocks"]
+__all__ = ["BlockCodec", "QuantizedBlocks", "concat_blocks", "unquantizable_blocks"]
 
 _BLOCK_DIM = 2
 
@@ -85,6 +92,21 @@ def _from_physical(q: QuantizedTensor, data, scale, zero, n_blocks: int) -> Quan
     )
 
 
+def unquantizable_blocks(q: QuantizedTensor) -> list[int]:
+    """Indices (along dim 2) of blocks whose scale or zero is not finite: their codes mean nothing.
+
+    NaN/Inf inputs propagate into the group min/max, and a finite range too
+    wide for the scale dtype (fp16 tops out at 65504) overflows to Inf once
+    stored, so checking the stored metadata catches both.
+    """
+    n = q.shape[_BLOCK_DIM]
+    finite = torch.isfinite(q.scale).reshape(*q.scale.shape[:3], -1).all(-1)  # [B, H, n]
+    if q.zero is not None:
+        finite &= torch.isfinite(q.zero).reshape(*q.zero.shape[:3], -1).all(-1)
+    # one device sync per flushed batch of blocks, not per token
+    return torch.nonzero(~finite.reshape(-1, n).all(0)).flatten().tolist()
+
+
 def _cat(parts: list[QuantizedTensor]) -> QuantizedTensor:
     first = parts[0]
     if len(parts) == 1:
@@ -123,6 +145,9 @@ class QuantizedBlocks:
         self.recent_tokens = recent_tokens
         self.aged: QuantizedTensor | None = None
         self.recent: QuantizedTensor | None = None
+        # block index (aged first, then recent) -> exact tokens [B, H, G, D] of a block that could not be quantized
+        self.full_precision_blocks: dict[int, torch.Tensor] = {}
+        self.fallback_events = 0  # blocks ever kept in full precision (not decremented by crop)
 
     @property
     def tiers(self) -> list[QuantizedTensor]:
@@ -138,14 +163,34 @@ class QuantizedBlocks:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tiers)
+        return sum(t.nbytes for t in self.tiers) + self.full_precision_nbytes
+
+    @property
+    def full_precision_nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.full_precision_blocks.values())
 
     def append(self, tokens: torch.Tensor) -> None:
         """Quantize [B, H, n*G, D] as n new blocks; only they are touched."""
-        new = self.codec.encode(tokens)
+        new = self._encode_or_keep(tokens, first_block=self.num_blocks)
         self.recent = new if self.recent is None else _cat([self.recent, new])
         if self.aged_bits is not None:
             self._age()
+
+    def _encode_or_keep(self, tokens: torch.Tensor, first_block: int, bits: int | None = None) -> QuantizedTensor:
+        """Encode [B, H, n*G, D]; blocks that cannot be quantized are kept exact and encoded as zeros."""
+        encoded = self.codec.encode(tokens, bits=bits)
+        bad = unquantizable_blocks(encoded)
+        if not bad:
+            return encoded
+        g = self.codec.group_size
+        placeholder = tokens.clone()
+        for i in bad:
+            index = first_block + i
+            if index not in self.full_precision_blocks:
+                self.full_precision_blocks[index] = tokens[:, :, i * g : (i + 1) * g].clone()
+                self.fallback_events += 1
+            placeholder[:, :, i * g : (i + 1) * g] = 0
+        return self.codec.encode(placeholder, bits=bits)
 
     def append_encoded(self, blocks: QuantizedTensor) -> None:
         """Append blocks that were already quantized with this codec (no re-quantization)."""
@@ -153,6 +198,13 @@ class QuantizedBlocks:
             raise ValueError(
                 f"blocks of {blocks.bits} bits / group {blocks.group_size} cannot be appended to a stream of "
                 f"{self.codec.bits} bits / group {self.codec.group_size}"
+            )
+        bad = unquantizable_blocks(blocks)
+        if bad:
+            # codes under a NaN/Inf scale mean nothing: loading them would corrupt the history silently
+            raise ValueError(
+                f"blocks {bad} have non-finite scales or zeros (quantized from NaN/Inf values, or a range that "
+                "overflows the scale dtype); they cannot be appended"
             )
         self.recent = blocks if self.recent is None else _cat([self.recent, blocks])
         if self.aged_bits is not None:
@@ -166,8 +218,10 @@ class QuantizedBlocks:
         old = _slice(self.recent, 0, excess)
         self.recent = _slice(self.recent, excess, self.recent.shape[_BLOCK_DIM]) if keep > 0 else None
         # The one re-quantization mixed precision allows: INT8 -> aged bits, once per block.
+        first = 0 if self.aged is None else self.aged.shape[_BLOCK_DIM]
         tokens = dequantize(old).flatten(2, 3)
-        repacked = self.codec.encode(tokens, bits=self.aged_bits)
+        # a range that fits INT8's scale can still overflow the coarser tier's; that block stays exact
+        repacked = self._encode_or_keep(tokens, first_block=first, bits=self.aged_bits)
         self.aged = repacked if self.aged is None else _cat([self.aged, repacked])
 
     def dequantize_into(self, out: torch.Tensor) -> None:
@@ -177,6 +231,9 @@ class QuantizedBlocks:
             length = tier.shape[_BLOCK_DIM] * self.codec.group_size
             _dequantize_into(tier, out[:, :, start : start + length])
             start += length
+        g = self.codec.group_size
+        for index, block in self.full_precision_blocks.items():
+            out[:, :, index * g : (index + 1) * g] = block
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         first = self.tiers[0]
@@ -191,6 +248,9 @@ class QuantizedBlocks:
         g = self.codec.group_size
         n_drop = -(-count // g)
         kept_tokens = n_drop * g - count
+        first_dropped = self.num_blocks - n_drop
+        exact_head = self.full_precision_blocks.get(first_dropped)
+        self.full_precision_blocks = {i: t for i, t in self.full_precision_blocks.items() if i < first_dropped}
         dropped = []
         for name in ("recent", "aged"):
             tier = getattr(self, name)
@@ -203,6 +263,8 @@ class QuantizedBlocks:
             n_drop -= take
         if n_drop:
             raise ValueError(f"cannot drop {count} tokens from {self.num_tokens + count} quantized tokens")
+        if exact_head is not None:
+            return exact_head[:, :, :kept_tokens].to(dtype).clone()
         head = dequantize(dropped[0], dtype).flatten(2, 3)[:, :, :kept_tokens]
         return head.clone()
 
@@ -210,6 +272,12 @@ class QuantizedBlocks:
         """Blocks [start, end) of a single-tier stream, as stored (for export)."""
         if self.aged is not None:
             raise ValueError("exporting blocks of a mixed-precision stream with aged blocks is not supported")
+        exact = sorted(i for i in self.full_precision_blocks if start <= i < end)
+        if exact:
+            raise ValueError(
+                f"blocks {exact} hold values that could not be quantized (NaN/Inf or out of the scale range) and "
+                "are kept in full precision; they cannot be exported as quantized blocks"
+            )
         return _slice(self.recent, start, end)
 
     def map_tensors(self, fn) -> None:
@@ -218,6 +286,62 @@ class QuantizedBlocks:
             tier = getattr(self, name)
             if tier is not None:
                 setattr(self, name, tier.map_tensors(fn))
+        self.full_precision_blocks = {i: fn(t) for i, t in self.full_precision_blocks.items()}
+
+    # ------------------------------------------------------------------ snapshot state (plain tensors and numbers)
+    def snapshot_state(self) -> dict[str, Any]:
+        return {
+            "aged": None if self.aged is None else _tensor_state(self.aged),
+            "recent": None if self.recent is None else _tensor_state(self.recent),
+            "full_precision_blocks": dict(self.full_precision_blocks),
+            "fallback_events": self.fallback_events,
+        }
+
+    def restore_snapshot_state(self, state: dict[str, Any], device: torch.device) -> None:
+        """Inverse of ``snapshot_state``; checks the tiers against this stream's codec."""
+        tiers = {name: state[name] and _tensor_from_state(state[name], device) for name in ("aged", "recent")}
+        for name, tier in tiers.items():
+            bits = self.aged_bits if name == "aged" else self.codec.bits
+            expected = (bits, self.codec.group_size, self.codec.quant_axis)
+            if tier is not None and (tier.bits, tier.group_size, tier.axis) != expected:
+                raise ValueError(
+                    f"{name} blocks of (bits, group, axis) = {(tier.bits, tier.group_size, tier.axis)} do not match "
+                    f"the codec's {expected}"
+                )
+        self.aged, self.recent = tiers["aged"], tiers["recent"]
+        self.full_precision_blocks = {int(i): t.to(device) for i, t in state["full_precision_blocks"].items()}
+        self.fallback_events = int(state["fallback_events"])
+        if any(not 0 <= i < self.num_blocks for i in self.full_precision_blocks):
+            raise ValueError(
+                f"full-precision block indices {sorted(self.full_precision_blocks)} exceed {self.num_blocks} blocks"
+            )
+
+
+def _tensor_state(q: QuantizedTensor) -> dict[str, Any]:
+    return {
+        "data": q.data, "scale": q.scale, "zero": q.zero, "bits": q.bits, "group_size": q.group_size,
+        "axis": q.axis, "shape": list(q.shape), "dtype": dtype_name(q.dtype),
+    }
+
+
+def _tensor_from_state(state: dict[str, Any], device: torch.device) -> QuantizedTensor:
+    move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return QuantizedTensor(
+        data=move(state["data"]), scale=move(state["scale"]), zero=move(state["zero"]), bits=int(state["bits"]),
+        group_size=int(state["group_size"]), axis=int(state["axis"]), shape=tuple(state["shape"]),
+        dtype=dtype_from_name(state["dtype"]),
+    )
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{name!r} is not a torch dtype")
+    return dtype
 
 
 # ---------------------------------------------------------------------- prefix reuse: assembling stored blocks

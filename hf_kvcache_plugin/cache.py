@@ -10,10 +10,19 @@ tokens, its oldest whole blocks of G tokens are quantized and appended; the
 newest ``residual_length`` tokens always stay exact. The first ``update``
 (prefill) returns its inputs unchanged; later ones return sinks + dequantized
 blocks + residual, in the compute dtype, on the inputs' device.
+
+A block that cannot be quantized (NaN/Inf, or a range that overflows the
+scale dtype) stays in full precision at its place in the history and is
+counted (``fallback_blocks`` / ``fallback_events`` in ``get_stats``); the
+cache keeps serving. ``save(path)`` / ``QuantizedKVCache.load(path)`` write
+and read a checksummed snapshot that is refused whole if it is damaged.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,14 +38,18 @@ from transformers.cache_utils import (
 )
 
 from .attention import FUSED_STATE_KEY, QUANTIZED_ATTENTION
-from .blocks import BlockCodec, QuantizedBlocks
-from .config import MIXED_AGED_BITS, CacheConfig, PluginConfig
+from .blocks import BlockCodec, QuantizedBlocks, dtype_from_name, dtype_name
+from .config import MIXED_AGED_BITS, CacheConfig, PluginConfig, parse_config
 from .quantization import QuantizedTensor
+from .snapshot import SnapshotError, read_snapshot, write_snapshot
 
 __all__ = ["QuantizedKVLayer", "QuantizedKVCache", "create_quantized_kv_cache"]
 
 _SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "compute": None}
 _SLIDING_TYPES = ("sliding_attention", "chunked_attention")
+_SNAPSHOT_KIND = "QuantizedKVCache"
+
+logger = logging.getLogger(__name__)
 
 
 def _nbytes(t: torch.Tensor | None) -> int:
@@ -229,8 +242,19 @@ class QuantizedKVLayer(CacheLayerMixin):
         segments = []
         if self.sink_keys.shape[-2]:
             segments.append((self.sink_keys, self.sink_values, self.sink_keys.shape[-2]))
-        for k_tier, v_tier in zip(self.quantized_keys.tiers, self.quantized_values.tiers):
-            segments.append((k_tier, v_tier, k_tier.shape[2] * self.group_size))
+        if self.quantized_keys.full_precision_blocks or self.quantized_values.full_precision_blocks:
+            # A block kept exact after NaN/Inf leaves placeholder codes in its tier; such histories are
+            # rare, so they are read dequantized (exact blocks in place) rather than block by block.
+            if self.quantized_keys.num_blocks:
+                dtype = self.residual_keys.dtype
+                segments.append((
+                    self.quantized_keys.dequantize(dtype),
+                    self.quantized_values.dequantize(dtype),
+                    self.quantized_keys.num_tokens,
+                ))
+        else:
+            for k_tier, v_tier in zip(self.quantized_keys.tiers, self.quantized_values.tiers):
+                segments.append((k_tier, v_tier, k_tier.shape[2] * self.group_size))
         if self.residual_keys.shape[-2]:
             segments.append((self.residual_keys, self.residual_values, self.residual_keys.shape[-2]))
         return segments
@@ -256,8 +280,14 @@ class QuantizedKVLayer(CacheLayerMixin):
         n_tokens = (excess // self.group_size) * self.group_size
         if n_tokens <= 0:
             return
+        events = self.fallback_events
         self.quantized_keys.append(self.residual_keys[:, :, :n_tokens])
         self.quantized_values.append(self.residual_values[:, :, :n_tokens])
+        if self.fallback_events > events:
+            logger.warning(
+                "%s: %d block(s) could not be quantized (NaN/Inf or out of the scale range); kept in full precision",
+                self._name(), self.fallback_events - events,
+            )
         # clone: a slice would keep the whole old window alive
         self.residual_keys = self.residual_keys[:, :, n_tokens:].clone()
         self.residual_values = self.residual_values[:, :, n_tokens:].clone()
@@ -278,15 +308,27 @@ class QuantizedKVLayer(CacheLayerMixin):
             raise ValueError(f"{self._name()} holds no tokens yet")
         return self._materialize()
 
+    @property
+    def fallback_events(self) -> int:
+        """Blocks of keys or values that could not be quantized so far (kept in full precision)."""
+        if not self.is_initialized:
+            return 0
+        return self.quantized_keys.fallback_events + self.quantized_values.fallback_events
+
     def stats(self) -> dict[str, int]:
         if not self.is_initialized:
-            return {"seq_length": 0, "quantized_bytes": 0, "residual_bytes": 0, "sink_bytes": 0, "fp_bytes": 0}
+            return dict.fromkeys(_EMPTY_LAYER_STATS, 0)
         itemsize = torch.empty((), dtype=self.dtype).element_size()
+        streams = (self.quantized_keys, self.quantized_values)
+        fallback_bytes = sum(s.full_precision_nbytes for s in streams)
         return {
             "seq_length": self._length,
-            "quantized_bytes": self.quantized_keys.nbytes + self.quantized_values.nbytes,
+            "quantized_bytes": sum(s.nbytes for s in streams) - fallback_bytes,
             "residual_bytes": _nbytes(self.residual_keys) + _nbytes(self.residual_values),
             "sink_bytes": _nbytes(self.sink_keys) + _nbytes(self.sink_values),
+            "fallback_bytes": fallback_bytes,
+            "fallback_blocks": sum(len(s.full_precision_blocks) for s in streams),
+            "fallback_events": self.fallback_events,
             "fp_bytes": self.batch_size * self.num_heads * self._length * (self.head_dim + self.value_head_dim) * itemsize,
         }
 
@@ -421,6 +463,61 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.quantized_keys.append_encoded(keys.map_tensors(lambda t: t.to(device)))
         self.quantized_values.append_encoded(values.map_tensors(lambda t: t.to(device)))
         self._length = n * g
+    # ------------------------------------------------------------------ snapshot state
+    _SETTINGS = (
+        "key_bits", "value_bits", "group_size", "residual_length", "sink_tokens", "key_axis", "value_axis",
+        "symmetric", "scale_dtype", "clip_percentile", "aged_bits", "recent_tokens", "layer_idx",
+        "expected_num_heads", "expected_head_dim",
+    )  # fmt: skip
+
+    def snapshot_state(self) -> dict[str, Any]:
+        """Settings and every held tensor, as plain tensors and numbers."""
+        state: dict[str, Any] = {"settings": {name: getattr(self, name) for name in self._SETTINGS}}
+        state["initialized"] = self.is_initialized
+        if self.is_initialized:
+            state.update(
+                dtype=dtype_name(self.dtype),
+                length=self._length,
+                shape=[self.batch_size, self.num_heads, self.head_dim, self.value_head_dim],
+                sink_keys=self.sink_keys, sink_values=self.sink_values,
+                residual_keys=self.residual_keys, residual_values=self.residual_values,
+                keys=self.quantized_keys.snapshot_state(), values=self.quantized_values.snapshot_state(),
+            )  # fmt: skip
+        return state
+
+    @classmethod
+    def from_snapshot_state(cls, state: dict[str, Any], device: torch.device | str = "cpu") -> "QuantizedKVLayer":
+        layer = cls(**state["settings"])
+        if not state["initialized"]:
+            return layer
+        device = torch.device(device)
+        dtype = dtype_from_name(state["dtype"])
+        b, h, d, dv = state["shape"]
+        layer.lazy_initialization(
+            torch.empty(b, h, 0, d, dtype=dtype, device=device), torch.empty(b, h, 0, dv, dtype=dtype, device=device)
+        )
+        for name in ("sink_keys", "sink_values", "residual_keys", "residual_values"):
+            setattr(layer, name, state[name].to(device))
+        layer.quantized_keys.restore_snapshot_state(state["keys"], device)
+        layer.quantized_values.restore_snapshot_state(state["values"], device)
+        layer._length = int(state["length"])
+        for name, (sink, blocks, residual) in {
+            "keys": (layer.sink_keys, layer.quantized_keys, layer.residual_keys),
+            "values": (layer.sink_values, layer.quantized_values, layer.residual_values),
+        }.items():
+            held = sink.shape[-2] + blocks.num_tokens + residual.shape[-2]
+            if held != layer._length or sink.shape[:2] != (b, h) or residual.shape[:2] != (b, h):
+                raise ValueError(
+                    f"{layer._name()}: the saved {name} hold {held} tokens of shape {tuple(residual.shape)} but the "
+                    f"layer records {layer._length} tokens of [batch {b}, heads {h}]"
+                )
+        return layer
+
+
+_EMPTY_LAYER_STATS = (
+    "seq_length", "quantized_bytes", "residual_bytes", "sink_bytes", "fallback_bytes", "fallback_blocks",
+    "fallback_events", "fp_bytes",
+)  # fmt: skip
 
 
 def _layer_stats(layer: Any) -> dict[str, int]:
@@ -430,7 +527,7 @@ def _layer_stats(layer: Any) -> dict[str, int]:
     keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
     held = _nbytes(keys) + _nbytes(values) if getattr(layer, "is_initialized", False) else 0
     seq = layer.get_seq_length() if isinstance(layer, CacheLayerMixin) else 0
-    return {"seq_length": seq, "quantized_bytes": 0, "residual_bytes": held, "sink_bytes": 0, "fp_bytes": held}
+    return {**dict.fromkeys(_EMPTY_LAYER_STATS, 0), "seq_length": seq, "residual_bytes": held, "fp_bytes": held}
 
 
 class QuantizedKVCache(Cache):
@@ -604,13 +701,15 @@ class QuantizedKVCache(Cache):
         return layer.keys, layer.values
 
     def get_stats(self) -> dict[str, Any]:
-        """Exact bytes held (data, scales, zeros, residual, sinks) against a full-precision cache."""
+        """Exact bytes held (data, scales, zeros, residual, sinks, blocks kept in full precision) against a
+        full-precision cache; ``fallback_events`` counts blocks that could not be quantized."""
         per_layer = [_layer_stats(layer) for layer in self.layers]
         quantized = sum(s["quantized_bytes"] for s in per_layer)
         residual = sum(s["residual_bytes"] for s in per_layer)
         sinks = sum(s["sink_bytes"] for s in per_layer)
+        fallback = sum(s["fallback_bytes"] for s in per_layer)
         fp = sum(s["fp_bytes"] for s in per_layer)
-        total = quantized + residual + sinks
+        total = quantized + residual + sinks + fallback
         return {
             "seq_length": self.get_seq_length(),
             "num_layers": len(self.layers),
@@ -618,10 +717,127 @@ class QuantizedKVCache(Cache):
             "quantized_bytes": quantized,
             "residual_bytes": residual,
             "sink_bytes": sinks,
+            "fallback_bytes": fallback,
+            "fallback_blocks": sum(s["fallback_blocks"] for s in per_layer),
+            "fallback_events": sum(s["fallback_events"] for s in per_layer),
             "total_bytes": total,
             "fp_bytes": fp,
             "compression_ratio": fp / total if total else 1.0,
         }
+
+    # ------------------------------------------------------------------ snapshot files
+    def save(self, path: str | Path) -> int:
+        """Write this cache to ``path`` as a checksummed snapshot, atomically; returns the file size in bytes."""
+        layers = [_layer_snapshot(i, layer) for i, layer in enumerate(self.layers)]
+        state = {"cache_config": dataclasses.asdict(self.cache_config), "layers": layers}
+        kinds = [layer_state["kind"] for layer_state in layers]
+        meta = {"num_layers": len(layers), "seq_length": self.get_seq_length(), "layer_kinds": kinds}
+        return write_snapshot(path, _SNAPSHOT_KIND, state, meta)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        model_config: PretrainedConfig | None = None,
+        *,
+        cache_config: CacheConfig | None = None,
+        device: torch.device | str = "cpu",
+    ) -> "QuantizedKVCache":
+        """A new cache from a ``save``d snapshot; the file is verified whole before anything is built.
+
+        With ``model_config`` the snapshot must fit that model (layers, kinds,
+        key/value heads, head_dim); with ``cache_config`` it must have been made
+        with those settings. A damaged file raises ``SnapshotError``, a
+        mismatch ``ValueError``; either way no cache is returned.
+        """
+        state, _ = read_snapshot(path, _SNAPSHOT_KIND)
+        try:
+            saved_config = parse_config({"cache": state["cache_config"]}).cache
+            layers = [_layer_from_snapshot(layer_state, device) for layer_state in state["layers"]]
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise SnapshotError(
+                f"snapshot {str(path)!r} is refused: its contents are inconsistent ({exc}); nothing was loaded"
+            ) from None
+        if cache_config is not None:
+            differences = _config_differences(saved_config, cache_config)
+            if differences:
+                raise ValueError(f"snapshot {str(path)!r} was made with other cache settings: {'; '.join(differences)}")
+        if model_config is None:
+            cache = cls(None, cache_config=saved_config, num_layers=len(layers))
+        else:
+            cache = cls(model_config, cache_config=saved_config)
+            _check_same_layout(str(path), cache.layers, layers)
+        cache.layers = layers
+        return cache
+
+
+def _layer_snapshot(idx: int, layer: Any) -> dict[str, Any]:
+    if isinstance(layer, QuantizedKVLayer):
+        return {"kind": "quantized", **layer.snapshot_state()}
+    if isinstance(layer, DummyLayer):
+        return {"kind": "dummy"}
+    if isinstance(layer, DynamicLayer):  # DynamicSlidingWindowLayer included
+        state = {"kind": "dynamic", "initialized": layer.is_initialized, "keys": layer.keys, "values": layer.values}
+        if isinstance(layer, DynamicSlidingWindowLayer):
+            state.update(kind="sliding", sliding_window=layer.sliding_window, cumulative_length=layer.cumulative_length)
+        return state
+    raise ValueError(f"layer {idx} is a {type(layer).__name__}, which `save` does not know how to write")
+
+
+def _layer_from_snapshot(state: dict[str, Any], device: torch.device | str) -> Any:
+    kind = state["kind"]
+    if kind == "quantized":
+        return QuantizedKVLayer.from_snapshot_state(state, device)
+    if kind == "dummy":
+        return DummyLayer()
+    if kind not in ("dynamic", "sliding"):
+        raise ValueError(f"unknown layer kind {kind!r}")
+    if kind == "sliding":
+        layer = DynamicSlidingWindowLayer(sliding_window=int(state["sliding_window"]))
+    else:
+        layer = DynamicLayer()
+    if state["initialized"]:
+        keys, values = state["keys"].to(device), state["values"].to(device)
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+        if kind == "sliding":
+            layer.cumulative_length = int(state["cumulative_length"])
+    return layer
+
+
+def _layout_of(layer: Any) -> tuple:
+    """What a layer's kind and shape say about the model it was made for (None: not known)."""
+    if isinstance(layer, QuantizedKVLayer):
+        heads, head_dim = layer.expected_num_heads, layer.expected_head_dim
+        if layer.is_initialized:
+            heads, head_dim = layer.num_heads, layer.head_dim
+        return ("quantized", heads, head_dim, layer.key_bits, layer.value_bits)
+    if isinstance(layer, DynamicSlidingWindowLayer):
+        return ("sliding", layer.sliding_window)
+    return (type(layer).__name__,)
+
+
+def _check_same_layout(path: str, expected: list, loaded: list) -> None:
+    if len(expected) != len(loaded):
+        raise ValueError(f"snapshot {path!r} holds {len(loaded)} layers but this model has {len(expected)}")
+    for idx, (want, got) in enumerate(zip(expected, loaded)):
+        a, b = _layout_of(want), _layout_of(got)
+        if len(a) != len(b) or any(x is not None and y is not None and x != y for x, y in zip(a, b)):
+            raise ValueError(
+                f"snapshot {path!r} is from another model or setting: layer {idx} was saved as {b} "
+                "(kind, kv heads, head_dim, key bits, value bits) but this model and config give " + str(a)
+            )
+
+
+def _config_differences(saved: CacheConfig, expected: CacheConfig) -> list[str]:
+    differences = []
+    for f in dataclasses.fields(CacheConfig):
+        want, got = getattr(expected, f.name), getattr(saved, f.name)
+        if f.name == "group_size" and want is None:
+            continue  # unresolved: any resolution is acceptable
+        if want != got:
+            differences.append(f"`{f.name}` is {got!r} in the file, {want!r} expected")
+    return differences
 
 
 def create_quantized_kv_cache(

@@ -13,6 +13,7 @@ from .attention import enable_quantized_attention
 from .cache import QuantizedKVCache
 from .config import PluginConfig, load_config
 from .evaluation import GENERATE_CACHE_KWARG
+from .serving.service import add_serve_parser
 
 __all__ = ["main", "resolve_model", "format_bytes"]
 
@@ -104,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     gen.set_defaults(func=_generate)
+    add_serve_parser(sub)
     return parser
 
 

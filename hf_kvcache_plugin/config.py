@@ -19,10 +19,15 @@ import yaml
 from .quantization import SUPPORTED_BITS
 
 __all__ = [
+    "BreakerConfig",
     "CacheConfig",
+    "HealthConfig",
+    "HealthServerConfig",
     "LayerOverride",
     "PluginConfig",
     "PrefixStoreConfig",
+    "RateLimitConfig",
+    "ServingConfig",
     "SizerConfig",
     "load_config",
     "parse_config",
@@ -158,6 +163,109 @@ class CacheConfig:
                 raise ValueError(f"`{name}` names layers {bad} but the model has {num_layers} layers (0..{num_layers - 1})")
 
 
+# ---------------------------------------------------------------------- serving (hardening)
+RATE_LIMIT_ACTIONS = ("reject", "wait")
+
+
+@dataclass
+class BreakerConfig:
+    """Circuit breaker around store and coordinator calls (``pybreaker``).
+
+    ``fail_max`` consecutive failures open it; after ``reset_timeout_s`` one
+    trial call is let through (half-open); ``success_threshold`` successes in a
+    row close it again. Validation errors (``ValueError``) never count.
+    """
+
+    fail_max: int = 5
+    reset_timeout_s: float = 30.0
+    success_threshold: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("fail_max", "success_threshold"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` has to be a positive integer but got {getattr(self, name)}")
+        if self.reset_timeout_s <= 0:
+            raise ValueError(f"`reset_timeout_s` has to be > 0 but got {self.reset_timeout_s}")
+
+
+@dataclass
+class RateLimitConfig:
+    """Token bucket per client key: ``rate_per_s`` tokens a second, at most ``burst`` saved up.
+
+    Over the limit, ``reject`` raises ``RateLimitExceeded`` at once; ``wait``
+    blocks until a token is free if that takes at most ``max_wait_s``, else
+    rejects. ``max_clients`` buckets are kept (least recently used go first)
+    so that many distinct keys cannot grow memory without bound.
+    """
+
+    enabled: bool = False
+    rate_per_s: float = 10.0
+    burst: int = 20
+    on_limit: str = "reject"
+    max_wait_s: float = 1.0
+    max_clients: int = 10_000
+
+    def __post_init__(self) -> None:
+        if self.rate_per_s <= 0:
+            raise ValueError(f"`rate_per_s` has to be > 0 but got {self.rate_per_s}")
+        for name in ("burst", "max_clients"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` has to be a positive integer but got {getattr(self, name)}")
+        _check_choice("on_limit", self.on_limit, RATE_LIMIT_ACTIONS)
+        if self.max_wait_s < 0:
+            raise ValueError(f"`max_wait_s` has to be >= 0 but got {self.max_wait_s}")
+
+
+@dataclass
+class HealthConfig:
+    """Memory pressure levels by the used fraction of system memory (psutil).
+
+    From ``memory_high`` the service reports DEGRADED; from
+    ``memory_critical`` UNHEALTHY (not ready), and new store entries are not
+    stored. The levels and defaults are those of the adaptive sizer.
+    """
+
+    memory_moderate: float = 0.70
+    memory_high: float = 0.85
+    memory_critical: float = 0.95
+
+    def __post_init__(self) -> None:
+        if not 0 < self.memory_moderate < self.memory_high < self.memory_critical <= 1:
+            raise ValueError(
+                "memory thresholds have to satisfy 0 < memory_moderate < memory_high < memory_critical <= 1 but "
+                f"got {self.memory_moderate}, {self.memory_high}, {self.memory_critical}"
+            )
+
+
+@dataclass
+class HealthServerConfig:
+    """The optional HTTP endpoint serving ``/healthz``, ``/readyz`` and ``/metrics``.
+
+    It binds to loopback by default; exposing it wider is a deliberate choice.
+    ``port: 0`` picks a free port.
+    """
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 9464
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"`port` has to be in [0, 65535] but got {self.port}")
+        if not self.host:
+            raise ValueError("`host` has to be an address to bind (e.g. '127.0.0.1') but got an empty string")
+
+
+@dataclass
+class ServingConfig:
+    """The ``serving:`` section: breakers, rate limits, health and its HTTP endpoint."""
+
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    http: HealthServerConfig = field(default_factory=HealthServerConfig)
+
+
 @dataclass
 class PrefixStoreConfig:
     """Settings of ``PrefixStore``: a byte budget of quantized KV for prompt prefixes.
@@ -257,6 +365,7 @@ class PluginConfig:
 
     model: str | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
     prefix_store: PrefixStoreConfig | None = None
     sizer: SizerConfig | None = None
 

@@ -1,0 +1,411 @@
+"""Soak test: thousands of requests through the prefix hook, with faults injected. Not part of the test run.
+
+    python benchmarks/soak.py --quick                    # 300 requests, about a minute on 2 CPU cores
+    python benchmarks/soak.py --requests 3000 --seconds 900
+
+The service is ``build_service`` on ``../shared/models/stories260K`` (``--model
+random``: a random tiny Llama) with a small prefix store behind a
+``GuardedStore``. Faults, on a fixed schedule plus random ones (``--seed``):
+
+- store exceptions: each store call fails with ``--store-error-rate``, and
+  every ``--outage-every`` requests the store is down for ``--outage-length``;
+- peer timeouts: a stand-in peer (the coordinator is not in this branch) is
+  asked on every request through its own breaker; it times out at
+  ``--peer-timeout-rate`` and is down for stretches;
+- memory pressure spikes: every ``--pressure-every`` requests the memory
+  reading is 97% for ``--pressure-length`` requests (critical: not stored);
+- corrupted entries: every ``--corrupt-every`` requests one stored entry gets
+  an Inf scale (bit rot); a later hit on it fails to load, and the endpoint
+  recomputes that request without the cache ("degraded").
+
+Breakers run on a virtual clock of 10 ms per request, so opens and
+recoveries do not depend on the machine's speed. Reported: requests served,
+degraded, failed; entries lost (acknowledged by the store, not evicted by its
+policy, yet gone or changed: must be 0); breaker opens and recoveries;
+sampled outputs against a reference without the store (a mismatch on a store
+hit is replayed on a fault-free hook and store holding the same chunks: if
+that reproduces it, reuse itself changed the tokens and it is reported apart;
+otherwise it is a mismatch, which must be 0); scrapes of the HTTP endpoint;
+RSS at the start and end. Writes JSON (and a plot when matplotlib is there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import logging
+import platform
+import random
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from hf_kvcache_plugin import BreakerConfig, QuantizedKVCache, attach_prefix_cache, parse_config  # noqa: E402
+from hf_kvcache_plugin.evaluation import GENERATE_CACHE_KWARG  # noqa: E402
+from hf_kvcache_plugin.prefix_store import PrefixStore  # noqa: E402
+from hf_kvcache_plugin.serving import CircuitGuard, create_breaker, peers_check  # noqa: E402
+from hf_kvcache_plugin.serving.degradation import prefix_store_problems  # noqa: E402
+from hf_kvcache_plugin.serving.service import build_service  # noqa: E402
+
+SHARED = REPO.parent / "shared"
+REAL_MODEL, TEXT = SHARED / "models" / "stories260K", SHARED / "data" / "tinystories_val.txt"
+TICK_S = 0.01  # virtual seconds per request for the breakers
+
+
+@dataclass
+class FaultPlan:
+    seed: int = 0
+    store_error_rate: float = 0.03
+    outage_every: int = 400
+    outage_length: int = 40
+    peer_timeout_rate: float = 0.1
+    peer_outage_every: int = 700
+    peer_outage_length: int = 60
+    pressure_every: int = 500
+    pressure_length: int = 30
+    corrupt_every: int = 300
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+        self.request = 0
+
+    def store_fails(self) -> bool:
+        in_outage = self.request % self.outage_every >= self.outage_every - self.outage_length
+        return in_outage or self.rng.random() < self.store_error_rate
+
+    def peer_times_out(self) -> bool:
+        in_outage = self.request % self.peer_outage_every >= self.peer_outage_every - self.peer_outage_length
+        return in_outage or self.rng.random() < self.peer_timeout_rate
+
+    def memory_used(self) -> float:
+        spike = self.request % self.pressure_every >= self.pressure_every - self.pressure_length
+        return 0.97 if spike else 0.50
+
+
+class FaultyPrefixStore(PrefixStore):
+    """A real PrefixStore whose calls fail when the plan says so; records what it acknowledged and evicted."""
+
+    def __init__(self, plan: FaultPlan, **kwargs):
+        self.plan = plan
+        # key -> ("stored" | "evicted" | "corrupted", checksum when stored)
+        self.state: dict[bytes, tuple[str, str | None]] = {}
+        self.injected = 0
+        super().__init__(on_evict=self._evicted, **kwargs)
+
+    def _maybe_fail(self, what: str) -> None:
+        if self.plan.store_fails():
+            self.injected += 1
+            raise ConnectionError(f"injected: prefix store unreachable during {what}")
+
+    def lookup(self, *args, **kwargs):
+        self._maybe_fail("lookup")
+        return super().lookup(*args, **kwargs)
+
+    def put_chain(self, entries):
+        self._maybe_fail("put_chain")
+        stored = super().put_chain(entries)
+        for entry in entries[:stored]:
+            if self.get(entry.key) is not None:  # acknowledged and held (not evicted at once by the budget)
+                self.state[entry.key] = ("stored", entry_checksum(self.get(entry.key)))
+        return stored
+
+    def __contains__(self, key: object) -> bool:
+        self._maybe_fail("contains")
+        return super().__contains__(key)
+
+    def _evicted(self, entry, reason: str) -> None:
+        self.state[entry.key] = ("evicted", None)
+
+    def corrupt_one(self, rng: random.Random) -> bool:
+        """Bit rot: an Inf in one stored entry's first key scale (the entry is then excluded from the loss count)."""
+        with self._lock:
+            keys = list(self._slots)
+            if not keys:
+                return False
+            key = rng.choice(keys)
+            self.get(key).keys[0].scale.view(-1)[0] = float("inf")
+            self.state[key] = ("corrupted", None)
+        return True
+
+
+def entry_checksum(entry) -> str:
+    h = hashlib.sha256()
+    for q in entry.keys + entry.values:
+        for t in (q.data, q.scale, q.zero):
+            if t is not None:
+                h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class PeerStub:
+    """Stands in for a coordinator peer: answers nothing useful, or times out."""
+
+    def __init__(self, plan: FaultPlan):
+        self.plan = plan
+
+    def fetch(self, key: bytes) -> None:
+        if self.plan.peer_times_out():
+            raise TimeoutError("injected: peer did not answer within its deadline")
+        return None
+
+
+def load_model(name: str):
+    torch.manual_seed(0)
+    if name == "random":
+        config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                             num_attention_heads=8, num_key_value_heads=4, head_dim=8, max_position_embeddings=1024)
+        model = LlamaForCausalLM(config).eval()
+        ids = torch.randint(3, 512, (20000,), generator=torch.Generator().manual_seed(0))
+        return model, ids
+    model = AutoModelForCausalLM.from_pretrained(name).eval()
+    ids = AutoTokenizer.from_pretrained(name)(TEXT.read_text()[:60000], add_special_tokens=False)["input_ids"]
+    return model, torch.tensor(ids)
+
+
+def get(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            response.read()
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=5000)
+    parser.add_argument("--seconds", type=float, default=900.0, help="stop after this much wall time")
+    parser.add_argument("--quick", action="store_true", help="300 requests, 120 s at most")
+    parser.add_argument("--model", default=str(REAL_MODEL), help="a model path, or 'random' for a random tiny Llama")
+    parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (a model this small is fastest on 1)")
+    parser.add_argument("--check-every", type=int, default=25, help="compare every n-th output with a reference")
+    parser.add_argument("--verbose", action="store_true", help="log every fallback (warnings are otherwise muted)")
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/soak[_quick].json)")
+    for name, value in asdict(FaultPlan()).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.requests, args.seconds = min(args.requests, 300), min(args.seconds, 120.0)
+        args.outage_every, args.outage_length, args.peer_outage_every = 150, 20, 200
+        args.pressure_every, args.pressure_length, args.corrupt_every = 120, 15, 100
+    plan = FaultPlan(**{k: getattr(args, k) for k in asdict(FaultPlan())})
+    if not args.verbose:
+        # thousands of injected faults would each log a warning; the summary counts them all
+        logging.getLogger("hf_kvcache_plugin").setLevel(logging.ERROR)
+    rng = random.Random(args.seed + 1)
+    torch.set_num_threads(args.threads)
+
+    model, stream = load_model(args.model)
+    replay_model = copy.deepcopy(model)  # before the service hooks `model.generate`
+    config = parse_config({
+        "cache": {"quant_type": "int8", "group_size": 8, "residual_length": 16},
+        "prefix_store": {"chunk_size": 16, "max_size_mb": 0.25},  # small: the LRU policy evicts during the run
+        "serving": {"breaker": {"fail_max": 5, "reset_timeout_s": 0.5, "success_threshold": 2}},
+    })  # fmt: skip
+    store = FaultyPrefixStore(plan, max_size_mb=0.25, chunk_size=16)
+    virtual_time = {"now": 0.0}
+    svc = build_service(model, config, store=store, memory_reader=plan.memory_used,
+                        breaker_clock=lambda: virtual_time["now"], http=True, http_port=0)  # fmt: skip
+    peer = PeerStub(plan)
+    peer_breaker = create_breaker("peer-1", BreakerConfig(fail_max=3, reset_timeout_s=1.0, success_threshold=1),
+                                  metrics=svc.metrics, clock=lambda: virtual_time["now"])  # fmt: skip
+    peer_guard = CircuitGuard(peer_breaker, "peer-1", svc.metrics)
+    svc.checker.register("peers", peers_check(lambda: {"peer-1": peer_breaker.current_state == "closed"}))
+
+    # a few dozen shared openings (the prefixes worth storing) and varied continuations
+    openings = [stream[i * 97 : i * 97 + rng.choice([40, 56, 72])] for i in range(24)]
+    weights = [1 / (rank + 1) for rank in range(len(openings))]  # Zipf-like: a few hot prefixes
+
+    def prompt_for() -> torch.Tensor:
+        opening = rng.choices(openings, weights)[0]
+        start = rng.randrange(20000, len(stream) - 40)
+        return torch.cat([opening, stream[start : start + rng.randint(2, 24)]]).unsqueeze(0)
+
+    def reference(ids: torch.Tensor, outcome: str) -> torch.Tensor:
+        options = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": False}
+        if outcome == "degraded":  # recomputed without any cache of ours
+            return type(model).generate(model, ids, **options)
+        cache = QuantizedKVCache.from_config(config, model.config)
+        return type(model).generate(model, ids, **options, **{GENERATE_CACHE_KWARG: cache})
+
+    def replay_with_reuse(ids: torch.Tensor, hit_tokens: int) -> torch.Tensor:
+        """The request on a fault-free hook and store holding exactly the chunks the soak's request hit."""
+        options = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": False}
+        with attach_prefix_cache(replay_model, PrefixStore(max_size_mb=4, chunk_size=16), config):
+            replay_model.generate(ids[:, : hit_tokens + 1], max_new_tokens=1)  # stores hit_tokens / 16 chunks
+            return replay_model.generate(ids, **options)
+
+    process = psutil.Process()
+    results = {"escaped": 0, "checked": 0, "mismatched": 0, "scrapes": 0, "scrape_failures": 0,
+               "inconsistent_checks": 0, "not_ready_checks": 0, "health_checks": 0, "corrupted": 0,
+               "reuse_divergences": 0, "over_budget_checks": 0}  # fmt: skip
+    trace: list[dict] = []
+    mismatches: list[dict] = []
+    rss_start = None
+    started = time.perf_counter()
+    i = 0
+    with torch.inference_mode():
+        while i < args.requests and time.perf_counter() - started < args.seconds:
+            plan.request, virtual_time["now"] = i, i * TICK_S
+            if i and i % plan.corrupt_every == 0:
+                results["corrupted"] += int(store.corrupt_one(rng))
+            ids = prompt_for()
+            peer_guard.call(peer.fetch, ids.numpy().tobytes(), fallback=lambda: None, operation="fetch")
+            before = svc.outcomes()
+            try:
+                out = svc.endpoint(ids, client=f"client-{i % 8}", max_new_tokens=args.new_tokens,
+                                   min_new_tokens=args.new_tokens, do_sample=False)  # fmt: skip
+            except Exception as exc:  # noqa: BLE001 - counted: the soak measures exactly this
+                results["escaped"] += 1
+                print(f"request {i} escaped: {exc!r}", file=sys.stderr)
+                out = None
+            after = svc.outcomes()
+            outcome = next((k for k in after if after[k] > before[k]), "escaped")
+            if out is not None and i % args.check_every == 0:
+                results["checked"] += 1
+                expected = reference(ids, outcome)
+                hit = svc.hook.records[-1].hit_tokens if outcome == "served" else 0
+                if not torch.equal(out, expected):
+                    # reusing quantized prefix K/V may change greedy tokens by itself: faults must change nothing more
+                    by_reuse = hit > 0 and torch.equal(out, replay_with_reuse(ids, hit))
+                    results["reuse_divergences" if by_reuse else "mismatched"] += 1
+                    new = slice(ids.shape[1], None)
+                    mismatches.append({"request": i, "outcome": outcome, "explained_by_reuse": by_reuse,
+                                       "prompt": ids[0].tolist(), "hit_tokens": hit, "got": out[0, new].tolist(),
+                                       "expected": expected[0, new].tolist()})  # fmt: skip
+            if i % 10 == 0:
+                report = svc.checker.readiness()
+                results["health_checks"] += 1
+                results["not_ready_checks"] += int(not report.ok)
+                results["inconsistent_checks"] += int(bool(prefix_store_problems(store)))
+                results["over_budget_checks"] += int(store.used_bytes > store.max_bytes)
+            if i % 50 == 0:
+                results["scrapes"] += 2
+                results["scrape_failures"] += int(get(svc.server.url + "/metrics") != 200)
+                results["scrape_failures"] += int(get(svc.server.url + "/readyz") not in (200, 503))
+                rss = process.memory_info().rss
+                if i == 100 or (rss_start is None and i > 100):
+                    rss_start = rss
+                trace.append({"request": i, "rss_mb": rss / 2**20, "store_mb": store.used_bytes / 2**20,
+                              "status": report.status.value, "store_breaker": svc.store.state,
+                              "peer_breaker": peer_breaker.current_state, **svc.outcomes()})  # fmt: skip
+            i += 1
+    elapsed = time.perf_counter() - started
+    rss_end = process.memory_info().rss
+    if rss_start is None:
+        rss_start = rss_end
+
+    # entries the store acknowledged and its policy did not evict must still be there, unchanged
+    plan.store_error_rate, plan.outage_length = 0.0, 0  # read the final state without faults
+    acknowledged = {k: c for k, (state, c) in store.state.items() if state == "stored"}
+    lost = [k for k in acknowledged if store.get(k) is None]
+    changed = [k for k, c in acknowledged.items() if store.get(k) is not None and entry_checksum(store.get(k)) != c]
+    value = svc.metrics.value
+    outcomes = svc.outcomes()
+
+    def fallbacks(component: str, operation: str, reason: str) -> int:
+        labels = {"component": component, "operation": operation, "reason": reason}
+        return int(value("hf_kvcache_fallbacks_total", **labels) or 0)
+
+    summary = {
+        "machine": f"{platform.machine()} {psutil.cpu_count(logical=True)} CPUs, {platform.python_version()}, "
+                   f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "model": "random tiny Llama" if args.model == "random" else Path(args.model).name,
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "requests": i,
+        "elapsed_s": round(elapsed, 1),
+        "requests_per_s": round(i / elapsed, 2),
+        **{f"requests_{k}": v for k, v in outcomes.items()},
+        "requests_escaped": results["escaped"],
+        "store_faults_injected": store.injected,
+        "store_hits": int(value("hf_kvcache_hits_total", component="prefix_store") or 0),
+        "store_misses": int(value("hf_kvcache_misses_total", component="prefix_store") or 0),
+        "store_lookups_recomputed_locally": {r: fallbacks("prefix_store", "lookup", r)
+                                             for r in ("error", "breaker_open")},  # fmt: skip
+        "store_inserts_skipped": {r: fallbacks("prefix_store", "insert", r)
+                                  for r in ("error", "breaker_open", "memory_critical", "invalid_entry")},  # fmt: skip
+        "peer_calls_fallen_back": {r: fallbacks("peer-1", "fetch", r) for r in ("error", "breaker_open")},
+        "entries_corrupted_by_injection": results["corrupted"],
+        "breaker_opens": {b: int(value("hf_kvcache_breaker_opens_total", breaker=b) or 0)
+                          for b in ("prefix_store", "peer-1")},  # fmt: skip
+        "breaker_recoveries": {b: int(value("hf_kvcache_breaker_recoveries_total", breaker=b) or 0)
+                               for b in ("prefix_store", "peer-1")},  # fmt: skip
+        "entries_acknowledged_and_kept": len(acknowledged),
+        "entries_evicted_by_policy": int(store.stats()["evictions"]),
+        "entries_lost": len(lost),
+        "entries_changed": len(changed),
+        "store_used_bytes_end": store.used_bytes,
+        "store_budget_bytes": store.max_bytes,
+        "outputs_checked": results["checked"],
+        "outputs_mismatched": results["mismatched"],
+        "outputs_diverging_by_prefix_reuse_alone": results["reuse_divergences"],
+        "mismatch_details": mismatches,
+        "http_scrapes": results["scrapes"],
+        "http_scrape_failures": results["scrape_failures"],
+        "health_checks": results["health_checks"],
+        "health_not_ready": results["not_ready_checks"],
+        "store_over_budget_checks": results["over_budget_checks"],
+        "store_inconsistent_checks": results["inconsistent_checks"],
+        "rss_start_mb": round(rss_start / 2**20, 1),
+        "rss_end_mb": round(rss_end / 2**20, 1),
+    }
+    svc.close()
+
+    width = max(len(k) for k in summary)
+    for key, val in summary.items():
+        print(f"{key:<{width}}  {val}")
+    out = Path(args.out or REPO / "benchmarks" / "results" / f"soak{'_quick' if args.quick else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"summary": summary, "trace": trace}, indent=2))
+    print(f"wrote {out}")
+    _plot(trace, out.with_suffix(".png"))
+    must_be_zero = ("requests_failed", "requests_escaped", "entries_lost", "entries_changed", "outputs_mismatched",
+                    "http_scrape_failures", "store_inconsistent_checks", "store_over_budget_checks")  # fmt: skip
+    healthy_run = all(summary[k] == 0 for k in must_be_zero)
+    return 0 if healthy_run else 1
+
+
+def _plot(trace: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    x = [t["request"] for t in trace]
+    fig, axes = plt.subplots(3, 1, figsize=(8, 7), sharex=True)
+    axes[0].plot(x, [t["served"] for t in trace], label="served")
+    axes[0].plot(x, [t["degraded"] for t in trace], label="degraded (recomputed)")
+    axes[0].plot(x, [t["failed"] for t in trace], label="failed")
+    axes[0].set_ylabel("requests (cumulative)")
+    axes[0].legend()
+    axes[1].step(x, [t["store_breaker"] != "closed" for t in trace], label="store breaker not closed", where="post")
+    axes[1].step(x, [t["peer_breaker"] != "closed" for t in trace], label="peer breaker not closed", where="post")
+    axes[1].step(x, [t["status"] == "unhealthy" for t in trace], label="not ready (memory critical)", where="post")
+    axes[1].legend(fontsize=8)
+    axes[2].plot(x, [t["rss_mb"] for t in trace], label="RSS MiB")
+    axes[2].plot(x, [t["store_mb"] for t in trace], label="store MiB")
+    axes[2].set_xlabel("request")
+    axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

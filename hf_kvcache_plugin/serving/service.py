@@ -1,0 +1,183 @@
+"""``build_service``: the serving pieces wired from a ``PluginConfig``, and the ``hf-kvcache serve`` command.
+
+For one model: a ``ServingMetrics`` registry, a ``MemoryPressureProbe``, a
+``HealthChecker`` (memory; with a prefix store also its breaker and its
+consistency), the cached path (the prefix hook with its store behind a
+``GuardedStore`` when ``prefix_store:`` is configured, else ``model.generate``
+with a ``QuantizedKVCache``), the plain path to recompute on, an optional
+rate limiter, and optionally the HTTP endpoint. ``hf-kvcache serve`` reads
+prompts line by line from stdin and answers each on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import IO, Any
+
+import torch
+
+from ..cache import QuantizedKVCache
+from ..config import PluginConfig
+from ..evaluation import GENERATE_CACHE_KWARG
+from ..hook import PrefixCacheHook, attach_prefix_cache
+from ..prefix_store import PrefixStore
+from .breakers import create_breaker
+from .degradation import GuardedStore, harden_cache, prefix_store_problems
+from .endpoint import ServingEndpoint
+from .health import HealthChecker, MemoryPressureProbe, breaker_check, consistency_check, system_memory_used_fraction
+from .http import HealthServer
+from .metrics import ServingMetrics
+from .rate_limit import RateLimiter, RateLimitExceeded
+
+__all__ = ["ServingService", "add_serve_parser", "build_service"]
+
+STORE_COMPONENT = "prefix_store"
+OUTCOMES = ("served", "degraded", "invalid", "rate_limited", "failed")
+
+
+@dataclass
+class ServingService:
+    """What ``build_service`` wired; ``close()`` stops the HTTP endpoint and detaches the hook."""
+
+    endpoint: ServingEndpoint
+    metrics: ServingMetrics
+    checker: HealthChecker
+    memory: MemoryPressureProbe
+    hook: PrefixCacheHook | None = None
+    server: HealthServer | None = None
+
+    @property
+    def store(self) -> GuardedStore | None:
+        return None if self.hook is None else self.hook.store
+
+    def outcomes(self) -> dict[str, int]:
+        """Requests so far by outcome."""
+        name = self.endpoint.name
+        value = self.metrics.value
+        return {o: int(value("hf_kvcache_requests_total", entry_point=name, outcome=o) or 0) for o in OUTCOMES}
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        if self.hook is not None:
+            self.hook.detach()
+
+    def __enter__(self) -> "ServingService":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def build_service(
+    model: Any,
+    config: PluginConfig | None = None,
+    *,
+    store: PrefixStore | None = None,
+    memory_reader: Callable[[], float] = system_memory_used_fraction,
+    breaker_clock: Callable[[], float] = time.monotonic,
+    clock: Callable[[], float] = time.perf_counter,
+    http: bool | None = None,
+    http_host: str | None = None,
+    http_port: int | None = None,
+) -> ServingService:
+    """Wire the serving pieces for ``model`` from ``config`` (see the module docstring).
+
+    ``store`` replaces the one ``prefix_store:`` would build; ``http`` (default:
+    ``serving.http.enabled``), ``http_host`` and ``http_port`` override the
+    ``serving.http`` section. Clocks and the memory reader are injectable.
+    """
+    config = config if config is not None else PluginConfig()
+    serving = config.serving
+    metrics = ServingMetrics()
+    memory = MemoryPressureProbe(serving.health, memory_reader, metrics)
+    checker = HealthChecker()
+    checker.register("memory", memory.check)
+
+    def plain(input_ids: torch.Tensor, **kwargs: Any) -> Any:
+        # the class's generate: never the hook installed on this instance
+        return type(model).generate(model, input_ids, **kwargs)
+
+    hook = None
+    if config.prefix_store is not None:
+        hook = attach_prefix_cache(model, store, config)
+        breaker = create_breaker(STORE_COMPONENT, serving.breaker, metrics=metrics, clock=breaker_clock)
+        harden_cache(hook, STORE_COMPONENT, metrics=metrics, breaker=breaker, memory_pressure=memory.level)
+        raw_store = hook.store.store
+        checker.register("breakers", breaker_check([breaker]))
+        checker.register("prefix_store", consistency_check(lambda: prefix_store_problems(raw_store), "prefix store"))
+        cached = hook.generate
+    else:
+
+        def cached(input_ids: torch.Tensor, **kwargs: Any) -> Any:
+            cache = QuantizedKVCache.from_config(config, model.config)
+            metrics.watch_cache(cache, "request")
+            return plain(input_ids, **{GENERATE_CACHE_KWARG: cache}, **kwargs)
+
+    limiter = RateLimiter.from_config(serving.rate_limit) if serving.rate_limit.enabled else None
+    endpoint = ServingEndpoint(cached, plain, limiter=limiter, metrics=metrics, clock=clock)
+    server = None
+    if http if http is not None else serving.http.enabled:
+        host = http_host if http_host is not None else serving.http.host
+        port = http_port if http_port is not None else serving.http.port
+        server = HealthServer(checker, metrics, host, port).start()
+    return ServingService(endpoint, metrics, checker, memory, hook, server)
+
+
+# ---------------------------------------------------------------------- hf-kvcache serve
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser(
+        "serve", help="answer prompts read from stdin (one per line) with health, metrics and fallbacks"
+    )
+    serve.add_argument("--model", help="Hugging Face model id or local path (default as for `generate`)")
+    serve.add_argument("--config", help="YAML config; its `serving:` section sets breakers, limits, health, http")
+    serve.add_argument("--max-new-tokens", type=int, default=32)
+    serve.add_argument("--health-host", help="bind the /healthz /readyz /metrics endpoint here (default 127.0.0.1)")
+    serve.add_argument("--health-port", type=int, help="serve the endpoint on this port (0: any free port)")
+    serve.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    serve.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ..cli import _load_model, resolve_model
+    from ..config import load_config
+
+    config = load_config(args.config) if args.config else PluginConfig()
+    if args.max_new_tokens < 1:
+        raise ValueError(f"`--max-new-tokens` has to be >= 1 but got {args.max_new_tokens}")
+    model, tokenizer = _load_model(resolve_model(args.model, config), args.device)
+    wants_http = args.health_port is not None or args.health_host is not None or None
+    with build_service(model, config, http=wants_http, http_host=args.health_host, http_port=args.health_port) as svc:
+        if svc.server is not None:
+            print(f"[health] {svc.server.url}/healthz /readyz /metrics", file=sys.stderr, flush=True)
+        serve_lines(svc, tokenizer, sys.stdin, sys.stdout, sys.stderr, args.max_new_tokens, args.device)
+        counts = svc.outcomes()
+    print("[serve] requests: " + ", ".join(f"{k} {v}" for k, v in counts.items()), file=sys.stderr)
+    return 0
+
+
+def serve_lines(
+    svc: ServingService,
+    tokenizer: Any,
+    lines: Iterable[str],
+    out: IO[str],
+    err: IO[str],
+    max_new_tokens: int,
+    device: str = "cpu",
+) -> None:
+    """One request per line; a refused request is reported on ``err`` and the next line is served."""
+    for number, line in enumerate(lines, start=1):
+        prompt = line.rstrip("\n")
+        try:
+            if not prompt.strip():
+                raise ValueError("the prompt is empty: give the text to continue")
+            input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
+            output = svc.endpoint(input_ids, client="stdin", max_new_tokens=max_new_tokens, do_sample=False)
+        except (ValueError, RateLimitExceeded) as exc:
+            print(f"hf-kvcache: request {number} refused: {exc}", file=err, flush=True)
+            continue
+        print(tokenizer.decode(output[0], skip_special_tokens=True), file=out, flush=True)
