@@ -1,19 +1,46 @@
 """Quantized KV cache, prefix reuse and serving helpers for Hugging Face ``transformers``."""
 
 from .cache import QuantizedKVCache, QuantizedKVLayer, create_quantized_kv_cache
-from .config import CacheConfig, LayerOverride, PluginConfig, load_config, parse_config
+from .config import CacheConfig, LayerOverride, PluginConfig, PrefixStoreConfig, SizerConfig, load_config, parse_config
+from .hook import PrefixCacheHook, RequestRecord, attach_prefix_cache
+from .prefix_store import PrefixEntry, PrefixMatch, PrefixStore, chunk_keys, model_fingerprint, prefix_namespace
 from .quantization import QuantizedTensor, dequantize, quantize
+from .sizer import (
+    AdaptiveSizer,
+    MemoryMonitor,
+    MemoryPressure,
+    MemoryReading,
+    SizerDecision,
+    create_adaptive_sizer,
+)
 
 __all__ = [
+    "AdaptiveSizer",
     "CacheConfig",
     "LayerOverride",
+    "MemoryMonitor",
+    "MemoryPressure",
+    "MemoryReading",
     "PluginConfig",
+    "PrefixCacheHook",
+    "PrefixEntry",
+    "PrefixMatch",
+    "PrefixStore",
+    "PrefixStoreConfig",
     "QuantizedKVCache",
     "QuantizedKVLayer",
     "QuantizedTensor",
+    "RequestRecord",
+    "SizerConfig",
+    "SizerDecision",
+    "attach_prefix_cache",
+    "chunk_keys",
+    "create_adaptive_sizer",
     "create_quantized_kv_cache",
     "dequantize",
     "load_config",
+    "model_fingerprint",
     "parse_config",
+    "prefix_namespace",
     "quantize",
 ]

@@ -14,13 +14,14 @@ re-quantized. With mixed precision, blocks that age out of the newest
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .quantization import QuantizedTensor, dequantize, quantize, unpack_codes
 
-__all__ = ["BlockCodec", "QuantizedBlocks"]
+__all__ = ["BlockCodec", "QuantizedBlocks", "concat_blocks"]
 
 _BLOCK_DIM = 2
 
@@ -204,3 +205,42 @@ class QuantizedBlocks:
             tier = getattr(self, name)
             if tier is not None:
                 setattr(self, name, tier.map_tensors(fn))
+
+
+# ---------------------------------------------------------------------- prefix reuse: assembling stored blocks
+
+
+def concat_blocks(parts: Sequence[QuantizedTensor], dim: int) -> QuantizedTensor:
+    """Concatenate blocks of logical shape [B, H, n, G, D] along the batch (0) or block (2) dim.
+
+    Both dims precede either group axis, so data, scale and zero concatenate
+    alike. The result is always a fresh copy, so it never aliases a stored entry.
+    """
+    if dim not in (0, _BLOCK_DIM):
+        raise ValueError(f"`dim` has to be 0 (batch) or {_BLOCK_DIM} (blocks) but got {dim}")
+    if not parts:
+        raise ValueError("`parts` has to hold at least one QuantizedTensor")
+    first = parts[0]
+    for p in parts[1:]:
+        same = (p.bits, p.group_size, p.axis, p.dtype, p.zero is None) == (
+            first.bits, first.group_size, first.axis, first.dtype, first.zero is None
+        )
+        other_dims = [s for i, s in enumerate(p.shape) if i != dim]
+        if not same or other_dims != [s for i, s in enumerate(first.shape) if i != dim]:
+            raise ValueError(
+                f"cannot concatenate blocks of shape {p.shape} ({p.bits} bits, group {p.group_size}, axis {p.axis}) "
+                f"with blocks of shape {first.shape} ({first.bits} bits, group {first.group_size}, axis {first.axis}) "
+                f"along dim {dim}"
+            )
+    shape = list(first.shape)
+    shape[dim] = sum(p.shape[dim] for p in parts)
+    return QuantizedTensor(
+        data=torch.cat([p.data for p in parts], dim=dim),
+        scale=torch.cat([p.scale for p in parts], dim=dim),
+        zero=None if first.zero is None else torch.cat([p.zero for p in parts], dim=dim),
+        bits=first.bits,
+        group_size=first.group_size,
+        axis=first.axis,
+        shape=tuple(shape),
+        dtype=first.dtype,
+    )

@@ -14,6 +14,7 @@ blocks + residual, in the compute dtype, on the inputs' device.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -29,6 +30,7 @@ from transformers.cache_utils import (
 
 from .blocks import BlockCodec, QuantizedBlocks
 from .config import MIXED_AGED_BITS, CacheConfig, PluginConfig
+from .quantization import QuantizedTensor
 
 __all__ = ["QuantizedKVLayer", "QuantizedKVCache", "create_quantized_kv_cache"]
 
@@ -311,6 +313,75 @@ class QuantizedKVLayer(CacheLayerMixin):
     def reset(self) -> None:
         self._clear()
 
+    # ------------------------------------------------------------------ prefix reuse: whole-block export / import
+    # A prefix store keeps quantized blocks, never tokens. These two methods are the
+    # only way blocks leave or enter a layer, so a reused prefix is never re-quantized.
+
+    def encode_blocks(
+        self, key_states: torch.Tensor, value_states: torch.Tensor
+    ) -> tuple[QuantizedTensor, QuantizedTensor]:
+        """Quantize exact K/V [B, H, n*G, D] with this layer's codecs into blocks [B, H, n, G, D].
+
+        These are the bytes the layer itself stores when those tokens leave its
+        residual window as whole blocks (same codec, same block alignment).
+        """
+        if not self.is_initialized:
+            raise ValueError(f"{self._name()} has no codecs until it has seen its first tensors")
+        self._check_rank(key_states, value_states)
+        # any batch (e.g. one prompt of the cached batch); heads, head_dim and dtype must be the layer's
+        got = (key_states.shape[1], key_states.shape[-1], value_states.shape[-1], key_states.dtype, value_states.dtype)
+        held = (self.num_heads, self.head_dim, self.value_head_dim, self.dtype, self.dtype)
+        if got != held:
+            raise ValueError(
+                f"{self._name()}: got key/value states with (heads, head_dim, value head_dim, dtypes) = {got} but "
+                f"this layer holds {held}"
+            )
+        if key_states.shape[-2] % self.group_size != 0:
+            raise ValueError(
+                f"{self._name()}: `encode_blocks` takes whole blocks of {self.group_size} tokens but got "
+                f"{key_states.shape[-2]} tokens"
+            )
+        return self.quantized_keys.codec.encode(key_states), self.quantized_values.codec.encode(value_states)
+
+    def load_blocks(
+        self, keys: QuantizedTensor, values: QuantizedTensor, dtype: torch.dtype, device: torch.device | str
+    ) -> None:
+        """Fill an empty layer with already-quantized blocks [B, H, n, G, D]: they become its history."""
+        if self.is_initialized:
+            raise ValueError(f"{self._name()} already holds tokens; blocks can only be loaded into an empty layer")
+        if self.sink_tokens:
+            raise ValueError(
+                f"{self._name()}: loading blocks needs `sink_tokens == 0` (sinks precede the blocks in full "
+                f"precision) but got {self.sink_tokens}"
+            )
+        if len(keys.shape) != 5 or keys.shape[:3] != values.shape[:3] or keys.shape[3] != values.shape[3]:
+            raise ValueError(
+                f"{self._name()}: key blocks {keys.shape} and value blocks {values.shape} have to be "
+                "[batch, heads, n_blocks, group_size, head_dim] with the same batch, heads and blocks"
+            )
+        b, h, n, g, d = keys.shape
+        device = torch.device(device)
+        self.lazy_initialization(
+            torch.empty(b, h, 0, d, dtype=dtype, device=device),
+            torch.empty(b, h, 0, values.shape[-1], dtype=dtype, device=device),
+        )
+        for name, blocks, stream in (("key", keys, self.quantized_keys), ("value", values, self.quantized_values)):
+            codec = stream.codec
+            scale_dtype = codec.scale_dtype or dtype
+            if (blocks.bits, blocks.group_size, blocks.axis, blocks.scale.dtype, blocks.zero is None) != (
+                codec.bits, codec.group_size, codec.quant_axis, scale_dtype, codec.symmetric
+            ):
+                self._clear()
+                raise ValueError(
+                    f"{self._name()}: {name} blocks ({blocks.bits} bits, group {blocks.group_size}, axis "
+                    f"{blocks.axis}, scales {blocks.scale.dtype}, symmetric {blocks.zero is None}) do not match this "
+                    f"layer's codec ({codec.bits} bits, group {codec.group_size}, axis {codec.quant_axis}, scales "
+                    f"{scale_dtype}, symmetric {codec.symmetric})"
+                )
+        self.quantized_keys.append_encoded(keys.map_tensors(lambda t: t.to(device)))
+        self.quantized_values.append_encoded(values.map_tensors(lambda t: t.to(device)))
+        self._length = n * g
+
 
 def _layer_stats(layer: Any) -> dict[str, int]:
     """Byte accounting for our layers and for the full-precision layers we delegate to."""
@@ -438,6 +509,28 @@ class QuantizedKVCache(Cache):
                 f"cannot crop {-tokens_to_remove} tokens, the cache holds only {self.get_seq_length()}"
             )
         super().crop(tokens_to_remove)
+
+    # ------------------------------------------------------------------ prefix reuse: whole-block import
+    def load_blocks(
+        self,
+        keys: Sequence[QuantizedTensor],
+        values: Sequence[QuantizedTensor],
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        """Prefill an empty cache from quantized blocks, one [B, H, n, G, D] pair per layer."""
+        if len(keys) != len(self.layers) or len(values) != len(self.layers):
+            raise ValueError(
+                f"`load_blocks` needs key and value blocks for each of the {len(self.layers)} layers but got "
+                f"{len(keys)} and {len(values)}"
+            )
+        for idx, layer in enumerate(self.layers):
+            if not isinstance(layer, QuantizedKVLayer):
+                raise ValueError(
+                    f"layer {idx} is a {type(layer).__name__}; quantized blocks load into quantized layers only"
+                )
+        for layer, k, v in zip(self.layers, keys, values):
+            layer.load_blocks(k, v, dtype, device)
 
     # ------------------------------------------------------------------ seed-compatible helpers
     def store(self, layer_id: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:

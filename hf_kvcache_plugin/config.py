@@ -18,12 +18,21 @@ import yaml
 
 from .quantization import SUPPORTED_BITS
 
-__all__ = ["CacheConfig", "LayerOverride", "PluginConfig", "load_config", "parse_config"]
+__all__ = [
+    "CacheConfig",
+    "LayerOverride",
+    "PluginConfig",
+    "PrefixStoreConfig",
+    "SizerConfig",
+    "load_config",
+    "parse_config",
+]
 
 QUANT_TYPES = ("int8", "int4", "int2", "mixed")
 GROUP_AXES = ("channel", "token")
 SCALE_DTYPES = ("float16", "bfloat16", "float32", "compute")
 BITS_OF_QUANT_TYPE = {"int8": 8, "int4": 4, "int2": 2, "mixed": 8}
+EVICTION_POLICIES = ("lru", "lfu")
 MIXED_AGED_BITS = 4
 DEFAULT_GROUP_SIZE = 64
 
@@ -147,11 +156,130 @@ class CacheConfig:
 
 
 @dataclass
+class PrefixStoreConfig:
+    """Settings of ``PrefixStore``: a byte budget of quantized KV for prompt prefixes.
+
+    Prompts are cut into chunks of ``chunk_size`` tokens (a multiple of the
+    cache's ``group_size``); only full chunks are stored. ``max_size_mb`` is in
+    MiB (2**20 bytes) of tensor data: packed codes, scales and zeros.
+    """
+
+    chunk_size: int = 256
+    max_size_mb: float = 256.0
+    eviction: str = "lru"
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 1:
+            raise ValueError(f"`chunk_size` has to be a positive integer but got {self.chunk_size}")
+        if self.max_size_mb < 0:
+            raise ValueError(f"`max_size_mb` has to be >= 0 but got {self.max_size_mb}")
+        _check_choice("eviction", self.eviction, EVICTION_POLICIES)
+        if not self.device:
+            raise ValueError("`device` has to name a torch device (e.g. 'cpu', 'cuda:0') but got an empty string")
+
+
+@dataclass
+class SizerConfig:
+    """Settings of ``AdaptiveSizer``: how the prefix store's budget follows memory pressure.
+
+    Pressure is the used fraction of system memory (or of the accelerator's,
+    whichever is higher): below ``moderate_pressure`` it is LOW, then MODERATE,
+    HIGH from ``high_pressure`` and CRITICAL from ``critical_pressure``.
+    LOW may grow the budget (by ``grow_factor``) when the store is full and
+    requests still miss; HIGH shrinks it (by ``shrink_factor``); CRITICAL drops
+    it to ``min_size_mb`` at once. Two resizes are at least ``cooldown_s`` apart,
+    except the emergency one.
+    """
+
+    min_size_mb: float = 16.0
+    max_size_mb: float = 1024.0
+    initial_size_mb: float | None = None  # None: the store's `max_size_mb`, clipped to the bounds
+    interval_s: float = 5.0
+    cooldown_s: float = 30.0
+    moderate_pressure: float = 0.70
+    high_pressure: float = 0.85
+    critical_pressure: float = 0.95
+    grow_factor: float = 1.5
+    shrink_factor: float = 0.5
+    grow_min_miss_rate: float = 0.1  # grow only if at least this share of recent requests missed
+    grow_min_utilization: float = 0.9  # ... and the store fills this share of its budget
+    max_rising_trend: float = 0.002  # ... and used memory rises slower than this fraction per second
+    memory_window: int = 12  # readings the trend is fitted over
+    request_window: int = 256  # recent requests the hit rate is computed over
+    min_requests: int = 8  # requests seen before any growth
+    background: bool = True  # a thread steps the sizer every `interval_s`; else the hook steps it
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_size_mb <= self.max_size_mb:
+            raise ValueError(
+                f"`min_size_mb` ({self.min_size_mb}) and `max_size_mb` ({self.max_size_mb}) have to satisfy "
+                "0 <= min_size_mb <= max_size_mb"
+            )
+        if self.initial_size_mb is not None and not self.min_size_mb <= self.initial_size_mb <= self.max_size_mb:
+            raise ValueError(
+                f"`initial_size_mb` has to be in [min_size_mb, max_size_mb] = [{self.min_size_mb}, "
+                f"{self.max_size_mb}] or null but got {self.initial_size_mb}"
+            )
+        if not 0 < self.moderate_pressure < self.high_pressure < self.critical_pressure <= 1:
+            raise ValueError(
+                "pressure thresholds have to satisfy 0 < moderate_pressure < high_pressure < critical_pressure <= 1 "
+                f"but got {self.moderate_pressure}, {self.high_pressure}, {self.critical_pressure}"
+            )
+        if self.grow_factor <= 1:
+            raise ValueError(f"`grow_factor` has to be > 1 but got {self.grow_factor}")
+        if not 0 < self.shrink_factor < 1:
+            raise ValueError(f"`shrink_factor` has to be in (0, 1) but got {self.shrink_factor}")
+        if self.interval_s <= 0:
+            raise ValueError(f"`interval_s` has to be > 0 but got {self.interval_s}")
+        if self.cooldown_s < 0:
+            raise ValueError(f"`cooldown_s` has to be >= 0 but got {self.cooldown_s}")
+        for name in ("grow_min_miss_rate", "grow_min_utilization"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"`{name}` has to be in [0, 1] but got {getattr(self, name)}")
+        if self.memory_window < 2:
+            raise ValueError(f"`memory_window` has to be >= 2 (a trend needs two readings) but got {self.memory_window}")
+        for name in ("request_window", "min_requests"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` has to be a positive integer but got {getattr(self, name)}")
+
+
+@dataclass
 class PluginConfig:
-    """The whole YAML file. ``model`` is a Hugging Face id or a local path."""
+    """The whole YAML file. ``model`` is a Hugging Face id or a local path.
+
+    A ``prefix_store:`` section (a mapping, possibly empty) turns prefix reuse
+    on; ``sizer:`` adds the adaptive budget and needs ``prefix_store:``.
+    """
 
     model: str | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
+    prefix_store: PrefixStoreConfig | None = None
+    sizer: SizerConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.prefix_store is not None:
+            check_prefix_reuse_settings(self.cache, self.prefix_store.chunk_size)
+        if self.sizer is not None and self.prefix_store is None:
+            raise ValueError("`sizer` sizes the prefix store's budget; it needs a `prefix_store` section too")
+
+
+def check_prefix_reuse_settings(cache: CacheConfig, chunk_size: int) -> None:
+    """Cache settings a prefix store can serve; ``group_size`` is checked once it is resolved."""
+    if cache.sink_tokens:
+        # Sinks sit in full precision at the first cache slots; a stored chunk is
+        # quantized blocks only, and with left padding those slots hold padding.
+        raise ValueError(f"prefix reuse needs `cache.sink_tokens: 0` but got {cache.sink_tokens}")
+    if cache.skip_layers:
+        raise ValueError(
+            f"prefix reuse stores quantized blocks of every layer; `cache.skip_layers` has to be empty but got "
+            f"{cache.skip_layers}"
+        )
+    if cache.group_size is not None and chunk_size % cache.group_size != 0:
+        raise ValueError(
+            f"`prefix_store.chunk_size` has to be a multiple of `cache.group_size` ({cache.group_size}) "
+            f"but got {chunk_size}"
+        )
 
 
 def _check_choice(name: str, value: Any, allowed: tuple) -> None:
@@ -188,6 +316,16 @@ def _type_ok(value: Any, annotation: Any) -> bool:
     return True
 
 
+def _dataclass_in(annotation: Any) -> type | None:
+    """The dataclass of a ``Section`` or ``Section | None`` annotation, else None."""
+    if dataclasses.is_dataclass(annotation):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(annotation) if dataclasses.is_dataclass(a)]
+        return inner[0] if len(inner) == 1 else None
+    return None
+
+
 def _describe(annotation: Any) -> str:
     if dataclasses.is_dataclass(annotation):
         return "mapping"
@@ -215,8 +353,9 @@ def _build(cls: type, data: Any, where: str) -> Any:
         annotation = hints[name]
         if not _type_ok(value, annotation):
             raise ValueError(f"`{key}` has to be of type {_describe(annotation)} but got {type(value).__name__}: {value!r}")
-        if dataclasses.is_dataclass(annotation):
-            value = _build(annotation, value, key)
+        section = _dataclass_in(annotation)
+        if section is not None and value is not None:
+            value = _build(section, value, key)
         elif name == "layer_overrides":
             value = {_layer_index(key, k): _build(LayerOverride, v, f"{key}.{k}") for k, v in value.items()}
         kwargs[name] = value

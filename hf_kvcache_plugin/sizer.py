@@ -1,0 +1,392 @@
+"""Memory pressure and the prefix store's budget: ``MemoryMonitor`` and ``AdaptiveSizer``.
+
+``MemoryMonitor`` reads system memory (psutil), the process RSS and, when
+there is a CUDA device, its free/total memory; it keeps the last readings and
+fits their trend (used fraction per second). ``AdaptiveSizer`` turns the
+pressure level and the hook's hit/latency figures into a budget:
+
+==========  ==================================================================
+pressure    decision
+==========  ==================================================================
+LOW         grow by ``grow_factor`` if growth would turn misses into hits:
+            enough requests seen, misses common, store near its budget,
+            hits faster than misses, memory not rising fast
+MODERATE    hold (the band between growing and shrinking stops thrashing)
+HIGH        shrink by ``shrink_factor``
+CRITICAL    emergency: straight to ``min_size_mb``, cooldown or not
+==========  ==================================================================
+
+Ordinary resizes are at least ``cooldown_s`` apart. The clock and the memory
+reader are injectable, so decisions can be tested without sleeping; the
+sizer runs as a background thread (``start``/``stop``, or ``with sizer:``) or
+is stepped by hand (``step``) or by the hook (``step_if_due``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import psutil
+import torch
+
+from .config import SizerConfig
+
+if TYPE_CHECKING:
+    from .prefix_store import PrefixStore
+
+__all__ = [
+    "AdaptiveSizer",
+    "MemoryMonitor",
+    "MemoryPressure",
+    "MemoryReading",
+    "SizerDecision",
+    "create_adaptive_sizer",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class MemoryPressure(str, enum.Enum):
+    LOW = "low"
+    MODERATE = "moderate"
+    HIGH = "high"
+    CRITICAL = "critical"
+
+
+@dataclass(frozen=True)
+class MemoryReading:
+    """One look at memory; accelerator fields are None without one."""
+
+    system_total_bytes: int
+    system_available_bytes: int
+    process_rss_bytes: int = 0
+    accelerator_free_bytes: int | None = None
+    accelerator_total_bytes: int | None = None
+    timestamp: float = 0.0
+
+    @classmethod
+    def at_fraction(cls, used_fraction: float, total_bytes: int = 16 * 2**30, timestamp: float = 0.0) -> "MemoryReading":
+        """A system-memory reading with ``used_fraction`` in use (for tests and simulations)."""
+        if not 0 <= used_fraction <= 1:
+            raise ValueError(f"`used_fraction` has to be in [0, 1] but got {used_fraction}")
+        return cls(total_bytes, int(total_bytes * (1 - used_fraction)), timestamp=timestamp)
+
+    @property
+    def system_used_fraction(self) -> float:
+        return 1 - self.system_available_bytes / self.system_total_bytes if self.system_total_bytes else 0.0
+
+    @property
+    def accelerator_used_fraction(self) -> float | None:
+        if not self.accelerator_total_bytes or self.accelerator_free_bytes is None:
+            return None
+        return 1 - self.accelerator_free_bytes / self.accelerator_total_bytes
+
+    @property
+    def used_fraction(self) -> float:
+        """The tighter of system and accelerator memory."""
+        accelerator = self.accelerator_used_fraction
+        return self.system_used_fraction if accelerator is None else max(self.system_used_fraction, accelerator)
+
+
+def read_memory(device: torch.device | None = None) -> MemoryReading:
+    """System memory and this process's RSS via psutil; a CUDA device's free/total if ``device`` is one."""
+    vm = psutil.virtual_memory()
+    rss = psutil.Process().memory_info().rss
+    free = total = None
+    if device is not None and device.type == "cuda" and torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info(device)
+    return MemoryReading(vm.total, vm.available, rss, free, total)
+
+
+class MemoryMonitor:
+    """Takes readings, keeps the last ``window`` and fits their trend.
+
+    Args:
+        window: readings kept for the trend.
+        clock: seconds, monotonic (``time.monotonic``); stamps each reading.
+        reader: returns a ``MemoryReading`` (default: ``read_memory`` for ``device``).
+        device: accelerator to watch; default the current CUDA device when there is one.
+    """
+
+    def __init__(
+        self,
+        window: int = SizerConfig.memory_window,
+        clock: Callable[[], float] = time.monotonic,
+        reader: Callable[[], MemoryReading] | None = None,
+        device: torch.device | str | None = None,
+    ):
+        if window < 2:
+            raise ValueError(f"`window` has to be >= 2 (a trend needs two readings) but got {window}")
+        if device is None and torch.cuda.is_available():
+            device = torch.device("cuda", torch.cuda.current_device())
+        device = None if device is None else torch.device(device)
+        self.clock = clock
+        self.reader = reader if reader is not None else (lambda: read_memory(device))
+        self.readings: deque[MemoryReading] = deque(maxlen=window)
+
+    def sample(self) -> MemoryReading:
+        reading = dataclasses.replace(self.reader(), timestamp=self.clock())
+        self.readings.append(reading)
+        return reading
+
+    def trend(self) -> float:
+        """Least-squares slope of the used fraction over the kept readings, per second (0 with < 2)."""
+        if len(self.readings) < 2:
+            return 0.0
+        ts = [r.timestamp for r in self.readings]
+        ys = [r.used_fraction for r in self.readings]
+        t_mean, y_mean = sum(ts) / len(ts), sum(ys) / len(ys)
+        spread = sum((t - t_mean) ** 2 for t in ts)
+        if spread == 0:
+            return 0.0
+        return sum((t - t_mean) * (y - y_mean) for t, y in zip(ts, ys)) / spread
+
+
+@dataclass(frozen=True)
+class SizerDecision:
+    """What one step decided; ``new_size_mb == old_size_mb`` for a hold."""
+
+    timestamp: float
+    pressure: MemoryPressure
+    used_fraction: float
+    action: str  # "grow" | "shrink" | "emergency" | "hold"
+    reason: str
+    old_size_mb: float
+    new_size_mb: float
+
+
+class AdaptiveSizer:
+    """Grows and shrinks a budget (the prefix store's) from memory pressure and hit figures.
+
+    Args:
+        config: thresholds, factors, bounds, cooldown (``SizerConfig``).
+        resize_callback: called with the new size in MiB at every resize.
+        monitor: a ``MemoryMonitor`` (default: a real one with ``config.memory_window``).
+        clock: seconds, monotonic; used for the cooldown and the step interval.
+        usage_bytes: the bytes the budget currently holds, to tell whether
+            growing could help (None: assume the store is full).
+    """
+
+    def __init__(
+        self,
+        config: SizerConfig | None = None,
+        resize_callback: Callable[[float], Any] | None = None,
+        monitor: MemoryMonitor | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        usage_bytes: Callable[[], int] | None = None,
+    ):
+        self.config = config if config is not None else SizerConfig()
+        if not isinstance(self.config, SizerConfig):
+            raise ValueError(f"`config` has to be a SizerConfig but got {type(self.config).__name__}")
+        cfg = self.config
+        self.resize_callback = resize_callback
+        self.clock = clock
+        self.monitor = monitor if monitor is not None else MemoryMonitor(cfg.memory_window, clock)
+        self.usage_bytes = usage_bytes
+        self.current_size_mb = cfg.initial_size_mb if cfg.initial_size_mb is not None else cfg.min_size_mb
+        self.decisions: deque[SizerDecision] = deque(maxlen=1000)
+        self._requests: deque[tuple[bool, float]] = deque(maxlen=cfg.request_window)
+        self._totals = {"hits": 0, "misses": 0, "resizes": 0, "emergencies": 0}
+        self._last_resize: float | None = None
+        self._last_step: float | None = None
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def for_store(cls, store: PrefixStore, config: SizerConfig | None = None, **kwargs: Any) -> "AdaptiveSizer":
+        """A sizer that resizes ``store`` and reads its usage; starts from the store's budget, clipped to the bounds."""
+        config = config if config is not None else SizerConfig()
+        if config.initial_size_mb is None:
+            start = min(max(store.max_size_mb, config.min_size_mb), config.max_size_mb)
+            config = dataclasses.replace(config, initial_size_mb=start)
+        sizer = cls(config, resize_callback=store.resize, usage_bytes=lambda: store.used_bytes, **kwargs)
+        if store.max_size_mb != sizer.current_size_mb:
+            store.resize(sizer.current_size_mb)
+        return sizer
+
+    # ------------------------------------------------------------------ figures from the hook
+    def record_hit(self, latency_ms: float) -> None:
+        """A request that reused a stored prefix, and its latency (time to first token)."""
+        self._record(True, latency_ms)
+
+    def record_miss(self, latency_ms: float) -> None:
+        """A request that found nothing stored, and its latency."""
+        self._record(False, latency_ms)
+
+    def _record(self, hit: bool, latency_ms: float) -> None:
+        if not isinstance(latency_ms, (int, float)) or isinstance(latency_ms, bool) or latency_ms < 0:
+            raise ValueError(f"`latency_ms` has to be a number >= 0 but got {latency_ms!r}")
+        with self._lock:
+            self._requests.append((hit, float(latency_ms)))
+            self._totals["hits" if hit else "misses"] += 1
+
+    def _window_figures(self) -> dict[str, float | int | None]:
+        hits = [ms for hit, ms in self._requests if hit]
+        misses = [ms for hit, ms in self._requests if not hit]
+        n = len(self._requests)
+        return {
+            "requests": n,
+            "hit_rate": len(hits) / n if n else 0.0,
+            "miss_rate": len(misses) / n if n else 0.0,
+            "mean_hit_ms": sum(hits) / len(hits) if hits else None,
+            "mean_miss_ms": sum(misses) / len(misses) if misses else None,
+        }
+
+    # ------------------------------------------------------------------ decisions
+    def pressure_of(self, used_fraction: float) -> MemoryPressure:
+        cfg = self.config
+        if used_fraction >= cfg.critical_pressure:
+            return MemoryPressure.CRITICAL
+        if used_fraction >= cfg.high_pressure:
+            return MemoryPressure.HIGH
+        if used_fraction >= cfg.moderate_pressure:
+            return MemoryPressure.MODERATE
+        return MemoryPressure.LOW
+
+    def step(self) -> SizerDecision:
+        """Take a memory reading, decide, and resize if the decision says so."""
+        with self._lock:
+            now = self.clock()
+            self._last_step = now
+            reading = self.monitor.sample()
+            pressure = self.pressure_of(reading.used_fraction)
+            old = self.current_size_mb
+            action, new, reason = self._decide(now, pressure)
+            decision = SizerDecision(now, pressure, reading.used_fraction, action, reason, old, new)
+            if new != old:
+                self.current_size_mb = new
+                self._last_resize = now
+                self._totals["resizes"] += 1
+                self._totals["emergencies"] += action == "emergency"
+                logger.info("prefix store budget %.1f -> %.1f MiB (%s: %s)", old, new, action, reason)
+                if self.resize_callback is not None:
+                    self.resize_callback(new)
+            self.decisions.append(decision)
+            return decision
+
+    def _decide(self, now: float, pressure: MemoryPressure) -> tuple[str, float, str]:
+        cfg, size = self.config, self.current_size_mb
+        if pressure is MemoryPressure.CRITICAL:
+            if size > cfg.min_size_mb:
+                return "emergency", cfg.min_size_mb, "critical memory pressure"
+            return "hold", size, "critical memory pressure, already at the minimum"
+        if self._last_resize is not None and now - self._last_resize < cfg.cooldown_s:
+            return "hold", size, f"cooldown ({now - self._last_resize:.1f}s of {cfg.cooldown_s}s)"
+        if pressure is MemoryPressure.HIGH:
+            new = max(cfg.min_size_mb, size * cfg.shrink_factor)
+            return ("shrink", new, "high memory pressure") if new < size else ("hold", size, "at the minimum")
+        if pressure is MemoryPressure.MODERATE:
+            return "hold", size, "moderate memory pressure"
+        why_not = self._why_growth_would_not_help()
+        if why_not:
+            return "hold", size, why_not
+        new = min(cfg.max_size_mb, size * cfg.grow_factor)
+        if new <= size:
+            return "hold", size, "at the maximum"
+        return "grow", new, "low pressure, store full and requests missing"
+
+    def _why_growth_would_not_help(self) -> str | None:
+        cfg = self.config
+        figures = self._window_figures()
+        if figures["requests"] < cfg.min_requests:
+            return f"{figures['requests']} requests seen, growth needs {cfg.min_requests}"
+        if figures["miss_rate"] < cfg.grow_min_miss_rate:
+            return f"miss rate {figures['miss_rate']:.2f} below {cfg.grow_min_miss_rate}"
+        if self.usage_bytes is not None:
+            budget = self.current_size_mb * 2**20
+            utilization = self.usage_bytes() / budget if budget else 1.0
+            if utilization < cfg.grow_min_utilization:
+                return f"store uses {utilization:.2f} of its budget; more room would stay empty"
+        hit_ms, miss_ms = figures["mean_hit_ms"], figures["mean_miss_ms"]
+        if hit_ms is not None and miss_ms is not None and hit_ms >= miss_ms:
+            return f"hits ({hit_ms:.1f} ms) are no faster than misses ({miss_ms:.1f} ms)"
+        trend = self.monitor.trend()
+        if trend > cfg.max_rising_trend:
+            return f"memory use rising ({trend:.4f}/s)"
+        return None
+
+    # ------------------------------------------------------------------ running
+    def step_if_due(self) -> SizerDecision | None:
+        """``step`` if ``interval_s`` has passed since the last one (for callers without a thread)."""
+        with self._lock:
+            due = self._last_step is None or self.clock() - self._last_step >= self.config.interval_s
+        return self.step() if due else None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> "AdaptiveSizer":
+        """Step every ``interval_s`` on a daemon thread until ``stop``."""
+        if self.running:
+            return self
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="prefix-store-sizer", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.config.interval_s):
+            try:
+                self.step()
+            except Exception:  # a failed reading must not end the thread; the next step retries
+                logger.exception("adaptive sizer step failed")
+
+    def __enter__(self) -> "AdaptiveSizer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ reporting
+    def get_stats(self) -> dict[str, Any]:
+        with self._lock:
+            last = self.decisions[-1] if self.decisions else None
+            return {
+                "current_size_mb": self.current_size_mb,
+                "min_size_mb": self.config.min_size_mb,
+                "max_size_mb": self.config.max_size_mb,
+                **self._totals,
+                **self._window_figures(),
+                "pressure": last.pressure.value if last else None,
+                "used_fraction": last.used_fraction if last else None,
+                "trend_per_s": self.monitor.trend(),
+                "last_action": last.action if last else None,
+                "last_reason": last.reason if last else None,
+                "running": self.running,
+            }
+
+
+def create_adaptive_sizer(
+    min_size_mb: float = SizerConfig.min_size_mb,
+    max_size_mb: float = SizerConfig.max_size_mb,
+    initial_size_mb: float | None = None,
+    resize_callback: Callable[[float], Any] | None = None,
+    **options: Any,
+) -> AdaptiveSizer:
+    """An ``AdaptiveSizer`` from keyword settings; ``options`` are other ``SizerConfig`` fields
+    or the ``monitor``/``clock``/``usage_bytes`` arguments."""
+    runtime = {k: options.pop(k) for k in ("monitor", "clock", "usage_bytes") if k in options}
+    allowed = {f.name for f in dataclasses.fields(SizerConfig)} - {"min_size_mb", "max_size_mb", "initial_size_mb"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {unknown}; allowed are {sorted(allowed | {'monitor', 'clock', 'usage_bytes'})}"
+        )
+    config = SizerConfig(min_size_mb=min_size_mb, max_size_mb=max_size_mb, initial_size_mb=initial_size_mb, **options)
+    return AdaptiveSizer(config, resize_callback=resize_callback, **runtime)
