@@ -1,7 +1,26 @@
 """Quantized KV cache, prefix reuse and serving helpers for Hugging Face ``transformers``."""
 
 from .cache import QuantizedKVCache, QuantizedKVLayer, create_quantized_kv_cache
-from .config import CacheConfig, LayerOverride, PluginConfig, PrefixStoreConfig, SizerConfig, load_config, parse_config
+from .config import (
+    CacheConfig,
+    DistributedConfig,
+    LayerOverride,
+    PluginConfig,
+    PrefixStoreConfig,
+    SizerConfig,
+    load_config,
+    parse_config,
+)
+from .distributed import (
+    CacheCoordinator,
+    ConsistentHashRing,
+    EvictionReport,
+    NodeInfo,
+    NodeState,
+    PrefixStoreAdapter,
+    attach_coordinator,
+    create_distributed_cache_optimizer,
+)
 from .hook import PrefixCacheHook, RequestRecord, attach_prefix_cache
 from .prefix_store import PrefixEntry, PrefixMatch, PrefixStore, chunk_keys, model_fingerprint, prefix_namespace
 from .quantization import QuantizedTensor, dequantize, quantize
@@ -17,15 +36,22 @@ from .sizer import (
 __all__ = [
     "AdaptiveSizer",
     "CacheConfig",
+    "CacheCoordinator",
+    "ConsistentHashRing",
+    "DistributedConfig",
+    "EvictionReport",
     "LayerOverride",
     "MemoryMonitor",
     "MemoryPressure",
     "MemoryReading",
+    "NodeInfo",
+    "NodeState",
     "PluginConfig",
     "PrefixCacheHook",
     "PrefixEntry",
     "PrefixMatch",
     "PrefixStore",
+    "PrefixStoreAdapter",
     "PrefixStoreConfig",
     "QuantizedKVCache",
     "QuantizedKVLayer",
@@ -33,9 +59,11 @@ __all__ = [
     "RequestRecord",
     "SizerConfig",
     "SizerDecision",
+    "attach_coordinator",
     "attach_prefix_cache",
     "chunk_keys",
     "create_adaptive_sizer",
+    "create_distributed_cache_optimizer",
     "create_quantized_kv_cache",
     "dequantize",
     "load_config",

@@ -1,30 +1,45 @@
 """One prefix cache across the processes of an ``accelerate`` / ``torchrun`` launch.
 
 The file tree follows the data flow: ``hash_ring`` (who owns a key) ->
-``nodes`` (the cluster view) -> ``routing`` (who serves a prompt), over a
-``local_store`` (one process's prefix store). ``migration`` and ``eviction``
-are the pure planning parts.
+``nodes`` (the cluster view) -> ``routing`` (who serves a prompt) ->
+``transport`` (bounded messages between processes) -> ``coordinator`` (rounds,
+migration, global eviction) over a ``local_store`` (one process's prefix store;
+``prefix_adapter`` for ``PrefixStore``). ``migration`` and ``eviction`` are the
+pure planning parts.
 """
 
+from .coordinator import CacheCoordinator, EvictionReport, create_distributed_cache_optimizer
 from .eviction import eviction_shares, plan_local_eviction
 from .hash_ring import ConsistentHashRing, ring_position
 from .local_store import EntryInfo, EntryStore
 from .migration import MigrationPlan, Transfer, plan_migration, split_into_steps
 from .nodes import EntryDirectory, NodeInfo, NodeState
+from .prefix_adapter import PrefixStoreAdapter
 from .routing import Route, RouteRequest, plan_routes
+from .serving import attach_coordinator, generate_new_tokens, launch_rank
+from .transport import StoreTransport, connect_store
 
 __all__ = [
+    "CacheCoordinator",
     "ConsistentHashRing",
     "EntryDirectory",
     "EntryInfo",
     "EntryStore",
+    "EvictionReport",
     "MigrationPlan",
     "NodeInfo",
     "NodeState",
+    "PrefixStoreAdapter",
     "Route",
     "RouteRequest",
+    "StoreTransport",
     "Transfer",
+    "attach_coordinator",
+    "connect_store",
+    "create_distributed_cache_optimizer",
     "eviction_shares",
+    "generate_new_tokens",
+    "launch_rank",
     "plan_local_eviction",
     "plan_migration",
     "plan_routes",
