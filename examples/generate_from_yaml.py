@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from _model import SHARED_MODEL
-from hf_kvcache_plugin import QuantizedKVCache, load_config
+from hf_kvcache_plugin import QuantizedKVCache, enable_quantized_attention, load_config
 
 parser = argparse.ArgumentParser(description=__doc__)
 parser.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "mixed.yaml"))
@@ -19,6 +19,8 @@ model_name = config.model or str(SHARED_MODEL)
 tokenizer = AutoTokenizer.from_pretrained(model_name)
 model = AutoModelForCausalLM.from_pretrained(model_name)
 
+if config.cache.attention == "fused":
+    enable_quantized_attention(model)
 torch.manual_seed(0)
 cache = QuantizedKVCache.from_config(config, model.config)
 inputs = tokenizer(args.prompt, return_tensors="pt")

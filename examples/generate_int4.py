@@ -3,11 +3,13 @@
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from _model import model_argument
-from hf_kvcache_plugin import QuantizedKVCache
+from hf_kvcache_plugin import QuantizedKVCache, enable_quantized_attention
 
 args = model_argument(__doc__)
 tokenizer = AutoTokenizer.from_pretrained(args.model)
 model = AutoModelForCausalLM.from_pretrained(args.model)
+# attention reads the packed blocks directly instead of dequantizing the history each step
+enable_quantized_attention(model)
 
 # KIVI layout: keys grouped per channel, values per token; the newest 128 tokens stay exact.
 cache = QuantizedKVCache(model.config, quant_type="int4", residual_length=128)

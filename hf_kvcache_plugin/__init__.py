@@ -1,5 +1,6 @@
 """Quantized KV cache, prefix reuse and serving helpers for Hugging Face ``transformers``."""
 
+from .attention import QUANTIZED_ATTENTION, enable_quantized_attention, register_quantized_attention
 from .cache import QuantizedKVCache, QuantizedKVLayer, create_quantized_kv_cache
 from .config import (
     CacheConfig,
@@ -53,6 +54,7 @@ __all__ = [
     "PrefixStore",
     "PrefixStoreAdapter",
     "PrefixStoreConfig",
+    "QUANTIZED_ATTENTION",
     "QuantizedKVCache",
     "QuantizedKVLayer",
     "QuantizedTensor",
@@ -66,9 +68,11 @@ __all__ = [
     "create_distributed_cache_optimizer",
     "create_quantized_kv_cache",
     "dequantize",
+    "enable_quantized_attention",
     "load_config",
     "model_fingerprint",
     "parse_config",
     "prefix_namespace",
     "quantize",
+    "register_quantized_attention",
 ]

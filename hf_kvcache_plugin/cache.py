@@ -28,6 +28,7 @@ from transformers.cache_utils import (
     get_layer_types_and_kwargs,
 )
 
+from .attention import FUSED_STATE_KEY, QUANTIZED_ATTENTION
 from .blocks import BlockCodec, QuantizedBlocks
 from .config import MIXED_AGED_BITS, CacheConfig, PluginConfig
 from .quantization import QuantizedTensor
@@ -92,6 +93,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.quantized_keys: QuantizedBlocks | None = None
         self.quantized_values: QuantizedBlocks | None = None
         self._length = 0
+        self._pending_flush = False
 
     def _name(self) -> str:
         return f"layer {self.layer_idx}" if self.layer_idx is not None else "this layer"
@@ -176,16 +178,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         else:
             self._check_against_state(key_states, value_states)
         had_history = self._length > 0
-        self._length += key_states.shape[-2]
-
-        n_sink = min(key_states.shape[-2], self.sink_tokens - self.sink_keys.shape[-2])
-        if n_sink > 0:
-            self.sink_keys = torch.cat([self.sink_keys, key_states[:, :, :n_sink]], dim=-2)
-            self.sink_values = torch.cat([self.sink_values, value_states[:, :, :n_sink]], dim=-2)
-            key_states, value_states = key_states[:, :, n_sink:], value_states[:, :, n_sink:]
-        self.residual_keys = torch.cat([self.residual_keys, key_states], dim=-2)
-        self.residual_values = torch.cat([self.residual_values, value_states], dim=-2)
-
+        self._append(key_states, value_states)
         if had_history:
             keys_out, values_out = self._materialize()
         else:
@@ -194,6 +187,53 @@ class QuantizedKVLayer(CacheLayerMixin):
             values_out = torch.cat([self.sink_values, self.residual_values], dim=-2)
         self._flush_full_blocks()
         return keys_out, values_out
+
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """New tokens fill the sinks first, then the residual window."""
+        self._finish_pending_flush()
+        self._length += key_states.shape[-2]
+        n_sink = min(key_states.shape[-2], self.sink_tokens - self.sink_keys.shape[-2])
+        if n_sink > 0:
+            self.sink_keys = torch.cat([self.sink_keys, key_states[:, :, :n_sink]], dim=-2)
+            self.sink_values = torch.cat([self.sink_values, value_states[:, :, :n_sink]], dim=-2)
+            key_states, value_states = key_states[:, :, n_sink:], value_states[:, :, n_sink:]
+        self.residual_keys = torch.cat([self.residual_keys, key_states], dim=-2)
+        self.residual_values = torch.cat([self.residual_values, value_states], dim=-2)
+
+    # ------------------------------------------------------------------ fused attention
+    def update_for_fused_attention(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, attention_kwargs: dict
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append without materialising the history; the layer itself goes to the attention
+        function through ``attention_kwargs`` (see ``attention.py``). Prefill stays exact and
+        takes the standard path. Full blocks are flushed once attention has read this step's
+        window (``finish_fused_step``), so both paths see the same exact tokens."""
+        if not self.is_initialized or self._length == 0:
+            return self.update(key_states, value_states)
+        self._check_against_state(key_states, value_states)
+        self._append(key_states, value_states)
+        self._pending_flush = True
+        attention_kwargs[FUSED_STATE_KEY] = self
+        return key_states, value_states
+
+    def finish_fused_step(self) -> None:
+        self._finish_pending_flush()
+
+    def _finish_pending_flush(self) -> None:
+        if self._pending_flush:
+            self._pending_flush = False
+            self._flush_full_blocks()
+
+    def attention_segments(self) -> list[tuple[Any, Any, int]]:
+        """(keys, values, n_tokens) oldest first: dense tensors or aligned QuantizedTensor tiers."""
+        segments = []
+        if self.sink_keys.shape[-2]:
+            segments.append((self.sink_keys, self.sink_values, self.sink_keys.shape[-2]))
+        for k_tier, v_tier in zip(self.quantized_keys.tiers, self.quantized_values.tiers):
+            segments.append((k_tier, v_tier, k_tier.shape[2] * self.group_size))
+        if self.residual_keys.shape[-2]:
+            segments.append((self.residual_keys, self.residual_values, self.residual_keys.shape[-2]))
+        return segments
 
     def _materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """[sinks | dequantized blocks | residual] for keys and values, one allocation each."""
@@ -426,6 +466,8 @@ class QuantizedKVCache(Cache):
             cache_config = CacheConfig(quant_type=quant_type or "int4", **options)
         layer_types, layer_kwargs, heads, head_dim = self._model_layout(config, num_layers)
         self.cache_config = cache_config.for_model(len(layer_types), head_dim)
+        # read at every update: the model's attention modules look at this same config object
+        self._attention_config = config.get_text_config(decoder=True) if config is not None else None
         layers = [
             self._make_layer(i, layer_type, kwargs, heads, head_dim)
             for i, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs))
@@ -501,7 +543,21 @@ class QuantizedKVCache(Cache):
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         self._check_layer_idx(layer_idx)
+        layer = self.layers[layer_idx]
+        # Models pass their attention kwargs as `kwargs=`; the same dict reaches the attention function.
+        attention_kwargs = kwargs.get("kwargs")
+        if isinstance(layer, QuantizedKVLayer) and isinstance(attention_kwargs, dict) and self.uses_fused_attention:
+            return layer.update_for_fused_attention(key_states, value_states, attention_kwargs)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    @property
+    def uses_fused_attention(self) -> bool:
+        """True when the model runs ``kvquant_sdpa`` and the config asks for the fused path."""
+        return (
+            self.cache_config.attention == "fused"
+            and self._attention_config is not None
+            and getattr(self._attention_config, "_attn_implementation", None) == QUANTIZED_ATTENTION
+        )
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove < 0 and -tokens_to_remove > self.get_seq_length():

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .attention import enable_quantized_attention
 from .cache import QuantizedKVCache
 from .config import PluginConfig, load_config
 from .evaluation import GENERATE_CACHE_KWARG
@@ -70,6 +71,8 @@ def _generate(args: argparse.Namespace) -> int:
     if not args.prompt:
         raise ValueError("`--prompt` is empty: give the text to continue")
     inputs = tokenizer(args.prompt, return_tensors="pt").to(args.device)
+    if config.cache.attention == "fused":
+        enable_quantized_attention(model)
     cache = QuantizedKVCache.from_config(config, model.config)
     with torch.inference_mode():
         output = model.generate(

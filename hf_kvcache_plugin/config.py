@@ -31,6 +31,7 @@ __all__ = [
 
 QUANT_TYPES = ("int8", "int4", "int2", "mixed")
 GROUP_AXES = ("channel", "token")
+ATTENTION_PATHS = ("fused", "dequantize")
 SCALE_DTYPES = ("float16", "bfloat16", "float32", "compute")
 BITS_OF_QUANT_TYPE = {"int8": 8, "int4": 4, "int2": 2, "mixed": 8}
 EVICTION_POLICIES = ("lru", "lfu")
@@ -75,9 +76,11 @@ class CacheConfig:
     mixed_int8_tokens: int = 512
     layer_overrides: dict[int, LayerOverride] = field(default_factory=dict)
     skip_layers: list[int] = field(default_factory=list)
+    attention: str = "fused"
 
     def __post_init__(self) -> None:
         _check_choice("quant_type", self.quant_type, QUANT_TYPES)
+        _check_choice("attention", self.attention, ATTENTION_PATHS)
         _check_choice("key_axis", self.key_axis, GROUP_AXES)
         _check_choice("value_axis", self.value_axis, GROUP_AXES)
         _check_choice("scale_dtype", self.scale_dtype, SCALE_DTYPES)

@@ -3,6 +3,7 @@ batches with different prefixes and left padding, sampling, beams, pinning durin
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from hf_kvcache_plugin import (
     QuantizedKVCache,
     attach_prefix_cache,
     create_adaptive_sizer,
+    enable_quantized_attention,
     load_config,
 )
 from hf_kvcache_plugin.evaluation import GENERATE_CACHE_KWARG
@@ -91,8 +93,9 @@ def prompts(stream):
         {"do_sample": True, "top_k": 20},
         {"do_sample": True, "num_return_sequences": 2},
         {"do_sample": False, "num_beams": 3},
+        {"do_sample": False, "prefill_chunk_size": 16},  # the prompt's K/V arrive in pieces
     ],
-    ids=["greedy", "sampling", "num_return_sequences", "beams"],
+    ids=["greedy", "sampling", "num_return_sequences", "beams", "chunked-prefill"],
 )
 def test_int8_outputs_with_reuse_equal_outputs_without(model, store, prompts, kwargs):
     cfg = cache_config("int8")
@@ -104,6 +107,31 @@ def test_int8_outputs_with_reuse_equal_outputs_without(model, store, prompts, kw
     assert torch.equal(out, expected)
     hits = [r.hit_tokens for r in list(hook.records)[-4:]]
     assert hits == [96, 64, 96, 0]  # full chunks only; the unrelated prompt misses
+
+
+def test_int8_reuse_through_the_fused_attention_path(model, store, prompts):
+    """With `kvquant_sdpa` the suffix prefill reads the loaded blocks without dequantizing them."""
+    fused = copy.deepcopy(model)
+    enable_quantized_attention(fused)
+    cfg = cache_config("int8")
+    expected = generate_plain(fused, prompts["batch"], cfg)
+    with attach_prefix_cache(fused, store, cfg) as hook:
+        for row in prompts["warm"]:
+            generate_hooked(fused, [row])
+        out = generate_hooked(fused, prompts["batch"])
+    assert torch.equal(out, expected)
+    assert [r.hit_tokens for r in list(hook.records)[-4:]] == [96, 64, 96, 0]
+
+
+def test_prompt_lookup_decoding_crops_a_loaded_cache(model, store, prompts):
+    """Prompt-lookup decoding (batch 1 only) crops the cache after rejected guesses, loaded blocks included."""
+    cfg = cache_config("int8")
+    row = prompts["batch"][0]
+    expected = generate_plain(model, [row], cfg, prompt_lookup_num_tokens=3, do_sample=False)
+    with attach_prefix_cache(model, store, cfg) as hook:
+        generate_hooked(model, prompts["warm"][:1], prompt_lookup_num_tokens=3, do_sample=False)
+        out = generate_hooked(model, [row], prompt_lookup_num_tokens=3, do_sample=False)
+    assert torch.equal(out, expected) and hook.records[-1].hit_tokens == 96
 
 
 def test_int4_reuse_agrees_closely_with_no_reuse(model, store, stream):

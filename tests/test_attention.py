@@ -1,0 +1,170 @@
+"""Fused attention over the quantized cache: equal to dequantize-then-SDPA on the same cache."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hf_kvcache_plugin import QuantizedKVCache, create_quantized_kv_cache
+from hf_kvcache_plugin.attention import (
+    QUANTIZED_ATTENTION,
+    attention_from_layer,
+    enable_quantized_attention,
+    quantized_attention_forward,
+)
+from hf_kvcache_plugin.evaluation import GENERATE_CACHE_KWARG
+
+
+def reference(query, layer, mask, scaling):
+    keys, values = layer.dequantized()
+    n_rep = query.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(n_rep, 1), values.repeat_interleave(n_rep, 1)
+    return F.scaled_dot_product_attention(query.float(), keys.float(), values.float(), attn_mask=mask, scale=scaling)
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    quant_type=st.sampled_from(["int8", "int4", "int2", "mixed"]),
+    axes=st.sampled_from([("channel", "token"), ("token", "channel"), ("channel", "channel"), ("token", "token")]),
+    symmetric=st.booleans(),
+    batch=st.integers(1, 3),
+    kv_heads=st.integers(1, 3),
+    n_rep=st.sampled_from([1, 2, 4]),
+    head_dim=st.sampled_from([8, 16, 32]),
+    group=st.sampled_from([4, 8]),
+    residual_blocks=st.integers(0, 2),
+    sinks=st.integers(0, 5),
+    prefill=st.integers(1, 90),
+    q_len=st.integers(1, 5),
+    chunk_tokens=st.sampled_from([8, 32, 512]),
+    pad=st.integers(0, 6),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 10_000),
+)
+def test_fused_equals_dequantize_then_sdpa(
+    quant_type, axes, symmetric, batch, kv_heads, n_rep, head_dim, group, residual_blocks, sinks, prefill, q_len,
+    chunk_tokens, pad, dtype, seed,
+):
+    torch.manual_seed(seed)
+    cache = create_quantized_kv_cache(
+        quant_type, num_layers=1, num_heads=kv_heads, head_dim=head_dim, group_size=group,
+        residual_length=group * residual_blocks, sink_tokens=sinks, key_axis=axes[0], value_axis=axes[1],
+        symmetric=symmetric, mixed_int8_tokens=2 * group,
+    )
+    k = torch.randn(batch, kv_heads, prefill + q_len, head_dim).to(dtype) * 2
+    v = torch.randn(batch, kv_heads, prefill + q_len, head_dim).to(dtype)
+    cache.update(k[:, :, :prefill], v[:, :, :prefill], 0)
+    cache.update(k[:, :, prefill:], v[:, :, prefill:], 0)
+    layer = cache.layers[0]
+    total = prefill + q_len
+    query = torch.randn(batch, kv_heads * n_rep, q_len, head_dim).to(dtype)
+    # causal over the new queries plus left padding on the last sequence
+    mask = torch.ones(total, total, dtype=torch.bool).tril()[-q_len:][None, None].repeat(batch, 1, 1, 1)
+    mask[-1, :, :, : min(pad, prefill)] = False
+    scaling = head_dim**-0.5
+    out = attention_from_layer(query, layer, mask, scaling, chunk_tokens=chunk_tokens)
+    ref = reference(query, layer, mask, scaling)
+    assert out.dtype == dtype
+    assert rel_err(out, ref) <= (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_no_mask_means_causal_for_several_queries():
+    cache = create_quantized_kv_cache("int4", num_layers=1, num_heads=2, head_dim=16, group_size=8, residual_length=8)
+    k, v = torch.randn(1, 2, 43, 16), torch.randn(1, 2, 43, 16)
+    cache.update(k[:, :, :40], v[:, :, :40], 0)
+    cache.update(k[:, :, 40:], v[:, :, 40:], 0)
+    q = torch.randn(1, 2, 3, 16)
+    causal = torch.ones(43, 43, dtype=torch.bool).tril()[-3:][None, None]
+    out = attention_from_layer(q, cache.layers[0], None, 0.25)
+    assert rel_err(out, reference(q, cache.layers[0], causal, 0.25)) < 1e-5
+
+
+@pytest.fixture
+def fused_model(model):
+    enable_quantized_attention(model)
+    yield model
+    model.set_attn_implementation("sdpa")
+
+
+def _generate(model, cache, prompt, **kwargs):
+    ids = {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)}
+    return model.generate(**ids, do_sample=False, max_new_tokens=60, min_new_tokens=60,
+                          **{GENERATE_CACHE_KWARG: cache}, **kwargs)
+
+
+@pytest.mark.parametrize("quant_type", ["int8", "int4", "mixed"])
+def test_generation_fused_equals_unfused(model, prompts, quant_type):
+    options = dict(group_size=8, residual_length=16, mixed_int8_tokens=16)
+    unfused = [_generate(model, QuantizedKVCache(model.config, quant_type, **options), p) for p in prompts[:3]]
+    enable_quantized_attention(model)
+    try:
+        caches = [QuantizedKVCache(model.config, quant_type, **options) for _ in prompts[:3]]
+        fused = [_generate(model, c, p) for c, p in zip(caches, prompts[:3])]
+        assert all(c.uses_fused_attention for c in caches)
+        beams = _generate(model, QuantizedKVCache(model.config, quant_type, **options), prompts[3], num_beams=3)
+        lookup = _generate(model, QuantizedKVCache(model.config, quant_type, group_size=8, residual_length=0),
+                           torch.cat([prompts[1]] * 3, dim=1), prompt_lookup_num_tokens=8)
+    finally:
+        model.set_attn_implementation("sdpa")
+    for a, b in zip(unfused, fused):
+        assert torch.equal(a, b)
+    assert torch.equal(beams, _generate(model, QuantizedKVCache(model.config, quant_type, **options), prompts[3],
+                                        num_beams=3))
+    assert torch.equal(lookup, _generate(model, QuantizedKVCache(model.config, quant_type, group_size=8,
+                                                                 residual_length=0),
+                                         torch.cat([prompts[1]] * 3, dim=1), prompt_lookup_num_tokens=8))
+
+
+def test_fused_path_never_materialises_the_history(fused_model, prompts, monkeypatch):
+    cache = QuantizedKVCache(fused_model.config, "int4", group_size=8, residual_length=8)
+    calls = []
+    from hf_kvcache_plugin.cache import QuantizedKVLayer
+
+    original = QuantizedKVLayer._materialize
+    monkeypatch.setattr(QuantizedKVLayer, "_materialize", lambda self: calls.append(1) or original(self))
+    _generate(fused_model, cache, prompts[1])
+    assert calls == []
+    assert cache.get_stats()["quantized_bytes"] > 0
+
+
+def test_dequantize_option_keeps_the_standard_path(fused_model, prompts):
+    cache = QuantizedKVCache(fused_model.config, "int4", group_size=8, residual_length=8, attention="dequantize")
+    assert not cache.uses_fused_attention
+    _generate(fused_model, cache, prompts[0])
+
+
+def test_other_caches_get_plain_sdpa(fused_model, prompts, model):
+    from transformers import DynamicCache
+
+    out = _generate(fused_model, DynamicCache(config=fused_model.config), prompts[0])
+    fused_model.set_attn_implementation("sdpa")
+    ref = _generate(model, DynamicCache(config=model.config), prompts[0])
+    assert torch.equal(out, ref)
+
+
+def test_unsupported_features_fall_back_once_with_a_log(caplog):
+    cache = create_quantized_kv_cache("int4", num_layers=1, num_heads=2, head_dim=16, group_size=8, residual_length=8)
+    k, v = torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
+    cache.update(k, v, 0)
+    layer = cache.layers[0]
+    channel: dict = {}
+    cache.layers[0].update_for_fused_attention(k[:, :, :1], v[:, :, :1], channel)
+    module = torch.nn.Module()
+    q = torch.randn(1, 2, 1, 16)
+    with caplog.at_level(logging.WARNING):
+        out, _ = quantized_attention_forward(module, q, None, None, None, scaling=0.25, softcap=30.0, **channel)
+    assert "softcapping" in caplog.text and QUANTIZED_ATTENTION in caplog.text
+    keys, values = layer.dequantized()
+    scores = torch.tanh(q @ keys.transpose(-1, -2) * 0.25 / 30.0) * 30.0
+    ref = (torch.softmax(scores, -1) @ values).transpose(1, 2)
+    assert rel_err(out, ref) < 1e-5
+    assert layer.get_seq_length() == 41
