@@ -42,12 +42,12 @@ import pybreaker
 import torch.distributed as dist
 
 from ..config import DistributedConfig
-from .eviction import eviction_shares, plan_local_eviction
+from .entry_exchange import EntryExchange
+from .eviction import eviction_shares
 from .hash_ring import ConsistentHashRing
-from .local_store import EntryStore, chains_parent_first
-from .migration import plan_migration, split_into_steps
+from .local_store import EntryStore
 from .nodes import EntryDirectory, NodeInfo, NodeState
-from .payloads import decode_entries, decode_json, encode_entries, encode_json
+from .payloads import decode_json, encode_json
 from .routing import Route, RouteRequest, plan_routes
 from .transport import PeerLeft, PeerUnavailable, StoreTransport
 
@@ -56,7 +56,6 @@ __all__ = ["CacheCoordinator", "EvictionReport", "create_distributed_cache_optim
 logger = logging.getLogger(__name__)
 
 MIB = 2**20
-_RESEND_AFTER_ROUNDS = 8  # a migrated chunk the directory still does not show at its target is sent again
 _KEEP_POSTS_ROUNDS = 2  # own messages are deleted this many rounds later (peers one round behind still read them)
 
 ServeBatch = Callable[[list[list[int]]], list[list[int]]]
@@ -117,14 +116,10 @@ class CacheCoordinator:
         self.last_routes: dict[tuple[int, int], Route] = {}  # the latest round's plan, (origin, index) -> route
         self._round = 0
         self._posted: dict[int, list[str]] = {}
-        self._published_sizes: dict[bytes, int] | None = None
-        self._directory_version = 0
-        self._known_directory: dict[int, int] = {}
-        self._migrations_sent: Counter[int] = Counter()
-        self._migrations_read: Counter[int] = Counter()
-        self._recently_sent: dict[tuple[bytes, int], int] = {}
-        self._evictions_posted = 0
-        self._evictions_read: Counter[int] = Counter()
+        self.entries = EntryExchange(
+            local_node.node_id, entry_store, self.directory, transport, self.counters,
+            int(self.config.migration_mb_per_step * MIB),
+        )
         self._started = False
         self._refresh_ring()
 
@@ -171,8 +166,7 @@ class CacheCoordinator:
         shares = eviction_shares(target, held)
         announced = False
         if self.transport is not None and self._started:
-            self._evictions_posted += 1
-            self._post(self._key("evict", self.node_id, self._evictions_posted), encode_json({str(n): b for n, b in shares.items()}))
+            self.entries.post_eviction(shares)
             announced = True
         freed = self._evict_local_share(shares.get(self.node_id, 0))
         self.counters["global_evictions_triggered"] += 1
@@ -190,10 +184,10 @@ class CacheCoordinator:
             return self
         self.transport.start_heartbeat()
         self._publish_node()
-        self._store_call(self.transport.store.add, self._key("joined"), 1)
+        self.transport.add(self._key("joined"), 1)
         wait_for = self.transport.world_size if wait_for is None else wait_for
         deadline = time.monotonic() + self.config.startup_timeout_s
-        while self._store_call(self.transport.store.add, self._key("joined"), 0) < wait_for:
+        while self.transport.add(self._key("joined"), 0) < wait_for:
             if time.monotonic() > deadline:
                 logger.warning("rank %d: fewer than %d ranks announced themselves within %.0f s", self.node_id,
                                wait_for, self.config.startup_timeout_s)
@@ -210,12 +204,12 @@ class CacheCoordinator:
         self._publish_node()
         self._refresh_ring()
         deadline = time.monotonic() + timeout_s
-        left = self._local_entry_count()
+        left = self.entries.entry_count()
         while self.transport is not None and left and time.monotonic() < deadline:
             if not any(info.state == NodeState.ACTIVE for n, info in self.nodes.items() if n != self.node_id):
                 break  # nobody to hand over to
             self.step()
-            left = self._local_entry_count()
+            left = self.entries.entry_count()
         logger.info("rank %d drained: %d entries left behind", self.node_id, left)
         self.close()
         return left
@@ -294,7 +288,9 @@ class CacheCoordinator:
         outputs = self._serve_round(state)
         outputs.update(self._collect_results(state, len(prompts)))
         self._publish_local_entries()
-        self._migration_step(state.number)
+        self.entries.migration_step(
+            state.number, self.ring, self.replication_factor, self.node.state == NodeState.ACTIVE, self._reachable
+        )
         self._forget_posts(state.number - _KEEP_POSTS_ROUNDS)
         return outputs
 
@@ -304,7 +300,7 @@ class CacheCoordinator:
         number = max([self._round + 1, *theirs])
         if number > self._round + 1:
             self.counters["rounds_skipped"] += number - self._round - 1
-        self._store_call(self.transport.store.add, self._key("round_no", self.node_id), number - self._round)
+        self.transport.add(self._key("round_no", self.node_id), number - self._round)
         self._round = number
         self.counters["rounds"] += 1
         return number
@@ -314,9 +310,7 @@ class CacheCoordinator:
             "node": decode_json(self.node.to_json()),
             "prompts": prompts,
             "keys": [[k.hex() for k in ks] for ks in keys],
-            "directory_version": self._directory_version,
-            "migrations": {str(t): n for t, n in self._migrations_sent.items()},
-            "evictions": self._evictions_posted,
+            **self.entries.announcements(),
         }
 
     def _read_views(self, state: _RoundState) -> None:
@@ -335,9 +329,7 @@ class CacheCoordinator:
             self.nodes[peer] = node
             if known is None or known.state != node.state:
                 logger.info("rank %d sees rank %d as %s", self.node_id, peer, node.state.value)
-            self._read_directory(peer, view["directory_version"])
-            self._read_migrations(peer, int(view["migrations"].get(str(self.node_id), 0)))
-            self._read_evictions(peer, int(view["evictions"]))
+            self.entries.absorb(peer, view, self._evict_local_share)
         self._discover_nodes()
         self._refresh_ring()
 
@@ -371,124 +363,14 @@ class CacheCoordinator:
                 outputs.update({int(i): out for i, out in decode_json(message).items() if 0 <= int(i) < count})
         return outputs
 
-    # ------------------------------------------------------------------ directory, migration, eviction
+    # ------------------------------------------------------------------ entries
     def _publish_local_entries(self) -> None:
-        """Put this process's key set in the directory and, when it changed, in the store for the others."""
-        if self.entry_store is None:
-            return
-        sizes = {info.key: info.nbytes for info in self.entry_store.entry_infos()}
-        if sizes == self._published_sizes:
-            return
-        self._published_sizes = sizes
-        self.directory.replace_node(self.node_id, sizes)
-        if self.transport is not None and self._started:
-            self._directory_version += 1
-            self._store_call(
-                self.transport.store.set,
-                self._key("directory", self.node_id),
-                encode_json({"version": self._directory_version, "sizes": {k.hex(): n for k, n in sizes.items()}}),
-            )
-
-    def _read_directory(self, peer: int, version: int) -> None:
-        if self._known_directory.get(peer) == version:
-            return
-        data = self._store_read(self._key("directory", peer))
-        if data is None:
-            return
-        message = decode_json(data)
-        self.directory.replace_node(peer, {bytes.fromhex(k): n for k, n in message["sizes"].items()})
-        self._known_directory[peer] = message["version"]
-
-    def _read_migrations(self, peer: int, announced: int) -> None:
-        while self._migrations_read[peer] < announced:
-            self._migrations_read[peer] += 1
-            key = self._key("migrate", peer, self.node_id, self._migrations_read[peer])
-            data = self._store_read(key)
-            if data is None:
-                continue
-            payloads = decode_entries(data)
-            stored = self.entry_store.import_entries(payloads) if self.entry_store is not None else 0
-            self._store_call(self.transport.store.delete_key, key)
-            self.counters["migrated_in_entries"] += stored
-            self.counters["migrated_in_bytes"] += len(data)
-
-    def _read_evictions(self, peer: int, announced: int) -> None:
-        while self._evictions_read[peer] < announced:
-            self._evictions_read[peer] += 1
-            data = self._store_read(self._key("evict", peer, self._evictions_read[peer]))
-            if data is not None:
-                share = int(decode_json(data).get(str(self.node_id), 0))
-                self._evict_local_share(share)
+        self.entries.publish(remote=self.transport is not None and self._started)
 
     def _evict_local_share(self, share_bytes: int) -> int:
-        if self.entry_store is None or share_bytes <= 0:
-            return 0
-        infos = self.entry_store.entry_infos()
-        replicated = {
-            info.key
-            for info in infos
-            if any(self._reachable(n) for n in self.directory.holders(info.key) if n != self.node_id)
-        }
-        owned = {
-            key
-            for root, chain in chains_parent_first(infos).items()
-            if self.node_id in self.ring.get_nodes(root, self.replication_factor)
-            for key in (info.key for info in chain)
-        }
-        victims = plan_local_eviction(infos, share_bytes, replicated, owned)
-        freed = self.entry_store.remove_entries(victims)
-        self.counters["evicted_bytes"] += freed
+        freed = self.entries.evict_share(share_bytes, self.ring, self.replication_factor, self._reachable)
         self._publish_local_entries()
         return freed
-
-    def _migration_step(self, round_no: int) -> None:
-        if self.entry_store is None:
-            return
-        infos = self.entry_store.entry_infos()
-        self._recently_sent = {k: r for k, r in self._recently_sent.items() if round_no - r < _RESEND_AFTER_ROUNDS}
-        plan = plan_migration(
-            self.node_id,
-            infos,
-            self.ring,
-            self.directory,
-            self.replication_factor,
-            skip=self._recently_sent,
-            keep_copies=self.node.state == NodeState.ACTIVE,
-        )
-        sizes = {info.key: info.nbytes for info in infos}
-        budget = int(self.config.migration_mb_per_step * MIB)
-        busy: set[int] = set()  # one batch in flight per target: the next goes once the last was read
-        sent_any = False
-        for step in split_into_steps(plan.transfers, sizes, budget):
-            target = step.target
-            if target in busy or not self._reachable(target) or (sent_any and step.nbytes > budget):
-                continue
-            pending = self._key("migrate", self.node_id, target, self._migrations_sent[target])
-            if self._migrations_sent[target] and self._store_read(pending) is not None:
-                busy.add(target)
-                continue
-            payloads = self.entry_store.export_entries(step.keys)
-            if not payloads:
-                continue
-            self._migrations_sent[target] += 1
-            data = encode_entries(payloads)
-            self._post(self._key("migrate", self.node_id, target, self._migrations_sent[target]), data)
-            busy.add(target)
-            for key in step.keys:
-                self._recently_sent[(key, target)] = round_no
-            budget -= step.nbytes
-            sent_any = True
-            self.counters["migrated_out_entries"] += len(payloads)
-            self.counters["migrated_out_bytes"] += step.nbytes
-            self.counters["migration_steps"] += 1
-            self.counters["largest_migration_step_bytes"] = max(self.counters["largest_migration_step_bytes"], step.nbytes)
-        if plan.drops:
-            freed = self.entry_store.remove_entries(plan.drops)
-            self.counters["handed_over_bytes"] += freed
-            self._publish_local_entries()
-
-    def _local_entry_count(self) -> int:
-        return 0 if self.entry_store is None else len(self.entry_store.entry_infos())
 
     # ------------------------------------------------------------------ membership
     def _peers(self) -> list[int]:
@@ -521,12 +403,9 @@ class CacheCoordinator:
         for n, weight in sorted(members.items()):
             ring.add_node(n, weight)
         self.ring = ring
-        self._recently_sent.clear()
         for gone in before - set(members):
             if not self._reachable(gone) or self.nodes[gone].state == NodeState.OFFLINE:
-                # what it held cannot be served from here any more
-                self.directory.drop_node(gone)
-                self._known_directory.pop(gone, None)
+                self.entries.forget(gone)
         self.counters["ring_changes"] += 1
         logger.info("rank %d: ring is now %s", self.node_id, sorted(members))
 
@@ -536,19 +415,19 @@ class CacheCoordinator:
             return
         for peer in range(self.transport.world_size):
             if peer != self.node_id and (peer not in self.nodes or self.nodes[peer].state == NodeState.OFFLINE):
-                data = self._store_read(self._key("node", peer))
+                data = self.transport.read_or_none(self._key("node", peer))
                 if data is not None:
                     self.nodes[peer] = NodeInfo.from_json(data)
 
     def _publish_node(self) -> None:
         if self.transport is not None and self._started:
-            self._store_call(self.transport.store.set, self._key("node", self.node_id), self.node.to_json())
+            self.transport.post(self._key("node", self.node_id), self.node.to_json())
 
     def _peer_round(self, peer: int) -> int:
-        return int(self._store_call(self.transport.store.add, self._key("round_no", peer), 0))
+        return self.transport.add(self._key("round_no", peer), 0)
 
     def _peer_left(self, peer: int) -> bool:
-        data = self._store_read(self._key("node", peer))
+        data = self.transport.read_or_none(self._key("node", peer))
         return data is not None and NodeInfo.from_json(data).state == NodeState.OFFLINE
 
     # ------------------------------------------------------------------ guarded calls
@@ -577,22 +456,8 @@ class CacheCoordinator:
                 self._refresh_ring()
             return None
 
-    def _store_call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return self.transport.store_breaker.call(fn, *args)
-
-    def _store_read(self, key: str) -> bytes | None:
-        try:
-            return self.transport.read(key)
-        except (dist.DistError, pybreaker.CircuitBreakerError) as exc:
-            self.counters["store_read_failures"] += 1
-            logger.warning("rank %d: store read of %s failed: %s", self.node_id, key, exc)
-            return None
-
-    def _post(self, key: str, payload: bytes) -> None:
-        self.transport.post(key, payload)
-
     def _post_round(self, round_no: int, key: str, payload: bytes) -> None:
-        self._post(key, payload)
+        self.transport.post(key, payload)
         self._posted.setdefault(round_no, []).append(key)
 
     def _forget_posts(self, round_no: int) -> None:

@@ -246,6 +246,22 @@ class StoreTransport:
         """A key's value if present, else None; no waiting (through the store's breaker)."""
         return self.store_breaker.call(self._take, key, False)
 
+    def read_or_none(self, key: str) -> bytes | None:
+        """``read``, with a failing store logged, counted and answered as "not there"."""
+        try:
+            return self.read(key)
+        except (dist.DistError, pybreaker.CircuitBreakerError) as exc:
+            self.counters["store_read_failures"] += 1
+            logger.warning("rank %d: store read of %s failed: %s", self.rank, key, exc)
+            return None
+
+    def exists(self, key: str) -> bool:
+        return self.store_breaker.call(self.store.check, [key])
+
+    def add(self, key: str, amount: int) -> int:
+        """Add to a counter key and return its value (``amount=0`` reads it), through the store's breaker."""
+        return int(self.store_breaker.call(self.store.add, key, amount))
+
     def _take(self, key: str, delete: bool) -> bytes | None:
         """The message if it is there; None if not (or if it vanished between ``check`` and ``get``)."""
         if not self.store.check([key]):
