@@ -2,10 +2,11 @@
 
 The file tree follows the data flow: ``hash_ring`` (who owns a key) ->
 ``nodes`` (the cluster view) -> ``routing`` (who serves a prompt) ->
-``transport`` (bounded messages between processes) -> ``coordinator`` (rounds,
-migration, global eviction) over a ``local_store`` (one process's prefix store;
+``transport`` (bounded messages between processes, ``payloads`` on the wire)
+-> ``coordinator`` (rounds) and ``entry_exchange`` (directories, migration
+batches, eviction orders) over a ``local_store`` (one process's prefix store;
 ``prefix_adapter`` for ``PrefixStore``). ``migration`` and ``eviction`` are the
-pure planning parts.
+pure planning parts; ``serving`` wires a hooked model in.
 """
 
 from .coordinator import CacheCoordinator, EvictionReport, create_distributed_cache_optimizer

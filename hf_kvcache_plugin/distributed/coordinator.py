@@ -14,8 +14,9 @@ data-parallel loop); a round is:
    served, so nobody waits for what will not come);
 4. read the results of prompts served elsewhere; whatever did not come (dead
    peer, open breaker, diverging plan) is served locally: no prompt is lost;
-5. one migration step: send entries whose owners changed, at most
-   ``migration_mb_per_step``; drop copies every owner now holds.
+5. one migration step (``entry_exchange``): send chunks whose owners lack
+   them, at most ``migration_mb_per_step``; a draining process drops what
+   every owner now holds.
 
 Reads are bounded (see ``transport``): a dead peer is noticed within the
 heartbeat timeout and its breaker opens after repeated failures; while open,
