@@ -21,6 +21,7 @@ from .quantization import SUPPORTED_BITS
 __all__ = [
     "BreakerConfig",
     "CacheConfig",
+    "DistributedConfig",
     "HealthConfig",
     "HealthServerConfig",
     "LayerOverride",
@@ -356,11 +357,69 @@ class SizerConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Settings of ``CacheCoordinator``: one prefix cache across the processes of a launch.
+
+    Each process's store joins a consistent-hash ring with ``virtual_nodes``
+    points per unit of capacity (``capacity_mb``; ``None``: the prefix store's
+    ``max_size_mb``); every chain of prefix chunks lives on
+    ``replication_factor`` processes. A round routes each prompt to a process
+    holding its prefix, no process taking more than ``(1 + load_slack)`` times
+    the mean. Peers are declared dead after ``heartbeat_timeout_s`` without a
+    heartbeat; a live but slow peer is waited for at most ``round_timeout_s``
+    per exchange; after ``breaker_fail_max`` failures in a row a peer's circuit
+    breaker opens for ``breaker_reset_s``, and meanwhile its work is done
+    locally. Migration sends at most ``migration_mb_per_step`` MiB per round.
+    ``store_port``: only when not launched by torchrun / ``accelerate launch``,
+    the port where rank 0 hosts the coordinator's store.
+    """
+
+    replication_factor: int = 2
+    virtual_nodes: int = 128
+    capacity_mb: float | None = None
+    load_slack: float = 0.25
+    migration_mb_per_step: float = 16.0
+    heartbeat_interval_s: float = 0.5
+    heartbeat_timeout_s: float = 5.0
+    round_timeout_s: float = 300.0
+    startup_timeout_s: float = 120.0
+    breaker_fail_max: int = 3
+    breaker_reset_s: float = 30.0
+    store_port: int | None = None
+    namespace: str = "hf_kvcache"
+
+    def __post_init__(self) -> None:
+        for name in ("replication_factor", "virtual_nodes", "breaker_fail_max"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` has to be an integer >= 1 but got {getattr(self, name)}")
+        positive = ("migration_mb_per_step", "heartbeat_interval_s", "heartbeat_timeout_s", "round_timeout_s")
+        for name in positive + ("startup_timeout_s", "breaker_reset_s"):
+            value = getattr(self, name)
+            if value < 0 or (name in positive and value == 0):
+                raise ValueError(f"`{name}` has to be a number {'> 0' if name in positive else '>= 0'} but got {value}")
+        if self.capacity_mb is not None and self.capacity_mb <= 0:
+            raise ValueError(f"`capacity_mb` has to be a number > 0 or null but got {self.capacity_mb}")
+        if self.load_slack < 0:
+            raise ValueError(f"`load_slack` has to be a number >= 0 but got {self.load_slack}")
+        if self.heartbeat_timeout_s <= 2 * self.heartbeat_interval_s:
+            raise ValueError(
+                f"`heartbeat_timeout_s` ({self.heartbeat_timeout_s}) has to exceed twice `heartbeat_interval_s` "
+                f"({self.heartbeat_interval_s}), or one late beat would declare a live peer dead"
+            )
+        if self.store_port is not None and not 0 < self.store_port < 65536:
+            raise ValueError(f"`store_port` has to be a port in [1, 65535] or null but got {self.store_port}")
+        if not self.namespace or "/" in self.namespace:
+            raise ValueError(f"`namespace` has to be a non-empty string without '/' but got {self.namespace!r}")
+
+
+@dataclass
 class PluginConfig:
     """The whole YAML file. ``model`` is a Hugging Face id or a local path.
 
     A ``prefix_store:`` section (a mapping, possibly empty) turns prefix reuse
-    on; ``sizer:`` adds the adaptive budget and needs ``prefix_store:``.
+    on; ``sizer:`` adds the adaptive budget and needs ``prefix_store:``;
+    ``distributed:`` makes the processes of a launch share their prefix stores
+    and needs ``prefix_store:``.
     """
 
     model: str | None = None
@@ -368,12 +427,15 @@ class PluginConfig:
     serving: ServingConfig = field(default_factory=ServingConfig)
     prefix_store: PrefixStoreConfig | None = None
     sizer: SizerConfig | None = None
+    distributed: DistributedConfig | None = None
 
     def __post_init__(self) -> None:
         if self.prefix_store is not None:
             check_prefix_reuse_settings(self.cache, self.prefix_store.chunk_size)
         if self.sizer is not None and self.prefix_store is None:
             raise ValueError("`sizer` sizes the prefix store's budget; it needs a `prefix_store` section too")
+        if self.distributed is not None and self.prefix_store is None:
+            raise ValueError("`distributed` shares the prefix stores of processes; it needs a `prefix_store` section too")
 
 
 def check_prefix_reuse_settings(cache: CacheConfig, chunk_size: int) -> None:

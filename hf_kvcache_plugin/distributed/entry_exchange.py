@@ -1,0 +1,209 @@
+"""``EntryExchange``: what moves between processes besides prompts: key sets, entries, eviction orders.
+
+- *Directory*: each process publishes its whole key set (with sizes) under
+  one store key when it changes, and a version number in its round view;
+  others re-read it when the version moves. Whole sets, not deltas, so a
+  missed update is repaired by the next one.
+- *Migration*: a process sends the chunks ``migration.plan_migration`` gives
+  it as numbered batches (the stored quantized blocks, ``torch.save``d), at
+  most ``max_bytes_per_step`` per round and one batch in flight per target;
+  its view announces how many it sent to each target, and the target imports
+  them (and deletes the key) when it reads that view.
+- *Global eviction*: an order (bytes per process) is posted once and
+  announced the same way; each process frees its share when it reads it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+from .eviction import plan_local_eviction
+from .hash_ring import ConsistentHashRing
+from .local_store import EntryStore, chains_parent_first
+from .migration import plan_migration, split_into_steps
+from .nodes import EntryDirectory
+from .payloads import decode_entries, decode_json, encode_entries, encode_json
+from .transport import StoreTransport
+
+__all__ = ["EntryExchange"]
+
+_RESEND_AFTER_ROUNDS = 8  # a migrated chunk the directory still does not show at its target is sent again
+
+
+class EntryExchange:
+    """One process's side of the directory, migration and eviction traffic; see the module docstring.
+
+    ``transport`` None: one process; only the local directory is kept.
+    ``counters`` is the coordinator's, so that ``stats()`` shows these figures too.
+    """
+
+    def __init__(
+        self,
+        node_id: int,
+        entry_store: EntryStore | None,
+        directory: EntryDirectory,
+        transport: StoreTransport | None,
+        counters: Counter[str],
+        max_bytes_per_step: int,
+    ):
+        self.node_id = node_id
+        self.entry_store = entry_store
+        self.directory = directory
+        self.transport = transport
+        self.counters = counters
+        self.max_bytes_per_step = max_bytes_per_step
+        self.directory_version = 0
+        self._published_sizes: dict[bytes, int] | None = None
+        self._known_versions: dict[int, int] = {}
+        self.migrations_sent: Counter[int] = Counter()
+        self._migrations_read: Counter[int] = Counter()
+        self._recently_sent: dict[tuple[bytes, int], int] = {}
+        self.evictions_posted = 0
+        self._evictions_read: Counter[int] = Counter()
+
+    def _key(self, *parts: object) -> str:
+        return self.transport.key(*parts)
+
+    def announcements(self) -> dict:
+        """What this process's round view carries for the others."""
+        return {
+            "directory_version": self.directory_version,
+            "migrations": {str(t): n for t, n in self.migrations_sent.items()},
+            "evictions": self.evictions_posted,
+        }
+
+    def absorb(self, peer: int, view: dict, evict_share: Callable[[int], int]) -> None:
+        """Act on a peer's announcements: re-read its directory, import its batches, apply its orders."""
+        self._read_directory(peer, view["directory_version"])
+        self._read_migrations(peer, int(view["migrations"].get(str(self.node_id), 0)))
+        self._read_evictions(peer, int(view["evictions"]), evict_share)
+
+    def forget(self, peer: int) -> None:
+        """``peer`` is gone or cut off: what it held cannot be served from here."""
+        self.directory.drop_node(peer)
+        self._known_versions.pop(peer, None)
+
+    def entry_count(self) -> int:
+        return 0 if self.entry_store is None else len(self.entry_store.entry_infos())
+
+    # ------------------------------------------------------------------ directory
+    def publish(self, remote: bool) -> None:
+        """Put this process's key set in the directory and, with ``remote`` and when it changed, in the store."""
+        if self.entry_store is None:
+            return
+        sizes = {info.key: info.nbytes for info in self.entry_store.entry_infos()}
+        if sizes == self._published_sizes:
+            return
+        self._published_sizes = sizes
+        self.directory.replace_node(self.node_id, sizes)
+        if remote and self.transport is not None:
+            self.directory_version += 1
+            message = {"version": self.directory_version, "sizes": {k.hex(): n for k, n in sizes.items()}}
+            self.transport.post(self._key("directory", self.node_id), encode_json(message))
+
+    def _read_directory(self, peer: int, version: int) -> None:
+        if self._known_versions.get(peer) == version:
+            return
+        data = self.transport.read_or_none(self._key("directory", peer))
+        if data is None:
+            return
+        message = decode_json(data)
+        self.directory.replace_node(peer, {bytes.fromhex(k): n for k, n in message["sizes"].items()})
+        self._known_versions[peer] = message["version"]
+
+    # ------------------------------------------------------------------ migration
+    def migration_step(
+        self,
+        round_no: int,
+        ring: ConsistentHashRing,
+        replication_factor: int,
+        keep_copies: bool,
+        reachable: Callable[[int], bool],
+    ) -> None:
+        """Send this round's share of the migration plan; drop what owners now hold (when draining)."""
+        if self.entry_store is None or self.transport is None:
+            return
+        infos = self.entry_store.entry_infos()
+        self._recently_sent = {k: r for k, r in self._recently_sent.items() if round_no - r < _RESEND_AFTER_ROUNDS}
+        plan = plan_migration(
+            self.node_id, infos, ring, self.directory, replication_factor, skip=self._recently_sent,
+            keep_copies=keep_copies,
+        )
+        sizes = {info.key: info.nbytes for info in infos}
+        budget = self.max_bytes_per_step
+        busy: set[int] = set()  # one batch in flight per target: the next goes once the last was read
+        for step in split_into_steps(plan.transfers, sizes, self.max_bytes_per_step):
+            target = step.target
+            oversized = step.nbytes > budget and budget < self.max_bytes_per_step  # only a first step may exceed
+            if target in busy or oversized or not reachable(target):
+                continue
+            busy.add(target)
+            if self.migrations_sent[target] and self.transport.exists(self._batch_key(self.node_id, target)):
+                continue
+            payloads = self.entry_store.export_entries(step.keys)
+            if not payloads:
+                continue
+            self.migrations_sent[target] += 1
+            self.transport.post(self._batch_key(self.node_id, target), encode_entries(payloads))
+            for key in step.keys:
+                self._recently_sent[(key, target)] = round_no
+            budget -= step.nbytes
+            self.counters["migrated_out_entries"] += len(payloads)
+            self.counters["migrated_out_bytes"] += step.nbytes
+            self.counters["migration_steps"] += 1
+            self.counters["largest_migration_step_bytes"] = max(self.counters["largest_migration_step_bytes"], step.nbytes)
+        if plan.drops:
+            self.counters["handed_over_bytes"] += self.entry_store.remove_entries(plan.drops)
+            self.publish(remote=True)
+
+    def _batch_key(self, source: int, target: int, number: int | None = None) -> str:
+        number = self.migrations_sent[target] if number is None else number
+        return self._key("migrate", source, target, number)
+
+    def _read_migrations(self, peer: int, announced: int) -> None:
+        while self._migrations_read[peer] < announced:
+            self._migrations_read[peer] += 1
+            key = self._batch_key(peer, self.node_id, self._migrations_read[peer])
+            data = self.transport.read_or_none(key)
+            if data is None:
+                continue
+            stored = self.entry_store.import_entries(decode_entries(data)) if self.entry_store is not None else 0
+            self.transport.delete([key])  # also tells the sender the next batch may go
+            self.counters["migrated_in_entries"] += stored
+            self.counters["migrated_in_bytes"] += len(data)
+
+    # ------------------------------------------------------------------ global eviction
+    def post_eviction(self, shares: dict[int, int]) -> None:
+        self.evictions_posted += 1
+        self.transport.post(self._key("evict", self.node_id, self.evictions_posted),
+                            encode_json({str(n): b for n, b in shares.items()}))
+
+    def _read_evictions(self, peer: int, announced: int, evict_share: Callable[[int], int]) -> None:
+        while self._evictions_read[peer] < announced:
+            self._evictions_read[peer] += 1
+            data = self.transport.read_or_none(self._key("evict", peer, self._evictions_read[peer]))
+            if data is not None:
+                evict_share(int(decode_json(data).get(str(self.node_id), 0)))
+
+    def evict_share(
+        self, share_bytes: int, ring: ConsistentHashRing, replication_factor: int, reachable: Callable[[int], bool]
+    ) -> int:
+        """Free at least ``share_bytes`` here: unowned copies, then replicas, then sole copies; coldest first."""
+        if self.entry_store is None or share_bytes <= 0:
+            return 0
+        infos = self.entry_store.entry_infos()
+        replicated = {
+            info.key
+            for info in infos
+            if any(reachable(n) for n in self.directory.holders(info.key) if n != self.node_id)
+        }
+        owned = {
+            info.key
+            for root, chain in chains_parent_first(infos).items()
+            if self.node_id in ring.get_nodes(root, replication_factor)
+            for info in chain
+        }
+        freed = self.entry_store.remove_entries(plan_local_eviction(infos, share_bytes, replicated, owned))
+        self.counters["evicted_bytes"] += freed
+        return freed

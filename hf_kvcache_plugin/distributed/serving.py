@@ -1,0 +1,95 @@
+"""Wiring a hooked model into a ``CacheCoordinator``: the rank, the store, the serve function, the keys."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..config import DistributedConfig
+from ..hook import PrefixCacheHook
+from ..prefix_store import chunk_keys
+from .coordinator import CacheCoordinator
+from .nodes import NodeInfo
+from .prefix_adapter import PrefixStoreAdapter
+from .transport import StoreTransport, connect_store
+
+__all__ = ["attach_coordinator", "generate_new_tokens", "launch_rank"]
+
+
+def launch_rank() -> tuple[int, int]:
+    """(rank, world size) of this process: torch.distributed if initialised, else the launcher's environment."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+@torch.inference_mode()
+def generate_new_tokens(model: Any, prompts: Sequence[Sequence[int]], pad_token_id: int, **generate_kwargs: Any
+                        ) -> list[list[int]]:
+    """One left-padded ``model.generate`` over token lists; the new tokens of each row (padding removed)."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt):] = 1
+    device = getattr(model, "device", torch.device("cpu"))
+    out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), pad_token_id=pad_token_id,
+                         **generate_kwargs)
+    sequences = out if isinstance(out, torch.Tensor) else out.sequences
+    new = sequences[:, width:].tolist()
+    eos = generate_kwargs.get("eos_token_id", getattr(model.generation_config, "eos_token_id", None))
+    eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+    # rows that stopped early are padded to the batch's length; cut them after their end token
+    return [row[: next((i + 1 for i, t in enumerate(row) if t in eos), len(row))] for row in new]
+
+
+def attach_coordinator(
+    hook: PrefixCacheHook,
+    config: DistributedConfig | None = None,
+    *,
+    pad_token_id: int = 0,
+    generate_kwargs: dict[str, Any] | None = None,
+    wait_for: int | None = None,
+) -> CacheCoordinator:
+    """A started ``CacheCoordinator`` for this process of the launch, serving with ``hook``'s model and store.
+
+    One process (no distributed launch): no transport, ``generate`` serves locally.
+    """
+    config = config or DistributedConfig()
+    rank, world_size = launch_rank()
+    transport = None
+    if world_size > 1:
+        # a store operation on a live store takes well under a millisecond: a short op timeout keeps a
+        # vanished key or a lost store from blocking a rank for long
+        store = connect_store(rank, world_size, config.store_port, timeout_s=config.heartbeat_timeout_s)
+        transport = StoreTransport(
+            store,
+            rank,
+            world_size,
+            namespace=config.namespace,
+            heartbeat_interval_s=config.heartbeat_interval_s,
+            heartbeat_timeout_s=config.heartbeat_timeout_s,
+            breaker_fail_max=config.breaker_fail_max,
+            breaker_reset_s=config.breaker_reset_s,
+        )
+    namespace = hook.namespace
+    chunk = hook.store.chunk_size
+    node = NodeInfo(
+        rank, f"{socket.gethostname()}:{os.getpid()}", config.capacity_mb or hook.store.max_size_mb or 1.0
+    )
+    coordinator = CacheCoordinator(
+        node,
+        config,
+        entry_store=PrefixStoreAdapter(hook.store),
+        transport=transport,
+        serve_batch=lambda prompts: generate_new_tokens(hook.model, prompts, pad_token_id, **(generate_kwargs or {})),
+        # the hook never reuses a prompt's last token (its logits start generation): route on the rest
+        prompt_keys=lambda prompt: chunk_keys(namespace, list(prompt)[:-1], chunk),
+    )
+    return coordinator.start(wait_for=wait_for)

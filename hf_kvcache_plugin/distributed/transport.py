@@ -1,0 +1,331 @@
+"""Messages between processes through the c10d ``TCPStore``, each receive bounded in time.
+
+Why not gloo collectives: a collective needs every rank. With one rank stopped,
+``all_gather_object`` on gloo blocks every other rank until the process-group
+timeout, and after that timeout gloo closes the pair ("Application timeout
+caused pair closure"): every later collective on the group fails at once, even
+if the peer comes back. A group cannot drop a member either. So a dead peer
+would stall every rank and then end coordination for good.
+
+What this module does instead: a message is a key in the c10d store that
+``torchrun`` (and ``accelerate launch``, which runs torchrun) already hosts in
+its agent process, outside every worker, so it outlives any worker. Sending is
+a ``set``; receiving polls ``check`` until the key is there, and gives up when
+
+- the peer's heartbeat counter (bumped by a thread every ``heartbeat_interval_s``)
+  has not moved for ``heartbeat_timeout_s``: the peer is dead or stopped;
+- the peer declared itself OFFLINE: it left;
+- the peer is two rounds behind, or past the message's round without having
+  posted it: out of step (it will resynchronise; nothing to wait for);
+- the call's deadline passes: the peer is alive but too slow.
+
+So a live process learns within ``heartbeat_timeout_s`` that a peer died,
+without hanging. Every receive from a peer goes through that peer's
+``pybreaker.CircuitBreaker``: deaths and deadlines count as failures, leaving
+and being out of step do not. An open breaker refuses at once (the caller
+serves locally) until ``reset_timeout`` lets one trial through. Writes to the
+store go through one more breaker, for the store itself.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+
+import pybreaker
+import torch.distributed as dist
+
+__all__ = [
+    "BreakerEvents",
+    "PeerDead",
+    "PeerLeft",
+    "PeerOutOfStep",
+    "PeerTimeout",
+    "PeerUnavailable",
+    "StoreTransport",
+    "connect_store",
+]
+
+logger = logging.getLogger(__name__)
+
+_POLL_S = 0.002  # between `check`s of a message key: a round trip to the store on loopback is ~0.1 ms
+_LIVENESS_POLL_S = 0.05  # between reads of a peer's heartbeat, round and state
+
+
+class PeerUnavailable(RuntimeError):
+    """A message from a peer did not come."""
+
+    def __init__(self, peer: int, what: str):
+        super().__init__(f"peer {peer}: {what}")
+        self.peer = peer
+
+
+class PeerDead(PeerUnavailable):
+    """No heartbeat for longer than the heartbeat timeout (crashed, killed, stopped)."""
+
+
+class PeerTimeout(PeerUnavailable):
+    """Alive, but the message did not come before the call's deadline."""
+
+
+class PeerLeft(PeerUnavailable):
+    """The peer declared itself OFFLINE; not a failure."""
+
+
+class PeerOutOfStep(PeerUnavailable):
+    """The peer is in another round, so the message will not come; not a failure."""
+
+
+def connect_store(
+    rank: int, world_size: int, store_port: int | None = None, timeout_s: float = 30.0
+) -> dist.Store:
+    """A client of the rendezvous store of this launch.
+
+    Under ``torchrun`` / ``accelerate launch`` (``TORCHELASTIC_USE_AGENT_STORE=True``)
+    that is the agent's store at ``MASTER_ADDR:MASTER_PORT``, which outlives any
+    worker. Otherwise rank 0 hosts a store on ``store_port``; it then lives and
+    dies with rank 0 (if rank 0 dies, every breaker opens and every rank serves
+    locally).
+    """
+    host = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return dist.TCPStore(host, int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+    if store_port is None:
+        raise ValueError(
+            "not launched by torchrun / accelerate launch (no agent store); set `distributed.store_port` to a free "
+            "port for rank 0 to host the coordinator's store, or launch with torchrun"
+        )
+    return dist.TCPStore(
+        host, store_port, world_size, is_master=rank == 0, timeout=timeout, wait_for_workers=False
+    )
+
+
+class BreakerEvents(pybreaker.CircuitBreakerListener):
+    """Logs and counts every state change of the breakers it listens to."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.transitions: Counter[tuple[str, str]] = Counter()  # (breaker name, new state) -> count
+        self.failures: Counter[str] = Counter()
+        self.opened_at: dict[str, float] = {}  # breaker name -> when it last opened
+
+    def state_change(self, cb: pybreaker.CircuitBreaker, old_state, new_state) -> None:
+        old = old_state.name if old_state is not None else "none"
+        if old == new_state.name:
+            return  # pybreaker re-announces a state it finds already set; not a change
+        self.transitions[(cb.name, new_state.name)] += 1
+        if new_state.name == pybreaker.STATE_OPEN:
+            self.opened_at[cb.name] = self.clock()
+        log = logger.warning if new_state.name == pybreaker.STATE_OPEN else logger.info
+        log("circuit breaker %s: %s -> %s", cb.name, old, new_state.name)
+
+    def failure(self, cb: pybreaker.CircuitBreaker, exc: BaseException) -> None:
+        self.failures[cb.name] += 1
+
+
+class StoreTransport:
+    """Keyed messages between ranks over a c10d store; see the module docstring.
+
+    Args:
+        store: a store client every rank reaches (``connect_store``).
+        namespace: prefix of every key, so two coordinators can share a store.
+        clock: monotonic seconds (injectable for tests of the pure parts).
+    """
+
+    def __init__(
+        self,
+        store: dist.Store,
+        rank: int,
+        world_size: int,
+        *,
+        namespace: str = "hf_kvcache",
+        heartbeat_interval_s: float = 0.5,
+        heartbeat_timeout_s: float = 5.0,
+        breaker_fail_max: int = 3,
+        breaker_reset_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.store = store
+        self.rank = rank
+        self.world_size = world_size
+        self.namespace = namespace
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.clock = clock
+        self.events = BreakerEvents(clock)
+        # a breaker per peer, and one for the store that every write goes through
+        self.breakers = {
+            peer: pybreaker.CircuitBreaker(
+                fail_max=breaker_fail_max,
+                reset_timeout=breaker_reset_s,
+                exclude=[PeerLeft, PeerOutOfStep],
+                listeners=[self.events],
+                name=f"rank{rank}->peer{peer}",
+            )
+            for peer in range(world_size)
+            if peer != rank
+        }
+        self.store_breaker = pybreaker.CircuitBreaker(
+            fail_max=breaker_fail_max, reset_timeout=breaker_reset_s, listeners=[self.events], name=f"rank{rank}->store"
+        )
+        self.counters: Counter[str] = Counter()
+        self._beats: dict[int, tuple[int, float]] = {}  # peer -> (last counter seen, when it last moved)
+        self._stop = threading.Event()
+        self._heartbeat_thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ keys
+    def key(self, *parts: object) -> str:
+        return "/".join([self.namespace, *map(str, parts)])
+
+    # ------------------------------------------------------------------ liveness
+    def start_heartbeat(self) -> None:
+        """Bump this rank's heartbeat counter from a thread, on its own store connection."""
+        if self._heartbeat_thread is not None:
+            return
+        self._stop.clear()
+        store = self.store.clone()
+        key = self.key("heartbeat", self.rank)
+        store.add(key, 1)
+
+        def beat() -> None:
+            while not self._stop.wait(self.heartbeat_interval_s):
+                try:
+                    store.add(key, 1)
+                except dist.DistError as exc:  # the store went away: peers will see us as dead
+                    logger.warning("rank %d: heartbeat failed: %s", self.rank, exc)
+                    self.counters["heartbeat_failures"] += 1
+
+        self._heartbeat_thread = threading.Thread(target=beat, name=f"hf_kvcache-heartbeat-{self.rank}", daemon=True)
+        self._heartbeat_thread.start()
+
+    def stop_heartbeat(self) -> None:
+        self._stop.set()
+        if self._heartbeat_thread is not None:
+            self._heartbeat_thread.join(timeout=2 * self.heartbeat_interval_s + 1)
+            self._heartbeat_thread = None
+
+    def _heartbeat_of(self, peer: int) -> tuple[int, float]:
+        """``peer``'s heartbeat counter and the seconds since it last moved (0 the first time it is read)."""
+        value = self.store.add(self.key("heartbeat", peer), 0)
+        now = self.clock()
+        last = self._beats.get(peer)
+        if last is None or last[0] != value:
+            self._beats[peer] = (value, now)
+            return value, 0.0
+        return value, now - last[1]
+
+    def may_call(self, peer: int) -> bool:
+        """Whether ``peer``'s breaker lets a call through: closed, half-open, or open for longer than its reset
+        timeout (the next call is the trial)."""
+        breaker = self.breakers[peer]
+        if breaker.current_state != pybreaker.STATE_OPEN:
+            return True
+        opened = self.events.opened_at.get(breaker.name)
+        return opened is None or self.clock() - opened >= breaker.reset_timeout
+
+    def breaker_state(self, peer: int) -> str:
+        return self.breakers[peer].current_state
+
+    # ------------------------------------------------------------------ messages
+    def post(self, key: str, payload: bytes) -> None:
+        """Write one message (through the store's breaker)."""
+        self.store_breaker.call(self.store.set, key, payload)
+        self.counters["bytes_posted"] += len(payload)
+
+    def delete(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            self.store_breaker.call(self.store.delete_key, key)
+
+    def read(self, key: str) -> bytes | None:
+        """A key's value if present, else None; no waiting (through the store's breaker)."""
+        return self.store_breaker.call(self._take, key, False)
+
+    def read_or_none(self, key: str) -> bytes | None:
+        """``read``, with a failing store logged, counted and answered as "not there"."""
+        try:
+            return self.read(key)
+        except (dist.DistError, pybreaker.CircuitBreakerError) as exc:
+            self.counters["store_read_failures"] += 1
+            logger.warning("rank %d: store read of %s failed: %s", self.rank, key, exc)
+            return None
+
+    def exists(self, key: str) -> bool:
+        return self.store_breaker.call(self.store.check, [key])
+
+    def add(self, key: str, amount: int) -> int:
+        """Add to a counter key and return its value (``amount=0`` reads it), through the store's breaker."""
+        return int(self.store_breaker.call(self.store.add, key, amount))
+
+    def _take(self, key: str, delete: bool) -> bytes | None:
+        """The message if it is there; None if not (or if it vanished between ``check`` and ``get``)."""
+        if not self.store.check([key]):
+            return None
+        try:
+            payload = self.store.get(key)
+        except dist.DistStoreError:
+            # its poster deleted it after our check: a `get` of a missing key waits for the store's op timeout
+            return None
+        if delete:
+            self.store.delete_key(key)
+        return payload
+
+    def receive(
+        self,
+        peer: int,
+        key: str,
+        timeout_s: float,
+        *,
+        round_no: int | None = None,
+        peer_round: Callable[[int], int] | None = None,
+        peer_left: Callable[[int], bool] | None = None,
+        delete: bool = True,
+    ) -> bytes:
+        """Wait for ``key`` from ``peer`` through its breaker; raises a ``PeerUnavailable``
+        or ``pybreaker.CircuitBreakerError`` (breaker open) instead of hanging."""
+        return self.breakers[peer].call(self._wait, peer, key, timeout_s, round_no, peer_round, peer_left, delete)
+
+    def _wait(
+        self,
+        peer: int,
+        key: str,
+        timeout_s: float,
+        round_no: int | None,
+        peer_round: Callable[[int], int] | None,
+        peer_left: Callable[[int], bool] | None,
+        delete: bool,
+    ) -> bytes:
+        deadline = self.clock() + timeout_s
+        next_liveness = self.clock()
+        beat_at_start: int | None = None
+        while True:
+            payload = self._take(key, delete)
+            if payload is not None:
+                self.counters["bytes_received"] += len(payload)
+                return payload
+            now = self.clock()
+            if now >= next_liveness:
+                next_liveness = now + _LIVENESS_POLL_S
+                if peer_left is not None and peer_left(peer):
+                    raise PeerLeft(peer, "left the cluster")
+                beat, silent = self._heartbeat_of(peer)
+                if silent > self.heartbeat_timeout_s:
+                    self.counters["dead_peer_detections"] += 1
+                    raise PeerDead(peer, f"no heartbeat for {silent:.1f} s")
+                beat_at_start = beat if beat_at_start is None else beat_at_start
+                if round_no is not None and peer_round is not None:
+                    theirs = peer_round(peer)
+                    out_of_step = theirs > round_no or theirs < round_no - 1
+                    # "out of step" needs proof of life (a beat during this wait): a stopped peer also looks
+                    # behind, and must be found dead, not skipped
+                    if out_of_step and beat != beat_at_start and not self.store.check([key]):
+                        raise PeerOutOfStep(peer, f"is in round {theirs}, this message is for round {round_no}")
+            if now >= deadline:
+                self.counters["timeouts"] += 1
+                raise PeerTimeout(peer, f"no message {key!r} within {timeout_s:.1f} s")
+            time.sleep(_POLL_S)

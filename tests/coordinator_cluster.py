@@ -1,0 +1,241 @@
+"""A 3-rank cluster on localhost for tests/test_coordinator_processes.py.
+
+    python tests/coordinator_cluster.py OUT_DIR [--timeout SECONDS]
+
+Does what ``torchrun --nproc_per_node 3`` does, minus the import cost paid
+three times: this process imports everything and loads the model once, forks
+the ranks (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT and
+TORCHELASTIC_USE_AGENT_STORE=True in their environment) and hosts the c10d
+store they rendezvous on, as torchrun's agent does. Each rank initialises a
+gloo process group and runs, each scenario in its own coordinator namespace:
+
+- ``routing``: the same workload with independent stores, then coordinated;
+- ``dead_peer``: rank 2 stops itself (SIGSTOP) while serving a round that the
+  others routed prompts to; ranks 0 and 1 go on;
+- ``drain``: rank 1 drains into rank 0 (rank 2 is stopped by then).
+
+Each rank writes what it saw to ``OUT_DIR/rank<r>.json`` after each scenario.
+This process exits 0 when ranks 0 and 1 did, after killing rank 2, and kills
+every rank still running at ``--timeout``.
+"""
+
+from __future__ import annotations
+
+import os
+
+# before torch is imported: forked ranks must not inherit an OpenMP thread pool
+os.environ["OMP_NUM_THREADS"] = "1"
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from hf_kvcache_plugin import CacheConfig, DistributedConfig, PrefixStore, attach_prefix_cache  # noqa: E402
+from hf_kvcache_plugin.distributed import attach_coordinator, generate_new_tokens  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_MODEL = REPO.parent / "shared" / "models" / "stories260K"
+WORLD = 3
+CHUNK = 32
+NEW_TOKENS = 4
+PREFIXES = 6  # shared prompt beginnings of 2 chunks each
+STORE_MB = 0.12  # about 4 prefixes of stories260K (15 KiB per chunk at int8): no store holds them all
+ROUNDS = 6
+BATCH = 3
+DRAIN_STEP_BYTES = 5 * 15 * 2**10  # about 5 entries per migration step: the handover takes several steps
+GENERATE = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+
+
+def load_model():
+    torch.manual_seed(0)
+    if (REAL_MODEL / "config.json").is_file():
+        return AutoModelForCausalLM.from_pretrained(REAL_MODEL).eval()
+    config = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512)
+    return LlamaForCausalLM(config).eval()
+
+
+def workload(seed: int) -> list[list[list[int]]]:
+    """Batches of prompts: one of a few shared 2-chunk beginnings plus a suffix of this rank's own."""
+    shared = torch.Generator().manual_seed(1234)
+    prefixes = [torch.randint(3, 500, (2 * CHUNK,), generator=shared).tolist() for _ in range(PREFIXES)]
+    own = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(ROUNDS):
+        batch = []
+        for _ in range(BATCH):
+            prefix = prefixes[int(torch.randint(PREFIXES, (1,), generator=own))]
+            length = int(torch.randint(5, 12, (1,), generator=own))
+            batch.append(prefix + torch.randint(3, 500, (length,), generator=own).tolist())
+        batches.append(batch)
+    return batches
+
+
+class Rank:
+    def __init__(self, rank: int, model, out_dir: Path):
+        self.rank, self.model, self.out_dir = rank, model, out_dir
+        self.report: dict = {"rank": rank}
+        self.began = time.monotonic()
+        self.hook = None
+
+    def save(self) -> None:
+        self.report.setdefault("seconds_at_save", []).append(round(time.monotonic() - self.began, 2))
+        path = self.out_dir / f"rank{self.rank}.json"
+        path.with_suffix(".tmp").write_text(json.dumps(self.report))
+        path.with_suffix(".tmp").replace(path)
+
+    def fresh_hook(self, max_size_mb: float = STORE_MB):
+        if self.hook is not None:
+            self.hook.detach()
+        self.hook = attach_prefix_cache(self.model, PrefixStore(max_size_mb=max_size_mb, chunk_size=CHUNK),
+                                        CacheConfig(quant_type="int8", group_size=8, residual_length=32))
+        return self.hook
+
+    def coordinator(self, namespace: str, wait_for: int | None = None, **overrides):
+        config = DistributedConfig(namespace=namespace, replication_factor=1, heartbeat_interval_s=0.1,
+                                   heartbeat_timeout_s=1.0, round_timeout_s=20.0, startup_timeout_s=20.0,
+                                   breaker_fail_max=2, breaker_reset_s=120.0, **overrides)
+        return attach_coordinator(self.hook, config, generate_kwargs=GENERATE, wait_for=wait_for)
+
+    def run(self) -> None:
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
+        batches = workload(seed=100 + self.rank)
+        self.routing(batches)
+        self.dead_peer(batches)
+        self.drain(batches)
+        dist.destroy_process_group()
+
+    def routing(self, batches) -> None:
+        hook = self.fresh_hook()
+        independent = [generate_new_tokens(self.model, batch, 0, **GENERATE) for batch in batches]
+        self.report["independent"] = {"outputs": independent, **{k: hook.stats()[k] for k in ("hit_tokens", "prompt_tokens")}}
+        hook = self.fresh_hook()
+        coordinator = self.coordinator("routing")
+        outputs, served_by = [], []
+        for batch in batches:
+            outputs.append(coordinator.generate(batch))
+            served_by.append([coordinator.last_routes[(self.rank, i)].server for i in range(len(batch))])
+        roots = [[coordinator.prompt_keys(p)[0] for p in batch] for batch in batches]
+        self.report["coordinated"] = {
+            "outputs": outputs,
+            "served_by": served_by,
+            "roots": [[r.hex() for r in batch] for batch in roots],
+            "owners": [[coordinator.get_placement(r)[0] for r in batch] for batch in roots],
+            "stats": coordinator.stats(),
+            **{k: hook.stats()[k] for k in ("hit_tokens", "prompt_tokens")},
+        }
+        coordinator.close()
+        self.save()
+
+    def dead_peer(self, batches) -> None:
+        self.fresh_hook()
+        coordinator = self.coordinator("dead_peer")
+        if self.rank == 2:
+            model = self.model
+
+            def stop_while_serving(prompts):
+                # the others routed prompts here this round: they must notice and recompute them
+                os.kill(os.getpid(), signal.SIGSTOP)
+                return generate_new_tokens(model, prompts, 0, **GENERATE)
+
+            coordinator.generate(batches[0])
+            coordinator.serve_batch = stop_while_serving
+            coordinator.generate(batches[1])
+            return  # not reached: the launcher kills this process
+        started = time.monotonic()
+        answered = [coordinator.generate(batch) for batch in batches]
+        self.report["dead_peer"] = {
+            "answered": [len(o) for o in answered],
+            "asked": [len(b) for b in batches],
+            "all_full_length": all(len(seq) == NEW_TOKENS for o in answered for seq in o),
+            "seconds": time.monotonic() - started,
+            "stats": coordinator.stats(),
+        }
+        coordinator.close()
+        self.save()
+
+    def drain(self, batches) -> None:
+        hook = self.fresh_hook(max_size_mb=64.0)
+        coordinator = self.coordinator("drain", wait_for=2, migration_mb_per_step=DRAIN_STEP_BYTES / 2**20)
+        for batch in batches[:3]:
+            coordinator.generate(batch)
+        keys_before = sorted(info.key.hex() for info in coordinator.entry_store.entry_infos())
+        if self.rank == 1:
+            left = coordinator.drain(timeout_s=20.0)
+            self.report["drain"] = {"left": left, "keys_before": keys_before, "stats": coordinator.stats()}
+        else:
+            rounds = 0
+            while coordinator.nodes.get(1) is not None and coordinator.nodes[1].state.value != "offline" and rounds < 200:
+                coordinator.step()
+                rounds += 1
+            keys_after = sorted(info.key.hex() for info in coordinator.entry_store.entry_infos())
+            self.report["drain"] = {"keys_after": keys_after, "rounds": rounds, "stats": coordinator.stats()}
+        coordinator.close()
+        self.save()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--timeout", type=float, default=45.0)
+    args = parser.parse_args()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    model = load_model()
+    children = []
+    for rank in range(WORLD):
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(write_end)
+            port = int(os.read(read_end, 32))
+            os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True")
+            code = 0
+            try:
+                Rank(rank, model, args.out_dir).run()
+            except BaseException:  # noqa: BLE001 - a rank reports any failure and exits non-zero
+                traceback.print_exc()
+                code = 1
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        os.close(read_end)
+        children.append((pid, write_end))
+    # the store outlives every rank, as torchrun's agent store does
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=args.timeout))
+    for _, write_end in children:
+        os.write(write_end, str(store.port).encode())
+        os.close(write_end)
+    deadline = time.monotonic() + args.timeout
+    codes: dict[int, int] = {}
+    waited = [pid for pid, _ in children[:2]]
+    while len(codes) < len(waited) and time.monotonic() < deadline:
+        for pid in waited:
+            if pid not in codes:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    codes[pid] = os.waitstatus_to_exitcode(status)
+        time.sleep(0.05)
+    for pid, _ in children:
+        if pid not in codes:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    failed = [pid for pid in waited if codes.get(pid) != 0]
+    if failed:
+        print(f"ranks with pids {failed} failed or timed out (exit codes {codes})", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
