@@ -57,6 +57,11 @@ class CacheSpec:
                 )
         raise ValueError(f"`family` has to be one of {list(FAMILIES)} but got {self.family!r}")
 
+    @property
+    def fused(self) -> bool:
+        """Ours read by the ``kvquant_sdpa`` attention (the model must select it; see speed.py)."""
+        return self.family == "ours" and self.options.get("attention") == "fused"
+
     def metadata_bits(self, compute_dtype: torch.dtype) -> float:
         """Bits of scale + zero per element (asymmetric groups): the part of the floor above ``bits``."""
         if self.family == "dynamic":
@@ -96,6 +101,8 @@ def standard_specs(
 
     Peers get the same group size and residual length as ours, so their nominal
     bits per element match; their defaults for the grouping axes are kept.
+    The ``-fused`` variants (same bytes, attention on the packed blocks) are
+    only returned when ``include`` names them: they matter for speed alone.
     """
     g, r = group_size, residual_length
     specs = [
@@ -112,6 +119,10 @@ def standard_specs(
     ]
     if include is None:
         return specs
+    specs += [
+        CacheSpec("ours-int8-fused", "ours", 8, g, r, "int8", {"attention": "fused"}),
+        CacheSpec("ours-int4-fused", "ours", 4, g, r, "int4", {"attention": "fused"}),
+    ]
     unknown = sorted(set(include) - {s.name for s in specs})
     if unknown:
         raise ValueError(f"unknown cache name(s) {unknown}; known: {[s.name for s in specs]}")

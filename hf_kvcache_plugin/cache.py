@@ -37,7 +37,7 @@ from transformers.cache_utils import (
     get_layer_types_and_kwargs,
 )
 
-from .attention import FUSED_STATE_KEY, QUANTIZED_ATTENTION
+from .attention import FUSED_STATE_KEY, QUANTIZED_ATTENTION, register_quantized_attention
 from .blocks import BlockCodec, QuantizedBlocks, dtype_from_name, dtype_name
 from .config import MIXED_AGED_BITS, CacheConfig, PluginConfig, parse_config
 from .quantization import QuantizedTensor
@@ -530,6 +530,22 @@ def _layer_stats(layer: Any) -> dict[str, int]:
     return {**dict.fromkeys(_EMPTY_LAYER_STATS, 0), "seq_length": seq, "residual_bytes": held, "fp_bytes": held}
 
 
+def _select_fused_attention(config: PretrainedConfig | None) -> None:
+    """Make the fused path the default: a model on plain SDPA is switched to ``kvquant_sdpa``.
+
+    ``kvquant_sdpa`` is SDPA for every other cache and for prefill, so the switch
+    changes nothing else the model does; eager, flash and custom attention are the
+    user's explicit choice and are left alone (``enable_quantized_attention``
+    selects it for them). ``attention="dequantize"`` keeps the model untouched.
+    """
+    if config is None or getattr(config.get_text_config(decoder=True), "_attn_implementation", None) != "sdpa":
+        return
+    register_quantized_attention()
+    config._attn_implementation = QUANTIZED_ATTENTION  # the setter carries it to the sub-configs
+    logger.info("QuantizedKVCache: the model now runs %r (SDPA that reads the quantized blocks); "
+                "pass attention='dequantize' to keep plain SDPA", QUANTIZED_ATTENTION)
+
+
 class QuantizedKVCache(Cache):
     """Quantized KV cache for ``model.generate(..., past_key_values=QuantizedKVCache(model.config))``.
 
@@ -570,6 +586,8 @@ class QuantizedKVCache(Cache):
             for i, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs))
         ]
         super().__init__(layers=layers)
+        if self.cache_config.attention == "fused":
+            _select_fused_attention(config)
 
     @staticmethod
     def _model_layout(config, num_layers):

@@ -106,7 +106,8 @@ def _generate(model, cache, prompt, **kwargs):
 @pytest.mark.parametrize("quant_type", ["int8", "int4", "mixed"])
 def test_generation_fused_equals_unfused(model, prompts, quant_type):
     options = dict(group_size=8, residual_length=16, mixed_int8_tokens=16)
-    unfused = [_generate(model, QuantizedKVCache(model.config, quant_type, **options), p) for p in prompts[:3]]
+    plain = dict(options, attention="dequantize")
+    unfused = [_generate(model, QuantizedKVCache(model.config, quant_type, **plain), p) for p in prompts[:3]]
     enable_quantized_attention(model)
     try:
         caches = [QuantizedKVCache(model.config, quant_type, **options) for _ in prompts[:3]]
@@ -119,11 +120,33 @@ def test_generation_fused_equals_unfused(model, prompts, quant_type):
         model.set_attn_implementation("sdpa")
     for a, b in zip(unfused, fused):
         assert torch.equal(a, b)
-    assert torch.equal(beams, _generate(model, QuantizedKVCache(model.config, quant_type, **options), prompts[3],
+    assert torch.equal(beams, _generate(model, QuantizedKVCache(model.config, quant_type, **plain), prompts[3],
                                         num_beams=3))
     assert torch.equal(lookup, _generate(model, QuantizedKVCache(model.config, quant_type, group_size=8,
-                                                                 residual_length=0),
+                                                                 residual_length=0, attention="dequantize"),
                                          torch.cat([prompts[1]] * 3, dim=1), prompt_lookup_num_tokens=8))
+
+
+def test_fused_path_is_the_default_for_sdpa_models(model, prompts, monkeypatch):
+    from hf_kvcache_plugin.cache import QuantizedKVLayer
+
+    model.set_attn_implementation("sdpa")
+    try:
+        untouched = QuantizedKVCache(model.config, "int4", group_size=8, residual_length=8, attention="dequantize")
+        assert model.config._attn_implementation == "sdpa" and not untouched.uses_fused_attention
+        cache = QuantizedKVCache(model.config, "int4", group_size=8, residual_length=8)
+        assert model.config._attn_implementation == "kvquant_sdpa" and cache.uses_fused_attention
+        calls = []
+        original = QuantizedKVLayer._materialize
+        monkeypatch.setattr(QuantizedKVLayer, "_materialize", lambda self: calls.append(1) or original(self))
+        _generate(model, cache, prompts[1])
+        assert calls == [] and cache.get_stats()["quantized_bytes"] > 0
+        # an explicit choice other than SDPA is the user's: left alone
+        model.set_attn_implementation("eager")
+        QuantizedKVCache(model.config, "int4", group_size=8, residual_length=8)
+        assert model.config._attn_implementation == "eager"
+    finally:
+        model.set_attn_implementation("sdpa")
 
 
 def test_fused_path_never_materialises_the_history(fused_model, prompts, monkeypatch):
