@@ -69,7 +69,7 @@ def attach_coordinator(
     store, while entries migrate from and to the ``PrefixStore`` behind it.
     """
     config = config or DistributedConfig()
-    store = hook.store if isinstance(hook.store, PrefixStore) else getattr(hook.store, "store", hook.store)
+    prefix_store = hook.store if isinstance(hook.store, PrefixStore) else getattr(hook.store, "store", hook.store)
     rank, world_size = launch_rank()
     transport = None
     if world_size > 1:
@@ -87,12 +87,13 @@ def attach_coordinator(
             metrics=metrics,
         )
     namespace = hook.namespace
-    chunk = store.chunk_size
-    node = NodeInfo(rank, f"{socket.gethostname()}:{os.getpid()}", config.capacity_mb or store.max_size_mb or 1.0)
+    chunk = prefix_store.chunk_size
+    capacity = config.capacity_mb or prefix_store.max_size_mb or 1.0
+    node = NodeInfo(rank, f"{socket.gethostname()}:{os.getpid()}", capacity)
     coordinator = CacheCoordinator(
         node,
         config,
-        entry_store=PrefixStoreAdapter(store),
+        entry_store=PrefixStoreAdapter(prefix_store),
         transport=transport,
         serve_batch=lambda prompts: generate_new_tokens(hook.model, prompts, pad_token_id, **(generate_kwargs or {})),
         # the hook never reuses a prompt's last token (its logits start generation): route on the rest
