@@ -282,7 +282,7 @@ class CacheCoordinator:
             raise ValueError(f"`prompts` has to be a list of token id lists: {exc}") from exc
         try:
             outputs, recomputed = self._generate(prompts)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - counted, then re-raised as it was
             if self.metrics is not None:
                 self.metrics.record_error(ENTRY_POINT, exc)
             self._count("failed")
