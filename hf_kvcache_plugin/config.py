@@ -370,7 +370,8 @@ class DistributedConfig:
     per exchange; after ``breaker_fail_max`` failures in a row a peer's circuit
     breaker opens for ``breaker_reset_s``, and meanwhile its work is done
     locally; ``breaker_success_threshold`` trial successes close it again
-    (``breaker_config()``: the serving layer's ``BreakerConfig`` of these). Migration sends at most ``migration_mb_per_step`` MiB per round.
+    (``breaker_config()``: the serving layer's ``BreakerConfig`` of these).
+    Migration sends at most ``migration_mb_per_step`` MiB per round.
     ``store_port``: only when not launched by torchrun / ``accelerate launch``,
     the port where rank 0 hosts the coordinator's store.
     """

@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterable
 import pybreaker
 import torch.distributed as dist
 
-from ..config import BreakerConfig
+from ..config import BreakerConfig, DistributedConfig
 from ..serving.breakers import create_breaker
 from ..serving.metrics import ServingMetrics
 
@@ -167,7 +167,7 @@ class StoreTransport:
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.clock = clock
         self.events = BreakerEvents(clock)
-        breaker = breaker or BreakerConfig(fail_max=3)
+        breaker = breaker or DistributedConfig().breaker_config()
         # a breaker per peer, and one for the store that every write goes through; a peer that left or is in
         # another round did not fail
         self.breakers = {
