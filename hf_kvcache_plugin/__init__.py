@@ -28,7 +28,7 @@ from .distributed import (
     create_distributed_cache_optimizer,
 )
 from .hook import PrefixCacheHook, RequestRecord, attach_prefix_cache
-from .prefix_store import PrefixEntry, PrefixMatch, PrefixStore, chunk_keys, model_fingerprint, prefix_namespace
+from .prefix_store import PrefixEntry, PrefixEntryInfo, PrefixMatch, PrefixStore, chunk_keys, model_fingerprint, prefix_namespace
 from .quantization import QuantizedTensor, dequantize, quantize
 from .sizer import (
     AdaptiveSizer,
@@ -86,6 +86,7 @@ __all__ = [
     "PluginConfig",
     "PrefixCacheHook",
     "PrefixEntry",
+    "PrefixEntryInfo",
     "PrefixMatch",
     "PrefixStore",
     "PrefixStoreAdapter",

@@ -369,7 +369,9 @@ class DistributedConfig:
     heartbeat; a live but slow peer is waited for at most ``round_timeout_s``
     per exchange; after ``breaker_fail_max`` failures in a row a peer's circuit
     breaker opens for ``breaker_reset_s``, and meanwhile its work is done
-    locally. Migration sends at most ``migration_mb_per_step`` MiB per round.
+    locally; ``breaker_success_threshold`` trial successes close it again
+    (``breaker_config()``: the serving layer's ``BreakerConfig`` of these).
+    Migration sends at most ``migration_mb_per_step`` MiB per round.
     ``store_port``: only when not launched by torchrun / ``accelerate launch``,
     the port where rank 0 hosts the coordinator's store.
     """
@@ -385,15 +387,18 @@ class DistributedConfig:
     startup_timeout_s: float = 120.0
     breaker_fail_max: int = 3
     breaker_reset_s: float = 30.0
+    breaker_success_threshold: int = 1
     store_port: int | None = None
     namespace: str = "hf_kvcache"
 
     def __post_init__(self) -> None:
-        for name in ("replication_factor", "virtual_nodes", "breaker_fail_max"):
+        for name in ("replication_factor", "virtual_nodes", "breaker_fail_max", "breaker_success_threshold"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` has to be an integer >= 1 but got {getattr(self, name)}")
-        positive = ("migration_mb_per_step", "heartbeat_interval_s", "heartbeat_timeout_s", "round_timeout_s")
-        for name in positive + ("startup_timeout_s", "breaker_reset_s"):
+        positive = (
+            "migration_mb_per_step", "heartbeat_interval_s", "heartbeat_timeout_s", "round_timeout_s", "breaker_reset_s"
+        )
+        for name in positive + ("startup_timeout_s",):
             value = getattr(self, name)
             if value < 0 or (name in positive and value == 0):
                 raise ValueError(f"`{name}` has to be a number {'> 0' if name in positive else '>= 0'} but got {value}")
@@ -410,6 +415,14 @@ class DistributedConfig:
             raise ValueError(f"`store_port` has to be a port in [1, 65535] or null but got {self.store_port}")
         if not self.namespace or "/" in self.namespace:
             raise ValueError(f"`namespace` has to be a non-empty string without '/' but got {self.namespace!r}")
+
+    def breaker_config(self) -> BreakerConfig:
+        """The thresholds of the per-peer (and store) breakers, in the serving layer's terms."""
+        return BreakerConfig(
+            fail_max=self.breaker_fail_max,
+            reset_timeout_s=self.breaker_reset_s,
+            success_threshold=self.breaker_success_threshold,
+        )
 
 
 @dataclass

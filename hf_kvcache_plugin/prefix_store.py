@@ -40,6 +40,7 @@ from .quantization import QuantizedTensor
 
 __all__ = [
     "PrefixEntry",
+    "PrefixEntryInfo",
     "PrefixMatch",
     "PrefixStore",
     "chunk_keys",
@@ -180,6 +181,18 @@ class PrefixMatch:
         return [e.key for e in self.entries]
 
 
+@dataclass(frozen=True)
+class PrefixEntryInfo:
+    """One stored entry as ``PrefixStore.entry_infos`` lists it (a snapshot, no tensors)."""
+
+    key: bytes
+    parent: bytes | None  # the previous chunk's key; None for a prompt's first chunk
+    nbytes: int
+    last_used: int  # a store tick: larger is more recent
+    hits: int
+    pins: int
+
+
 @dataclass
 class _Slot:
     entry: PrefixEntry
@@ -299,6 +312,14 @@ class PrefixStore:
         """The entry under ``key`` (no recency update), or None."""
         slot = self._slots.get(key)
         return None if slot is None else slot.entry
+
+    def entry_infos(self) -> list[PrefixEntryInfo]:
+        """Every stored entry's key, parent, size, recency, hits and pins (no recency update)."""
+        with self._lock:
+            return [
+                PrefixEntryInfo(key, slot.entry.parent, slot.nbytes, slot.last_used, slot.hits, slot.pins)
+                for key, slot in self._slots.items()
+            ]
 
     # ------------------------------------------------------------------ pinning
     def pin(self, keys: Iterable[bytes]) -> None:
@@ -427,6 +448,22 @@ class PrefixStore:
                 if key in self._slots:
                     self._remove(key, "clear")
             return len(victims)
+
+    def remove(self, keys: Iterable[bytes], reason: str = "removed") -> int:
+        """Remove ``keys`` and the chunks extending them; returns the bytes freed.
+
+        Keys not stored are skipped, and so are pinned ones and those a pinned
+        chunk extends (in use). ``on_evict`` hears ``reason`` for each removed
+        key and ``"orphan"`` for what extended it.
+        """
+        with self._lock:
+            before = self._used_bytes
+            for key in keys:
+                slot = self._slots.get(key)
+                if slot is None or slot.pins or self._pinned_below(key):
+                    continue
+                self._remove(key, reason)
+            return before - self._used_bytes
 
     def _evict_to(self, target_bytes: int) -> None:
         if self._used_bytes <= target_bytes:

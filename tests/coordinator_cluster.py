@@ -41,6 +41,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # 
 
 from hf_kvcache_plugin import CacheConfig, DistributedConfig, PrefixStore, attach_prefix_cache  # noqa: E402
 from hf_kvcache_plugin.distributed import attach_coordinator, generate_new_tokens  # noqa: E402
+from hf_kvcache_plugin.serving import ServingMetrics  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_MODEL = REPO.parent / "shared" / "models" / "stories260K"
@@ -86,6 +87,7 @@ class Rank:
         self.report: dict = {"rank": rank}
         self.began = time.monotonic()
         self.hook = None
+        self.metrics = None
 
     def save(self) -> None:
         self.report.setdefault("seconds_at_save", []).append(round(time.monotonic() - self.began, 2))
@@ -104,7 +106,8 @@ class Rank:
         config = DistributedConfig(namespace=namespace, replication_factor=1, heartbeat_interval_s=0.1,
                                    heartbeat_timeout_s=1.0, round_timeout_s=20.0, startup_timeout_s=20.0,
                                    breaker_fail_max=2, breaker_reset_s=120.0, **overrides)
-        return attach_coordinator(self.hook, config, generate_kwargs=GENERATE, wait_for=wait_for)
+        self.metrics = ServingMetrics()
+        return attach_coordinator(self.hook, config, generate_kwargs=GENERATE, wait_for=wait_for, metrics=self.metrics)
 
     def run(self) -> None:
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
@@ -159,6 +162,15 @@ class Rank:
             "all_full_length": all(len(seq) == NEW_TOKENS for o in answered for seq in o),
             "seconds": time.monotonic() - started,
             "stats": coordinator.stats(),
+            "peers_alive": coordinator.peers_alive(),
+            "metrics": {
+                "opens": self.metrics.value("hf_kvcache_breaker_opens_total", breaker=f"rank{self.rank}->peer2"),
+                "fallbacks": sum(self.metrics.value("hf_kvcache_fallbacks_total", component="coordinator",
+                                                    operation="generate", reason=reason) or 0
+                                 for reason in ("peer_unavailable", "store_unavailable")),
+                "degraded": self.metrics.value("hf_kvcache_requests_total", entry_point="coordinator",
+                                               outcome="degraded") or 0,
+            },
         }
         coordinator.close()
         self.save()

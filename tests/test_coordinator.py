@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from hf_kvcache_plugin import (
+    BreakerConfig,
     CacheConfig,
     DistributedConfig,
     NodeInfo,
@@ -176,8 +177,8 @@ def store_pair():
 
 
 def transports(clients, **kwargs) -> list[StoreTransport]:
-    settings = dict(namespace="t", heartbeat_interval_s=0.05, heartbeat_timeout_s=0.5, breaker_fail_max=2,
-                    breaker_reset_s=30.0, clock=StepClock(0.06))
+    settings = dict(namespace="t", heartbeat_interval_s=0.05, heartbeat_timeout_s=0.5,
+                    breaker=BreakerConfig(fail_max=2, reset_timeout_s=30.0), clock=StepClock(0.06))
     return [StoreTransport(c, rank, 2, **{**settings, **kwargs}) for rank, c in enumerate(clients)]
 
 
@@ -190,17 +191,17 @@ def test_a_posted_message_is_received_and_consumed(store_pair):
 
 def test_a_silent_peer_is_declared_dead_and_its_breaker_opens(store_pair, caplog):
     _, b = transports(store_pair)
-    caplog.set_level(logging.WARNING, logger="hf_kvcache_plugin.distributed.transport")
+    caplog.set_level(logging.WARNING, logger="hf_kvcache_plugin.serving.breakers")
     with pytest.raises(PeerDead, match="no heartbeat"):
         b.receive(0, b.key("never"), timeout_s=100.0)
     assert b.breaker_state(0) == pybreaker.STATE_CLOSED
-    with pytest.raises(pybreaker.CircuitBreakerError):  # the second failure trips it
+    with pytest.raises(PeerDead):  # the second failure trips it (and is re-raised as itself)
         b.receive(0, b.key("never"), timeout_s=100.0)
     assert b.breaker_state(0) == pybreaker.STATE_OPEN and not b.may_call(0)
     with pytest.raises(pybreaker.CircuitBreakerError):  # open: refused without waiting
         b.receive(0, b.key("never"), timeout_s=100.0)
     assert b.events.transitions[("rank1->peer0", "open")] == 1
-    assert "rank1->peer0: closed -> open" in caplog.text
+    assert "circuit breaker 'rank1->peer0' opened (closed -> open, last error: PeerDead" in caplog.text
     assert b.counters["dead_peer_detections"] == 2
     b.clock.ticks = itertools.count(10**6)  # past the reset timeout: the next call is the trial
     assert b.may_call(0)

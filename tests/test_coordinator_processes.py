@@ -88,6 +88,11 @@ def test_a_rank_that_stops_answering_opens_the_breaker_and_the_others_answer_eve
         assert 2 not in stats["ring"]
         assert report["seconds"] < 15  # two heartbeat timeouts of 1 s, not a hang
         fallbacks += stats.get("served_local_fallback", 0)
+        # the same events as the serving layer sees them
+        metrics = report["metrics"]
+        assert metrics["opens"] == 1 and report["peers_alive"]["rank2"] is False
+        assert metrics["fallbacks"] == stats.get("served_local_fallback", 0)
+        assert (metrics["degraded"] > 0) == (metrics["fallbacks"] > 0)
     # prompts were routed to rank 2 in the round it stopped in: they were recomputed by their origin
     assert fallbacks >= 1
 

@@ -257,6 +257,37 @@ def test_pinning_a_leaf_protects_its_whole_chain():
     assert len(store) == 0
 
 
+def test_entry_infos_list_parents_sizes_recency_hits_and_pins_without_touching_recency():
+    store = store_of(8)
+    first, second = chain(list(range(2 * CHUNK)), store), chain(list(range(100, 100 + CHUNK)), store)
+    store.put_chain(first)
+    store.put_chain(second)
+    store.lookup(NS, list(range(CHUNK)), pin=True)
+    before = {i.key: i for i in store.entry_infos()}
+    assert set(before) == {e.key for e in first + second}
+    assert before[first[1].key].parent == first[0].key and before[first[0].key].parent is None
+    assert all(i.nbytes == ENTRY_BYTES for i in before.values())
+    assert before[first[0].key].hits == 1 and before[first[0].key].pins == 1 and before[first[1].key].pins == 0
+    assert before[first[0].key].last_used > before[second[0].key].last_used  # looked up after the second put
+    assert {i.key: i for i in store.entry_infos()} == before  # listing is not a use
+
+
+def test_remove_takes_the_chunks_extending_a_key_and_spares_what_is_in_use():
+    removed = []
+    store = store_of(8, on_evict=lambda e, reason: removed.append((e.key, reason)))
+    first, second = chain(list(range(2 * CHUNK)), store), chain(list(range(100, 100 + 2 * CHUNK)), store)
+    store.put_chain(first)
+    store.put_chain(second)
+    store.pin([first[1].key])
+    # pinned leaf keeps its parent; missing keys are skipped
+    assert store.remove([first[0].key, first[1].key, b"missing"]) == 0 and len(store) == 4
+    assert store.remove([second[0].key], reason="coordinator") == 2 * ENTRY_BYTES
+    assert removed == [(second[1].key, "orphan"), (second[0].key, "coordinator")]
+    assert store.used_bytes == 2 * ENTRY_BYTES and store.stats()["evictions"] == 2
+    store.unpin([first[1].key])
+    assert store.remove([first[1].key]) == ENTRY_BYTES and first[0].key in store
+
+
 def test_resize_evicts_until_under_budget_and_rejects_bad_sizes():
     store = store_of(6)
     for i in range(6):

@@ -27,6 +27,13 @@ others' round number, so one stall does not desynchronise the cluster.
 Without a transport (one process, no distributed launch) ``generate`` serves
 locally and the seed-compatible calls (``register_node``, ``get_placement``,
 ``register_entry``, ``trigger_global_eviction``) work on the in-process view.
+
+``generate`` is a serving entry point: given a ``RateLimiter`` it takes a
+token from the caller's ``client`` bucket first (a refused call still takes
+part in the round, without prompts, so the peers are not left waiting), and
+given a ``ServingMetrics`` it counts requests by outcome under the
+``coordinator`` entry point and prompts recomputed locally as fallbacks.
+``peers_alive()`` feeds the health check ``serving.peers_check``.
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ import pybreaker
 import torch.distributed as dist
 
 from ..config import DistributedConfig
+from ..serving.metrics import ServingMetrics
+from ..serving.rate_limit import RateLimiter, RateLimitExceeded
 from .entry_exchange import EntryExchange
 from .eviction import eviction_shares
 from .hash_ring import ConsistentHashRing
@@ -57,6 +66,7 @@ __all__ = ["CacheCoordinator", "EvictionReport", "create_distributed_cache_optim
 logger = logging.getLogger(__name__)
 
 MIB = 2**20
+ENTRY_POINT = "coordinator"  # the entry point and component label in ServingMetrics
 _KEEP_POSTS_ROUNDS = 2  # own messages are deleted this many rounds later (peers one round behind still read them)
 
 ServeBatch = Callable[[list[list[int]]], list[list[int]]]
@@ -92,6 +102,9 @@ class CacheCoordinator:
         serve_batch: generates for a batch of prompts (token lists) with the local
             store; returns the new tokens of each.
         prompt_keys: the chained chunk keys of a prompt, the same in every process.
+        metrics: where requests, local recomputes and errors are counted (the transport's breakers take
+            their own); None for nowhere.
+        limiter: per-client rate limit of ``generate``; None for none.
     """
 
     def __init__(
@@ -103,8 +116,12 @@ class CacheCoordinator:
         transport: StoreTransport | None = None,
         serve_batch: ServeBatch | None = None,
         prompt_keys: PromptKeys | None = None,
+        metrics: ServingMetrics | None = None,
+        limiter: RateLimiter | None = None,
     ):
         self.config = config or DistributedConfig()
+        self.metrics = metrics
+        self.limiter = limiter
         self.node = local_node
         self.entry_store = entry_store
         self.transport = transport
@@ -242,30 +259,85 @@ class CacheCoordinator:
 
     # ------------------------------------------------------------------ rounds
     def step(self) -> None:
-        """A round without prompts: keeps migrations, directories and evictions moving."""
-        self.generate([])
+        """A round without prompts: keeps migrations, directories and evictions moving (never rate-limited)."""
+        self._generate([])
 
-    def generate(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
-        """New tokens for each prompt, in order, served wherever its prefix is; see the module docstring."""
-        prompts = [[int(t) for t in p] for p in prompts]
+    def generate(self, prompts: Sequence[Sequence[int]], *, client: str = "default") -> list[list[int]]:
+        """New tokens for each prompt, in order, served wherever its prefix is; see the module docstring.
+
+        Raises ``RateLimitExceeded`` when ``client`` is over its rate limit (after taking part in the round).
+        """
+        if self.limiter is not None:
+            try:
+                self.limiter.acquire(client)
+            except RateLimitExceeded:
+                self._count("rate_limited")
+                if self.transport is not None and self.node.state != NodeState.OFFLINE:
+                    self._generate([])  # the peers expect this process's view in this round
+                raise
+        try:
+            prompts = [[int(t) for t in p] for p in prompts]
+        except (TypeError, ValueError) as exc:
+            self._count("invalid")
+            raise ValueError(f"`prompts` has to be a list of token id lists: {exc}") from exc
+        try:
+            outputs, recomputed = self._generate(prompts)
+        except Exception as exc:  # noqa: BLE001 - counted, then re-raised as it was
+            if self.metrics is not None:
+                self.metrics.record_error(ENTRY_POINT, exc)
+            self._count("failed")
+            raise
+        self._count("degraded" if recomputed else "served")
+        return outputs
+
+    def _generate(self, prompts: list[list[int]]) -> tuple[list[list[int]], int]:
+        """The outputs, and how many prompts were recomputed here because their server did not answer."""
         if self.transport is None or self.node.state == NodeState.OFFLINE:
             self.counters["served_local"] += len(prompts)
             outputs = self._serve(prompts)
             self._publish_local_entries()
-            return outputs
+            return outputs, 0
         self.start()
+        reason = "peer_unavailable"
         try:
             outputs = self._run_round(prompts)
         except (dist.DistError, pybreaker.CircuitBreakerError) as exc:
             # the store itself failed (its breaker is open, or it went away): this round is served here
             logger.warning("rank %d: round %d served locally, the store failed: %s", self.node_id, self._round, exc)
             self.counters["rounds_without_store"] += 1
-            outputs = {}
+            if self.metrics is not None:
+                self.metrics.record_error(ENTRY_POINT, exc)
+            outputs, reason = {}, "store_unavailable"
         missing = [i for i in range(len(prompts)) if i not in outputs]
         if missing:
             self.counters["served_local_fallback"] += len(missing)
+            if self.metrics is not None:
+                self.metrics.record_fallback(ENTRY_POINT, "generate", reason, len(missing))
             outputs.update(zip(missing, self._serve([prompts[i] for i in missing])))
-        return [outputs[i] for i in range(len(prompts))]
+        return [outputs[i] for i in range(len(prompts))], len(missing)
+
+    def _count(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.requests.labels(ENTRY_POINT, outcome).inc()
+
+    # ------------------------------------------------------------------ health
+    def peers_alive(self) -> dict[str, bool]:
+        """``{"rank<n>": reachable}`` for every known peer that has not left: False while its breaker is open
+        (its prompts are served here). Empty without a transport. For ``serving.peers_check``."""
+        if self.transport is None:
+            return {}
+        return {
+            f"rank{p}": self.transport.breaker_state(p) != pybreaker.STATE_OPEN
+            for p in self._peers()
+            if self.nodes[p].state != NodeState.OFFLINE
+        }
+
+    @property
+    def breakers(self) -> list[pybreaker.CircuitBreaker]:
+        """The transport's breakers (one per peer, one for the store); empty without a transport."""
+        if self.transport is None:
+            return []
+        return [*self.transport.breakers.values(), self.transport.store_breaker]
 
     def _run_round(self, prompts: list[list[int]]) -> dict[int, list[int]]:
         """One round (see the module docstring); returns the outputs that came, by prompt index."""

@@ -4,10 +4,8 @@ Entries leave and enter as the quantized blocks they are (codes, scales and
 zeros of every layer, with their bit width, group size, axis and logical
 shape): a migrated entry is byte-for-byte the entry its source held.
 
-``PrefixStore`` has no public way yet to list its entries with their recency
-or to remove chosen ones; this adapter reads its slots and calls its removal
-under the store's own lock. Those two uses are the only ones of its private
-members, and they are kept here.
+Listing and removal go through ``PrefixStore.entry_infos`` and
+``PrefixStore.remove``: the adapter touches no private member of the store.
 """
 
 from __future__ import annotations
@@ -69,11 +67,7 @@ class PrefixStoreAdapter:
         return self.store.used_bytes
 
     def entry_infos(self) -> list[EntryInfo]:
-        with self.store._lock:
-            return [
-                EntryInfo(key, slot.entry.parent, slot.nbytes, slot.last_used, slot.pins > 0)
-                for key, slot in self.store._slots.items()
-            ]
+        return [EntryInfo(i.key, i.parent, i.nbytes, i.last_used, i.pins > 0) for i in self.store.entry_infos()]
 
     def export_entries(self, keys: Sequence[bytes]) -> list[dict[str, Any]]:
         payloads = []
@@ -107,12 +101,4 @@ class PrefixStoreAdapter:
         return stored
 
     def remove_entries(self, keys: Sequence[bytes]) -> int:
-        store = self.store
-        with store._lock:
-            before = store.used_bytes
-            for key in keys:
-                slot = store._slots.get(key)
-                if slot is None or slot.pins or store._pinned_below(key):
-                    continue
-                store._remove(key, "coordinator")
-            return before - store.used_bytes
+        return self.store.remove(keys, reason="coordinator")

@@ -12,7 +12,9 @@ import torch.distributed as dist
 
 from ..config import DistributedConfig
 from ..hook import PrefixCacheHook
-from ..prefix_store import chunk_keys
+from ..prefix_store import PrefixStore, chunk_keys
+from ..serving.metrics import ServingMetrics
+from ..serving.rate_limit import RateLimiter
 from .coordinator import CacheCoordinator
 from .nodes import NodeInfo
 from .prefix_adapter import PrefixStoreAdapter
@@ -56,12 +58,18 @@ def attach_coordinator(
     pad_token_id: int = 0,
     generate_kwargs: dict[str, Any] | None = None,
     wait_for: int | None = None,
+    metrics: ServingMetrics | None = None,
+    limiter: RateLimiter | None = None,
 ) -> CacheCoordinator:
     """A started ``CacheCoordinator`` for this process of the launch, serving with ``hook``'s model and store.
 
-    One process (no distributed launch): no transport, ``generate`` serves locally.
+    One process (no distributed launch): no transport, ``generate`` serves locally. ``metrics`` receives the
+    breakers' state changes and the coordinator's requests and fallbacks; ``limiter`` rate-limits
+    ``generate`` per client. A hook whose store is hardened (``harden_cache``) serves through the guarded
+    store, while entries migrate from and to the ``PrefixStore`` behind it.
     """
     config = config or DistributedConfig()
+    prefix_store = hook.store if isinstance(hook.store, PrefixStore) else getattr(hook.store, "store", hook.store)
     rank, world_size = launch_rank()
     transport = None
     if world_size > 1:
@@ -75,21 +83,22 @@ def attach_coordinator(
             namespace=config.namespace,
             heartbeat_interval_s=config.heartbeat_interval_s,
             heartbeat_timeout_s=config.heartbeat_timeout_s,
-            breaker_fail_max=config.breaker_fail_max,
-            breaker_reset_s=config.breaker_reset_s,
+            breaker=config.breaker_config(),
+            metrics=metrics,
         )
     namespace = hook.namespace
-    chunk = hook.store.chunk_size
-    node = NodeInfo(
-        rank, f"{socket.gethostname()}:{os.getpid()}", config.capacity_mb or hook.store.max_size_mb or 1.0
-    )
+    chunk = prefix_store.chunk_size
+    capacity = config.capacity_mb or prefix_store.max_size_mb or 1.0
+    node = NodeInfo(rank, f"{socket.gethostname()}:{os.getpid()}", capacity)
     coordinator = CacheCoordinator(
         node,
         config,
-        entry_store=PrefixStoreAdapter(hook.store),
+        entry_store=PrefixStoreAdapter(prefix_store),
         transport=transport,
         serve_batch=lambda prompts: generate_new_tokens(hook.model, prompts, pad_token_id, **(generate_kwargs or {})),
         # the hook never reuses a prompt's last token (its logits start generation): route on the rest
         prompt_keys=lambda prompt: chunk_keys(namespace, list(prompt)[:-1], chunk),
+        metrics=metrics,
+        limiter=limiter,
     )
     return coordinator.start(wait_for=wait_for)

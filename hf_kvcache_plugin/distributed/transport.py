@@ -22,9 +22,12 @@ a ``set``; receiving polls ``check`` until the key is there, and gives up when
 So a live process learns within ``heartbeat_timeout_s`` that a peer died,
 without hanging. Every receive from a peer goes through that peer's
 ``pybreaker.CircuitBreaker``: deaths and deadlines count as failures, leaving
-and being out of step do not. An open breaker refuses at once (the caller
-serves locally) until ``reset_timeout`` lets one trial through. Writes to the
-store go through one more breaker, for the store itself.
+and being out of step do not (nor do ``ValueError``s: bad input). An open
+breaker refuses at once (the caller serves locally) until ``reset_timeout``
+lets one trial through. Writes to the store go through one more breaker, for
+the store itself. The breakers are the serving layer's (``create_breaker``
+with a ``BreakerConfig``, timed on the injectable clock): their state changes
+are logged and, given a ``ServingMetrics``, counted there like the store's.
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ from collections.abc import Callable, Iterable
 
 import pybreaker
 import torch.distributed as dist
+
+from ..config import BreakerConfig, DistributedConfig
+from ..serving.breakers import create_breaker
+from ..serving.metrics import ServingMetrics
 
 __all__ = [
     "BreakerEvents",
@@ -107,7 +114,8 @@ def connect_store(
 
 
 class BreakerEvents(pybreaker.CircuitBreakerListener):
-    """Logs and counts every state change of the breakers it listens to."""
+    """Counts every state change of the breakers it listens to, for ``stats()`` and ``may_call`` (the serving
+    layer's ``BreakerMetricsListener`` logs them and feeds the metrics)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
@@ -122,8 +130,6 @@ class BreakerEvents(pybreaker.CircuitBreakerListener):
         self.transitions[(cb.name, new_state.name)] += 1
         if new_state.name == pybreaker.STATE_OPEN:
             self.opened_at[cb.name] = self.clock()
-        log = logger.warning if new_state.name == pybreaker.STATE_OPEN else logger.info
-        log("circuit breaker %s: %s -> %s", cb.name, old, new_state.name)
 
     def failure(self, cb: pybreaker.CircuitBreaker, exc: BaseException) -> None:
         self.failures[cb.name] += 1
@@ -135,7 +141,9 @@ class StoreTransport:
     Args:
         store: a store client every rank reaches (``connect_store``).
         namespace: prefix of every key, so two coordinators can share a store.
-        clock: monotonic seconds (injectable for tests of the pure parts).
+        breaker: thresholds of every breaker (``DistributedConfig.breaker_config()``).
+        metrics: where breaker states, opens and recoveries are counted; None for nowhere.
+        clock: monotonic seconds, also the breakers' clock (injectable: tests need no sleeps).
     """
 
     def __init__(
@@ -147,8 +155,8 @@ class StoreTransport:
         namespace: str = "hf_kvcache",
         heartbeat_interval_s: float = 0.5,
         heartbeat_timeout_s: float = 5.0,
-        breaker_fail_max: int = 3,
-        breaker_reset_s: float = 30.0,
+        breaker: BreakerConfig | None = None,
+        metrics: ServingMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.store = store
@@ -159,20 +167,19 @@ class StoreTransport:
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.clock = clock
         self.events = BreakerEvents(clock)
-        # a breaker per peer, and one for the store that every write goes through
+        breaker = breaker or DistributedConfig().breaker_config()
+        # a breaker per peer, and one for the store that every write goes through; a peer that left or is in
+        # another round did not fail
         self.breakers = {
-            peer: pybreaker.CircuitBreaker(
-                fail_max=breaker_fail_max,
-                reset_timeout=breaker_reset_s,
-                exclude=[PeerLeft, PeerOutOfStep],
-                listeners=[self.events],
-                name=f"rank{rank}->peer{peer}",
-            )
+            peer: create_breaker(
+                f"rank{rank}->peer{peer}", breaker, metrics=metrics, clock=clock,
+                exclude=(ValueError, PeerLeft, PeerOutOfStep), listeners=[self.events],
+            )  # fmt: skip
             for peer in range(world_size)
             if peer != rank
         }
-        self.store_breaker = pybreaker.CircuitBreaker(
-            fail_max=breaker_fail_max, reset_timeout=breaker_reset_s, listeners=[self.events], name=f"rank{rank}->store"
+        self.store_breaker = create_breaker(
+            f"rank{rank}->store", breaker, metrics=metrics, clock=clock, listeners=[self.events]
         )
         self.counters: Counter[str] = Counter()
         self._beats: dict[int, tuple[int, float]] = {}  # peer -> (last counter seen, when it last moved)

@@ -5,8 +5,12 @@ For one model: a ``ServingMetrics`` registry, a ``MemoryPressureProbe``, a
 consistency), the cached path (the prefix hook with its store behind a
 ``GuardedStore`` when ``prefix_store:`` is configured, else ``model.generate``
 with a ``QuantizedKVCache``), the plain path to recompute on, an optional
-rate limiter, and optionally the HTTP endpoint. ``hf-kvcache serve`` reads
-prompts line by line from stdin and answers each on stdout.
+rate limiter, and optionally the HTTP endpoint. With a ``distributed:``
+section also the ``CacheCoordinator`` of this process (``attach_coordinator``)
+on the same metrics: its breakers join the ``breakers`` check, its peers the
+``peers`` check, and its ``generate`` gets a rate limiter of its own from
+``serving.rate_limit``. ``hf-kvcache serve`` reads prompts line by line from
+stdin and answers each on stdout.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 
@@ -28,10 +32,22 @@ from ..prefix_store import PrefixStore
 from .breakers import create_breaker
 from .degradation import GuardedStore, harden_cache, prefix_store_problems
 from .endpoint import ServingEndpoint
-from .health import HealthChecker, MemoryPressureProbe, breaker_check, consistency_check, system_memory_used_fraction
+from .health import (
+    HealthChecker,
+    MemoryPressureProbe,
+    breaker_check,
+    consistency_check,
+    peers_check,
+    system_memory_used_fraction,
+)
 from .http import HealthServer
 from .metrics import ServingMetrics
 from .rate_limit import RateLimiter, RateLimitExceeded
+
+if TYPE_CHECKING:
+    import pybreaker
+
+    from ..distributed.coordinator import CacheCoordinator
 
 __all__ = ["ServingService", "add_serve_parser", "build_service"]
 
@@ -49,6 +65,13 @@ class ServingService:
     memory: MemoryPressureProbe
     hook: PrefixCacheHook | None = None
     server: HealthServer | None = None
+    coordinator: "CacheCoordinator | None" = None  # with a `distributed:` section
+
+    @property
+    def breakers(self) -> "list[pybreaker.CircuitBreaker]":
+        """Every breaker the service wired: the store's and, with a coordinator, its peers' and store's."""
+        own = [] if self.hook is None else [self.hook.store.breaker]
+        return own + ([] if self.coordinator is None else self.coordinator.breakers)
 
     @property
     def store(self) -> GuardedStore | None:
@@ -63,6 +86,8 @@ class ServingService:
     def close(self) -> None:
         if self.server is not None:
             self.server.stop()
+        if self.coordinator is not None:
+            self.coordinator.close()
         if self.hook is not None:
             self.hook.detach()
 
@@ -84,12 +109,14 @@ def build_service(
     http: bool | None = None,
     http_host: str | None = None,
     http_port: int | None = None,
+    generate_kwargs: dict[str, Any] | None = None,
 ) -> ServingService:
     """Wire the serving pieces for ``model`` from ``config`` (see the module docstring).
 
     ``store`` replaces the one ``prefix_store:`` would build; ``http`` (default:
     ``serving.http.enabled``), ``http_host`` and ``http_port`` override the
-    ``serving.http`` section. Clocks and the memory reader are injectable.
+    ``serving.http`` section. ``generate_kwargs`` go to every ``generate`` the
+    coordinator runs. Clocks and the memory reader are injectable.
     """
     config = config if config is not None else PluginConfig()
     serving = config.serving
@@ -102,14 +129,25 @@ def build_service(
         # the class's generate: never the hook installed on this instance
         return type(model).generate(model, input_ids, **kwargs)
 
-    hook = None
+    hook = coordinator = None
     if config.prefix_store is not None:
         hook = attach_prefix_cache(model, store, config)
         breaker = create_breaker(STORE_COMPONENT, serving.breaker, metrics=metrics, clock=breaker_clock)
         harden_cache(hook, STORE_COMPONENT, metrics=metrics, breaker=breaker, memory_pressure=memory.level)
         raw_store = hook.store.store
-        checker.register("breakers", breaker_check([breaker]))
+        if config.distributed is not None:
+            # imported here: the coordinator's transport builds its breakers with this package
+            from ..distributed.serving import attach_coordinator
+
+            pad = getattr(model.generation_config, "pad_token_id", None)
+            coordinator = attach_coordinator(
+                hook, config.distributed, pad_token_id=0 if pad is None else int(pad),
+                generate_kwargs=generate_kwargs, metrics=metrics, limiter=_limiter(config),
+            )  # fmt: skip
+        checker.register("breakers", breaker_check([breaker, *(coordinator.breakers if coordinator else [])]))
         checker.register("prefix_store", consistency_check(lambda: prefix_store_problems(raw_store), "prefix store"))
+        if coordinator is not None:
+            checker.register("peers", peers_check(coordinator.peers_alive))
         cached = hook.generate
     else:
 
@@ -118,14 +156,19 @@ def build_service(
             metrics.watch_cache(cache, "request")
             return plain(input_ids, **{GENERATE_CACHE_KWARG: cache}, **kwargs)
 
-    limiter = RateLimiter.from_config(serving.rate_limit) if serving.rate_limit.enabled else None
-    endpoint = ServingEndpoint(cached, plain, limiter=limiter, metrics=metrics, clock=clock)
+    endpoint = ServingEndpoint(cached, plain, limiter=_limiter(config), metrics=metrics, clock=clock)
     server = None
     if http if http is not None else serving.http.enabled:
         host = http_host if http_host is not None else serving.http.host
         port = http_port if http_port is not None else serving.http.port
         server = HealthServer(checker, metrics, host, port).start()
-    return ServingService(endpoint, metrics, checker, memory, hook, server)
+    return ServingService(endpoint, metrics, checker, memory, hook, server, coordinator)
+
+
+def _limiter(config: PluginConfig) -> RateLimiter | None:
+    """A fresh limiter (buckets of its own) per entry point, or None when rate limits are off."""
+    limits = config.serving.rate_limit
+    return RateLimiter.from_config(limits) if limits.enabled else None
 
 
 # ---------------------------------------------------------------------- hf-kvcache serve
