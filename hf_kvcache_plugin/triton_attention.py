@@ -5,7 +5,7 @@ path's reference and the path everywhere this one does not apply.
 ``attention.quantized_attention_forward`` calls ``triton_attention_from_layer``
 only for CUDA tensors when triton imports and ``triton_unsupported`` returns
 None. triton is an optional extra (``pip install hf_kvcache_plugin[gpu]``):
-nothing here imports it until a kernel is launched.
+nothing here imports it before a CUDA call asks for it.
 
 Each segment of the layer (sinks, each quantized tier, residual window) is cut
 into splits of ``split_tokens`` tokens; one kernel launch per segment writes a
@@ -15,7 +15,7 @@ history is read by hundreds of programs at once instead of one per head.
 
 from __future__ import annotations
 
-import importlib.util
+import functools
 import math
 
 import torch
@@ -33,8 +33,14 @@ MAX_HEAD_DIM = 256
 TARGET_PROGRAMS = 1024
 
 
+@functools.cache
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    """Whether triton imports (installed and loadable); checked once, and only when a CUDA call asks."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _pow2(n: int, floor: int = 16) -> int:
