@@ -93,12 +93,16 @@ def triton_attention_from_layer(
     scaling: float,
     block_tokens: int = DEFAULT_BLOCK_TOKENS,
     split_tokens: int | None = None,
+    low_precision_dots: bool = False,
 ) -> torch.Tensor:
     """softmax(q K^T * scaling + mask) V over the layer's [sinks | blocks | residual], by Triton kernels.
 
     query: [B, Hq, q, D]; returns [B, Hq, q, Dv] in the query's dtype (accumulated in float32).
     ``split_tokens`` (tokens per program; a multiple of ``block_tokens``) defaults to a size
-    that gives about ``TARGET_PROGRAMS`` programs.
+    that gives about ``TARGET_PROGRAMS`` programs. The matmuls take float32 inputs and exact
+    products unless ``low_precision_dots`` (bf16/fp16 queries only): then K, V and the probabilities
+    are rounded to the query's dtype for tensor cores, still accumulated in float32. That mode is
+    checked on CUDA only: Triton 3.9's interpreter gives wrong results for bf16 ``tl.dot``.
     """
     reason = triton_unsupported(query, layer)
     if reason:
@@ -129,6 +133,11 @@ def triton_attention_from_layer(
     bias_arg = part_max if bias is None else bias  # any pointer; unread when HAS_BIAS is False
     bias_str = (0, 0, 0) if bias is None else tuple(bias.stride())
 
+    import triton.language as tl
+
+    dot_dtype = tl.float32
+    if low_precision_dots:
+        dot_dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(query.dtype, tl.float32)
     first_split, seg_offset = 0, 0
     for (keys, values, length), n_splits in zip(segments, splits):
         if isinstance(keys, QuantizedTensor):
@@ -152,7 +161,7 @@ def triton_attention_from_layer(
             length, seg_offset, split_tokens, first_split, total_splits,
             KEY_BITS=bits[0], VALUE_BITS=bits[1], GROUP=group, CHANNEL_GROUP=channel_group,
             HAS_ZERO=has_zero, HAS_BIAS=bias is not None,
-            ROWS=rows_pad, D=d_pad, DV=dv_pad, BLOCK_N=block_tokens,
+            ROWS=rows_pad, D=d_pad, DV=dv_pad, BLOCK_N=block_tokens, DOT_DTYPE=dot_dtype,
         )
         first_split += n_splits
         seg_offset += length

@@ -85,6 +85,20 @@ def _quantized_value_tile(data, scale, zero, dstr, sstr, b, h, tok, d, valid,
 
 
 @triton.jit
+def _dot(a, b, DOT_DTYPE: tl.constexpr):
+    """a @ b accumulated in float32, with inputs rounded to DOT_DTYPE.
+
+    float32: exact products ("ieee"; tf32 would cost ~1e-3 relative error, far above the fp32 bound).
+    bf16/fp16 (a cache in that dtype): tensor-core inputs; one rounding of K, V and the probabilities
+    stays well inside the bf16 bound, and keeps the matmuls off the slow fp32 path.
+    """
+    if DOT_DTYPE == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE))
+
+
+@triton.jit
 def segment_partials_kernel(
     query, qstr, scaling,
     keys, key_scale, key_zero, kstr, kmeta_str,
@@ -95,7 +109,7 @@ def segment_partials_kernel(
     seg_tokens, seg_offset, split_tokens, first_split, total_splits,
     KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP: tl.constexpr, CHANNEL_GROUP: tl.constexpr,
     HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ROWS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """Partial (max, sum, acc) of one split of one segment. KEY_BITS == 0: the segment is dense.
 
@@ -137,8 +151,7 @@ def segment_partials_kernel(
                                     KEY_BITS, GROUP, HAS_ZERO)
             v = _quantized_value_tile(values, value_scale, value_zero, vstr, vmeta_str, b, h, tok, dv, v_valid,
                                       VALUE_BITS, GROUP, CHANNEL_GROUP, HAS_ZERO)
-        # ieee: tf32 would cost ~1e-3 relative error, far above the fp32 bound
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")  # [ROWS, N]
+        s = _dot(q, tl.trans(k), DOT_DTYPE)  # [ROWS, N]
         s = tl.where(tok_ok[None, :], s, float("-inf"))
         if HAS_BIAS:
             bias = tl.load(keep_bias + b * bias_str[0] + (r % q_len)[:, None] * bias_str[1]
@@ -151,7 +164,7 @@ def segment_partials_kernel(
         alpha = tl.exp(m_i - m_shift)
         p = tl.exp(s - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        acc = acc * alpha[:, None] + _dot(p, v, DOT_DTYPE)
         m_i = m_new
 
     slot = bh * total_splits + first_split + split

@@ -133,6 +133,22 @@ def test_kernel_equals_references_over_random_shapes(
     _check(out, query, layer, mask, scaling)
 
 
+BF16_DOT_IN_INTERPRETER = pytest.mark.skipif(
+    DEVICE == "cpu", reason="Triton 3.9's interpreter computes bf16 tl.dot wrongly (|error| ~1e10 on a 16x16 "
+    "product of N(0, 1) inputs; fp16 is right), so bf16 low-precision matmuls are checked on CUDA only")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=BF16_DOT_IN_INTERPRETER)])
+@pytest.mark.parametrize("quant_type", ["int8", "int4"])
+def test_low_precision_dots_stay_within_the_half_precision_bound(quant_type, dtype):
+    layer = _layer(quant_type, kv_heads=2, head_dim=32, group=16, prefill=90, q_len=1, dtype=dtype, sinks=2)
+    query = torch.randn(1, 8, 1, 32).to(dtype).to(DEVICE)
+    out = triton_attention_from_layer(query, layer, None, 32**-0.5, block_tokens=16, split_tokens=32,
+                                      low_precision_dots=True)
+    assert out.dtype == dtype
+    assert rel_err(out, dequantize_then_sdpa(query, layer, None, 32**-0.5)) <= 1e-2
+
+
 def test_unsupported_layouts_are_named_and_refused():
     cache = create_quantized_kv_cache("int4", num_layers=1, num_heads=1, head_dim=16, group_size=8, residual_length=0,
                                       key_axis="token")
