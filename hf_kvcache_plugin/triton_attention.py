@@ -29,8 +29,9 @@ DEFAULT_BLOCK_TOKENS = 64
 # the query rows of one KV head (n_rep * q_len) live in one program's registers
 MAX_ROWS = 64
 MAX_HEAD_DIM = 256
-# splits per (batch, KV head) are sized so that a launch has about this many programs
-TARGET_PROGRAMS = 1024
+# splits per (batch, KV head) are sized so that a launch has about this many programs: a few per SM of
+# a large GPU (132 on an H100), without making the partials' traffic a large share of the cache's
+TARGET_PROGRAMS = 512
 
 
 @functools.cache
@@ -126,9 +127,9 @@ def triton_attention_from_layer(
 
     rows_pad, d_pad, dv_pad = _pow2(rows), _pow2(d), _pow2(dv)
     device = query.device
-    part_max = torch.empty(b * hkv, total_splits, rows_pad, dtype=torch.float32, device=device)
+    part_max = torch.empty(b * hkv, total_splits, rows, dtype=torch.float32, device=device)
     part_sum = torch.empty_like(part_max)
-    part_acc = torch.empty(b * hkv, total_splits, rows_pad, dv_pad, dtype=torch.float32, device=device)
+    part_acc = torch.empty(b * hkv, total_splits, rows, dv_pad, dtype=torch.float32, device=device)
     bias = _keep_bias(attention_mask, b, q, total, device)
     bias_arg = part_max if bias is None else bias  # any pointer; unread when HAS_BIAS is False
     bias_str = (0, 0, 0) if bias is None else tuple(bias.stride())

@@ -114,7 +114,7 @@ def segment_partials_kernel(
     """Partial (max, sum, acc) of one split of one segment. KEY_BITS == 0: the segment is dense.
 
     query [B, Hq, q, D]; keep_bias [B, q, T_total] (0 or -inf) when HAS_BIAS;
-    part_max / part_sum [B*Hkv, S, ROWS], part_acc [B*Hkv, S, ROWS, DV] (contiguous, float32).
+    part_max / part_sum [B*Hkv, S, rows], part_acc [B*Hkv, S, rows, DV] (contiguous, float32).
     """
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -167,10 +167,12 @@ def segment_partials_kernel(
         acc = acc * alpha[:, None] + _dot(p, v, DOT_DTYPE)
         m_i = m_new
 
+    # only the real rows are stored: the padding rows of a decode step (16 - n_rep) would multiply the
+    # partials' traffic several times over
     slot = bh * total_splits + first_split + split
-    tl.store(part_max + slot * ROWS + r, m_i)
-    tl.store(part_sum + slot * ROWS + r, l_i)
-    tl.store(part_acc + (slot * ROWS + r)[:, None] * DV + dv[None, :], acc)
+    tl.store(part_max + slot * rows + r, m_i, mask=row_ok)
+    tl.store(part_sum + slot * rows + r, l_i, mask=row_ok)
+    tl.store(part_acc + (slot * rows + r)[:, None] * DV + dv[None, :], acc, mask=row_ok[:, None])
 
 
 @triton.jit
@@ -182,18 +184,21 @@ def combine_partials_kernel(
     bh = tl.program_id(0)
     r = tl.arange(0, ROWS)
     dv = tl.arange(0, DV)
+    row_ok = r < rows
     m_all = tl.full([ROWS], float("-inf"), tl.float32)
     for s in range(total_splits):
-        m_all = tl.maximum(m_all, tl.load(part_max + (bh * total_splits + s) * ROWS + r))
+        m_s = tl.load(part_max + (bh * total_splits + s) * rows + r, mask=row_ok, other=float("-inf"))
+        m_all = tl.maximum(m_all, m_s)
     m_shift = tl.where(m_all == float("-inf"), 0.0, m_all)
     l_all = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, DV], tl.float32)
     for s in range(total_splits):
         slot = bh * total_splits + s
-        w = tl.exp(tl.load(part_max + slot * ROWS + r) - m_shift)
-        l_all += w * tl.load(part_sum + slot * ROWS + r)
-        acc += w[:, None] * tl.load(part_acc + (slot * ROWS + r)[:, None] * DV + dv[None, :])
+        w = tl.exp(tl.load(part_max + slot * rows + r, mask=row_ok, other=float("-inf")) - m_shift)
+        l_all += w * tl.load(part_sum + slot * rows + r, mask=row_ok, other=0.0)
+        acc += w[:, None] * tl.load(part_acc + (slot * rows + r)[:, None] * DV + dv[None, :], mask=row_ok[:, None],
+                                    other=0.0)
     # a row with nothing to attend to (fully padded) has l = 0: output 0, as SDPA gives
     result = acc / tl.where(l_all == 0.0, 1.0, l_all)[:, None]
-    mask = (r < rows)[:, None] & (dv < value_head_dim)[None, :]
+    mask = row_ok[:, None] & (dv < value_head_dim)[None, :]
     tl.store(out + (bh * rows + r)[:, None] * value_head_dim + dv[None, :], result, mask=mask)
