@@ -116,6 +116,10 @@ def triton_attention_from_layer(
     rows = n_rep * q
     dv = layer.value_head_dim
     block_tokens = _pow2(block_tokens)
+    groups = {k.group_size for k, _, _ in layer.attention_segments() if isinstance(k, QuantizedTensor)}
+    if len(groups) == 1 and (group := groups.pop()) >= 16 and group & (group - 1) == 0:
+        # tiles that stay inside one block load each key scale/zero once (see _quantized_key_tile)
+        block_tokens = min(block_tokens, group)
     segments = layer.attention_segments()  # [(keys, values, length)], oldest first
     total = sum(length for _, _, length in segments)
     if split_tokens is None:

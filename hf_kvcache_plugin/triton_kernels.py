@@ -33,12 +33,14 @@ __all__ = ["segment_partials_kernel", "combine_partials_kernel"]
 
 
 @triton.jit
-def _quantized_key_tile(data, scale, zero, dstr, sstr, b, h, tok, d, valid,
-                        BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr):
+def _quantized_key_tile(data, scale, zero, dstr, sstr, b, h, tok, d, valid, head_dim,
+                        BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+                        TILE_IN_ONE_BLOCK: tl.constexpr):
     """Keys [N, D] of tokens ``tok`` from a channel-grouped tier.
 
     data [B, H, n, D, 1, G/per_byte] and scale/zero [B, H, n, D, 1] (strides ``dstr``/``sstr``):
-    token t is code t % G of block t // G, per channel.
+    token t is code t % G of block t // G, per channel. TILE_IN_ONE_BLOCK: the tile's tokens all lie
+    in one block, so its scales and zeros are one row of D (loaded once, broadcast over the tokens).
     """
     PER_BYTE: tl.constexpr = 8 // BITS
     block = tok // GROUP
@@ -47,10 +49,15 @@ def _quantized_key_tile(data, scale, zero, dstr, sstr, b, h, tok, d, valid,
                 + (within // PER_BYTE)[:, None] * dstr[5])
     byte = tl.load(byte_ptr, mask=valid, other=0).to(tl.int32)
     code = ((byte >> ((within % PER_BYTE) * BITS)[:, None]) & ((1 << BITS) - 1)).to(tl.float32)
-    meta = b * sstr[0] + h * sstr[1] + block[:, None] * sstr[2] + d[None, :] * sstr[3]
-    s = tl.load(scale + meta, mask=valid, other=0.0).to(tl.float32)
+    if TILE_IN_ONE_BLOCK:
+        meta = (b * sstr[0] + h * sstr[1] + tl.min(block, axis=0) * sstr[2] + d * sstr[3])[None, :]
+        meta_ok = (d < head_dim)[None, :]
+    else:
+        meta = b * sstr[0] + h * sstr[1] + block[:, None] * sstr[2] + d[None, :] * sstr[3]
+        meta_ok = valid
+    s = tl.load(scale + meta, mask=meta_ok, other=0.0).to(tl.float32)
     if HAS_ZERO:
-        z = tl.load(zero + meta, mask=valid, other=0.0).to(tl.float32)
+        z = tl.load(zero + meta, mask=meta_ok, other=0.0).to(tl.float32)
         return code * s + z
     else:
         # symmetric codes are stored offset by 2**(bits-1)
@@ -147,8 +154,8 @@ def segment_partials_kernel(
             v = tl.load(values + b * vstr[0] + h * vstr[1] + tok[:, None] * vstr[2] + dv[None, :] * vstr[3],
                         mask=v_valid, other=0.0).to(tl.float32)
         else:
-            k = _quantized_key_tile(keys, key_scale, key_zero, kstr, kmeta_str, b, h, tok, d, k_valid,
-                                    KEY_BITS, GROUP, HAS_ZERO)
+            k = _quantized_key_tile(keys, key_scale, key_zero, kstr, kmeta_str, b, h, tok, d, k_valid, head_dim,
+                                    KEY_BITS, GROUP, HAS_ZERO, GROUP % BLOCK_N == 0)
             v = _quantized_value_tile(values, value_scale, value_zero, vstr, vmeta_str, b, h, tok, dv, v_valid,
                                       VALUE_BITS, GROUP, CHANNEL_GROUP, HAS_ZERO)
         s = _dot(q, tl.trans(k), DOT_DTYPE)  # [ROWS, N]

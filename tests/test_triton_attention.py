@@ -82,9 +82,10 @@ def test_kernel_equals_references_with_gqa_sinks_residual_and_padding(quant_type
     _check(out, query, layer, mask, 0.25)
 
 
+@pytest.mark.parametrize("group", [8, 16])  # 16: every 16-token tile lies in one block
 @pytest.mark.parametrize("quant_type,symmetric", [("mixed", False), ("int4", True), ("int2", False)])
-def test_kernel_covers_mixed_tiers_symmetric_codes_and_int2(quant_type, symmetric):
-    layer = _layer(quant_type, kv_heads=1, head_dim=16, group=8, prefill=60, q_len=1, dtype=torch.float32,
+def test_kernel_covers_mixed_tiers_symmetric_codes_and_int2(quant_type, symmetric, group):
+    layer = _layer(quant_type, kv_heads=1, head_dim=16, group=group, prefill=60, q_len=1, dtype=torch.float32,
                    symmetric=symmetric)
     query = torch.randn(1, 2, 1, 16, device=DEVICE)
     out = triton_attention_from_layer(query, layer, None, 0.25, block_tokens=16, split_tokens=16)
