@@ -108,6 +108,8 @@ def triton_attention_from_layer(
     reason = triton_unsupported(query, layer)
     if reason:
         raise ValueError(f"the Triton attention path cannot serve this call: {reason}")
+    import triton.language as tl
+
     from .triton_kernels import combine_partials_kernel, segment_partials_kernel
 
     b, hq, q, d = query.shape
@@ -115,12 +117,12 @@ def triton_attention_from_layer(
     n_rep = hq // hkv
     rows = n_rep * q
     dv = layer.value_head_dim
+    segments = layer.attention_segments()  # [(keys, values, length)], oldest first
     block_tokens = _pow2(block_tokens)
-    groups = {k.group_size for k, _, _ in layer.attention_segments() if isinstance(k, QuantizedTensor)}
+    groups = {k.group_size for k, _, _ in segments if isinstance(k, QuantizedTensor)}
     if len(groups) == 1 and (group := groups.pop()) >= 16 and group & (group - 1) == 0:
         # tiles that stay inside one block load each key scale/zero once (see _quantized_key_tile)
         block_tokens = min(block_tokens, group)
-    segments = layer.attention_segments()  # [(keys, values, length)], oldest first
     total = sum(length for _, _, length in segments)
     if split_tokens is None:
         per_head = max(1, TARGET_PROGRAMS // (b * hkv))
@@ -137,8 +139,6 @@ def triton_attention_from_layer(
     bias = _keep_bias(attention_mask, b, q, total, device)
     bias_arg = part_max if bias is None else bias  # any pointer; unread when HAS_BIAS is False
     bias_str = (0, 0, 0) if bias is None else tuple(bias.stride())
-
-    import triton.language as tl
 
     dot_dtype = tl.float32
     if low_precision_dots:
