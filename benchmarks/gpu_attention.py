@@ -214,7 +214,8 @@ def main() -> int:
     target = [r for r in rows if r["method"].startswith("triton_int4") and r["context"] == 32768]
     for r in target:
         verdict = "meets" if r["time_vs_sdpa_bf16"] <= 0.5 else "misses"
-        print(f"32k {r['method']} ({r['mode']}): {r['time_vs_sdpa_bf16']:.2f}x of SDPA over bf16 -> {verdict} the <= 0.5x target")
+        print(f"32k {r['method']} ({r['mode']}): {r['time_vs_sdpa_bf16']:.2f}x of SDPA over bf16 -> {verdict} "
+              "the <= 0.5x target")
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
