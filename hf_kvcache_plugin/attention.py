@@ -23,6 +23,9 @@ chunks (``chunk_tokens`` tokens at a time, sized to stay in cache) are ever
 converted to floats. Anything this function does not support (attention
 weights output, softcapping, sliding windows, dropout, a cache that is not
 ours) goes to the standard SDPA path, with one log line saying so.
+
+On CUDA, with triton installed, the decode step goes to the Triton kernels of
+``triton_attention`` instead; ``attention_from_layer`` is their reference.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .quantization import QuantizedTensor, dequantize
+from .triton_attention import triton_attention_from_layer, triton_available, triton_unsupported
 
 __all__ = [
     "QUANTIZED_ATTENTION",
@@ -96,9 +100,29 @@ def quantized_attention_forward(
             return _eager_attention(query, key, value, attention_mask, dropout, scaling, kwargs.get("softcap"))
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = attention_from_layer(query, layer, attention_mask, scaling)
+    if _use_triton(query, layer):
+        out = triton_attention_from_layer(query, layer, attention_mask, scaling)
+    else:
+        out = attention_from_layer(query, layer, attention_mask, scaling)
     layer.finish_fused_step()
     return out.transpose(1, 2).contiguous(), None
+
+
+def _use_triton(query: torch.Tensor, layer) -> bool:
+    """The Triton kernels serve CUDA tensors when triton is installed; this function stays their reference."""
+    if not query.is_cuda or not triton_available():
+        return False
+    reason = triton_unsupported(query, layer)
+    if reason:
+        _fallback_once_to_pytorch(reason)
+        return False
+    return True
+
+
+def _fallback_once_to_pytorch(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        logger.info("kvquant_sdpa: Triton kernels do not support this case (%s); using the PyTorch fused path", reason)
 
 
 def _eager_attention(query, key, value, attention_mask, dropout, scaling, softcap):

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # The Triton kernels' tests run in Triton's interpreter on CPU-only machines. triton.jit reads this
+    # variable when a function is decorated, and importing transformers imports triton (when installed),
+    # so it has to be set before that import.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,7 +6,6 @@ import logging
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,16 +18,16 @@ from hf_kvcache_plugin.attention import (
 )
 from hf_kvcache_plugin.evaluation import GENERATE_CACHE_KWARG
 
+from .attention_reference import dequantize_then_sdpa, rel_err
+
 
 def reference(query, layer, mask, scaling):
-    keys, values = layer.dequantized()
-    n_rep = query.shape[1] // keys.shape[1]
-    keys, values = keys.repeat_interleave(n_rep, 1), values.repeat_interleave(n_rep, 1)
-    return F.scaled_dot_product_attention(query.float(), keys.float(), values.float(), attn_mask=mask, scale=scaling)
+    """SDPA in float32 over the cache's own dequantization (``layer.dequantized()``, in the compute dtype)."""
+    return dequantize_then_sdpa(query, layer, mask, scaling, history_dtype=None)
 
 
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+# one rounding of a value to bf16 is off by at most 2**-9 relative; the fused output is rounded once
+BF16_OUTPUT_ROUNDING = 2**-8
 
 
 @settings(max_examples=40, deadline=None)
@@ -72,11 +71,19 @@ def test_fused_equals_dequantize_then_sdpa(
     mask[-1, :, :, : min(pad, prefill)] = False
     scaling = head_dim**-0.5
     out = attention_from_layer(query, layer, mask, scaling, chunk_tokens=chunk_tokens)
-    ref = reference(query, layer, mask, scaling)
     assert out.dtype == dtype
-    # bf16: the issue asks for <= 1e-2; hypothesis found an int4 head_dim-8 case at 1.12e-2 (bf16 output rounding
-    # of near-cancelling sums), so the bound here is 2e-2 until that is tightened
-    assert rel_err(out, ref) <= (1e-5 if dtype == torch.float32 else 2e-2)
+    if dtype == torch.float32:
+        assert rel_err(out, reference(query, layer, mask, scaling)) <= 1e-5
+        return
+    # bf16: "the same cache" is its codes and scales; the truth is SDPA in float32 over them dequantized in
+    # float32. The cache's own bf16 dequantization (layer.dequantized(), the unfused path) rounds three times
+    # per value (scale fp16 -> bf16, code * scale, + zero) and lands up to ~2e-2 from that truth on small heads;
+    # the fused path computes in float32 and rounds its output once. So the fused output must be within 1e-2
+    # of the truth and no farther from it than the bf16 path is (give or take its own output rounding).
+    truth = dequantize_then_sdpa(query, layer, mask, scaling)
+    bf16_path = dequantize_then_sdpa(query, layer, mask, scaling, history_dtype=None, compute_dtype=dtype)
+    assert rel_err(out, truth) <= 1e-2
+    assert rel_err(out, truth) <= max(rel_err(bf16_path, truth), BF16_OUTPUT_ROUNDING)
 
 
 def test_no_mask_means_causal_for_several_queries():
