@@ -147,7 +147,7 @@ def entry_checksum(entry) -> str:
     for q in entry.keys + entry.values:
         for t in (q.data, q.scale, q.zero):
             if t is not None:
-                h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+                h.update(t.contiguous().flatten().view(torch.uint8).numpy().tobytes())  # flat: a size-1 last dim may keep a stride
     return h.hexdigest()
 
 
