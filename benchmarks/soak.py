@@ -23,9 +23,11 @@ recoveries do not depend on the machine's speed. Reported: requests served,
 degraded, failed; entries lost (acknowledged by the store, not evicted by its
 policy, yet gone or changed: must be 0); breaker opens and recoveries;
 sampled outputs against a reference without the store (a mismatch on a store
-hit is replayed on a fault-free hook and store holding the same chunks: if
-that reproduces it, reuse itself changed the tokens and it is reported apart;
-otherwise it is a mismatch, which must be 0); scrapes of the HTTP endpoint;
+hit is replayed on a fault-free hook and store holding the same chunks, the
+same bytes when the soak's store still has them: if that reproduces it, reuse
+itself changed the tokens (a near-tie: the reference's top-2 logit margin at
+the first differing token is reported) and it is counted apart; otherwise it
+is a mismatch, which must be 0); scrapes of the HTTP endpoint;
 RSS at the start and end. Writes JSON (and a plot when matplotlib is there).
 """
 
@@ -54,7 +56,7 @@ sys.path.insert(0, str(REPO))
 
 from hf_kvcache_plugin import BreakerConfig, QuantizedKVCache, attach_prefix_cache, parse_config  # noqa: E402
 from hf_kvcache_plugin.evaluation import GENERATE_CACHE_KWARG  # noqa: E402
-from hf_kvcache_plugin.prefix_store import PrefixStore  # noqa: E402
+from hf_kvcache_plugin.prefix_store import PrefixStore, chunk_keys  # noqa: E402
 from hf_kvcache_plugin.serving import CircuitGuard, create_breaker, peers_check  # noqa: E402
 from hf_kvcache_plugin.serving.degradation import prefix_store_problems  # noqa: E402
 from hf_kvcache_plugin.serving.service import build_service  # noqa: E402
@@ -145,7 +147,7 @@ def entry_checksum(entry) -> str:
     for q in entry.keys + entry.values:
         for t in (q.data, q.scale, q.zero):
             if t is not None:
-                h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+                h.update(t.contiguous().flatten().view(torch.uint8).numpy().tobytes())  # flat: a size-1 last dim may keep a stride
     return h.hexdigest()
 
 
@@ -241,12 +243,30 @@ def main(argv: list[str] | None = None) -> int:
         cache = QuantizedKVCache.from_config(config, model.config)
         return type(model).generate(model, ids, **options, **{GENERATE_CACHE_KWARG: cache})
 
-    def replay_with_reuse(ids: torch.Tensor, hit_tokens: int) -> torch.Tensor:
-        """The request on a fault-free hook and store holding exactly the chunks the soak's request hit."""
+    def replay_with_reuse(ids: torch.Tensor, hit_tokens: int) -> tuple[torch.Tensor, bool]:
+        """The request on a fault-free hook and store holding the chunks the soak's request hit: the very
+        entries (same bytes) when the soak's store still has them, else chunks made afresh. A chunk's
+        bytes depend on how it was stored (a chunk stored by a request that reused the chunks before it
+        was computed attending to them quantized), so only the same bytes replay the request exactly."""
         options = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": False}
-        with attach_prefix_cache(replay_model, PrefixStore(max_size_mb=4, chunk_size=16), config):
-            replay_model.generate(ids[:, : hit_tokens + 1], max_new_tokens=1)  # stores hit_tokens / 16 chunks
-            return replay_model.generate(ids, **options)
+        keys = chunk_keys(svc.hook.namespace, ids[0], store.chunk_size)[: hit_tokens // store.chunk_size]
+        entries = [store.get(key) for key in keys]
+        same_bytes = all(e is not None for e in entries)
+        replay_store = PrefixStore(max_size_mb=4, chunk_size=store.chunk_size)
+        with attach_prefix_cache(replay_model, replay_store, config):
+            if same_bytes:
+                replay_store.put_chain([copy.deepcopy(e) for e in entries])
+            else:
+                replay_model.generate(ids[:, : hit_tokens + 1], max_new_tokens=1)  # stores hit_tokens / 16 chunks
+            return replay_model.generate(ids, **options), same_bytes
+
+    def reference_margin(ids: torch.Tensor, outcome: str, step: int) -> float:
+        """Top-2 logit gap of the reference at new token `step` (a near-tie flips on tiny numeric changes)."""
+        options = {"max_new_tokens": step + 1, "min_new_tokens": step + 1, "do_sample": False,
+                   "output_scores": True, "return_dict_in_generate": True}  # fmt: skip
+        extra = {} if outcome == "degraded" else {GENERATE_CACHE_KWARG: QuantizedKVCache.from_config(config, model.config)}
+        top = type(model).generate(model, ids, **options, **extra).scores[step][0].topk(2).values
+        return round(float(top[0] - top[1]), 6)
 
     process = psutil.Process()
     results = {"escaped": 0, "checked": 0, "mismatched": 0, "scrapes": 0, "scrape_failures": 0,
@@ -280,12 +300,16 @@ def main(argv: list[str] | None = None) -> int:
                 hit = svc.hook.records[-1].hit_tokens if outcome == "served" else 0
                 if not torch.equal(out, expected):
                     # reusing quantized prefix K/V may change greedy tokens by itself: faults must change nothing more
-                    by_reuse = hit > 0 and torch.equal(out, replay_with_reuse(ids, hit))
+                    replayed, same_bytes = replay_with_reuse(ids, hit) if hit else (None, False)
+                    by_reuse = hit > 0 and torch.equal(out, replayed)
                     results["reuse_divergences" if by_reuse else "mismatched"] += 1
                     new = slice(ids.shape[1], None)
+                    step = int((out[0, new] != expected[0, new]).nonzero()[0])
                     mismatches.append({"request": i, "outcome": outcome, "explained_by_reuse": by_reuse,
+                                       "replayed_with_the_same_chunk_bytes": same_bytes,
                                        "prompt": ids[0].tolist(), "hit_tokens": hit, "got": out[0, new].tolist(),
-                                       "expected": expected[0, new].tolist()})  # fmt: skip
+                                       "expected": expected[0, new].tolist(), "first_differing_new_token": step,
+                                       "reference_top2_margin_there": reference_margin(ids, outcome, step)})  # fmt: skip
             if i % 10 == 0:
                 report = svc.checker.readiness()
                 results["health_checks"] += 1

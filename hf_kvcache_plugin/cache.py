@@ -292,6 +292,24 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.residual_keys = self.residual_keys[:, :, n_tokens:].clone()
         self.residual_values = self.residual_values[:, :, n_tokens:].clone()
 
+    def flush_residual(self) -> None:
+        """Quantize every whole block of G tokens in the residual window now, leaving fewer than G exact.
+
+        After a prefill of h tokens (h a multiple of G) this gives the layout a
+        prefix-store hit of those h tokens loads: all h as blocks, the same
+        bytes (the same codec on the same exact K/V, block-aligned). Used to
+        build the reference that reuse is compared with bit for bit.
+        """
+        if not self.is_initialized:
+            return
+        self._finish_pending_flush()
+        keep = self.residual_length
+        self.residual_length = 0
+        try:
+            self._flush_full_blocks()
+        finally:
+            self.residual_length = keep
+
     # ------------------------------------------------------------------ queries
     def get_seq_length(self) -> int:
         return self._length
@@ -702,6 +720,17 @@ class QuantizedKVCache(Cache):
                 )
         for layer, k, v in zip(self.layers, keys, values):
             layer.load_blocks(k, v, dtype, device)
+
+    def flush_residual(self) -> None:
+        """Quantize the whole blocks of every layer's residual window now (``QuantizedKVLayer.flush_residual``).
+
+        ``model(ids[:, :h], cache=c); c.flush_residual(); model.generate(ids, cache=c)``
+        is the no-store computation a prefix hit of h tokens reproduces exactly:
+        the suffix attends to the quantized prefix (docs/prefix_reuse.md).
+        """
+        for layer in self.layers:
+            if isinstance(layer, QuantizedKVLayer):
+                layer.flush_residual()
 
     # ------------------------------------------------------------------ seed-compatible helpers
     def store(self, layer_id: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:

@@ -13,6 +13,15 @@ stores for a block-aligned chunk, and quantizing from exact K/V does not
 depend on the cache's residual window, its flush schedule or the prompt's
 left padding (which shifts block boundaries inside the cache). A hit loads
 the blocks as the cache's history (``load_blocks``), with no re-quantization.
+A chunk stored by a request that hit the chunks before it was computed by a
+prefill attending to those chunks quantized, so an entry's bytes depend on
+how it was stored (its key does not).
+
+What a hit computes, bit for bit: a fresh cache, the hit's h tokens
+prefilled, ``cache.flush_residual()`` (all h quantized as blocks), then the
+rest of the prompt (for chunks stored by one prefill from the prompt's
+start). A plain prefill of the whole prompt attends to the prefix exactly,
+so greedy tokens can differ from it at near-ties (docs/prefix_reuse.md).
 
 Batch layout when some prompts hit: every row gets the same cache length P
 (the longest hit). Row i holds ``[zero blocks (P - h_i) | its h_i hit tokens]``

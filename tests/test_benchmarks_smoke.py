@@ -88,3 +88,14 @@ def test_report_and_plots(results):
     assert "## Memory" in report and "## Speed" in report and "### Capacity" in report
     for plot in ("memory_vs_context.png", "decode_speed_vs_context.png"):
         assert (results / plot).stat().st_size > 1000
+
+
+@pytest.mark.skipif(not HAVE_REAL, reason=REAL_REASON)
+def test_reuse_agreement_runs_and_every_fresh_hit_meets_the_specification(tmp_path):
+    """benchmarks/reuse_agreement.py asserts that hits on freshly stored chunks equal the prefix-quantized
+    reference bit for bit; a few requests of it end to end (it raises otherwise)."""
+    run("reuse_agreement.py", "--requests", "4", "--out-dir", str(tmp_path))
+    summary = load(tmp_path, "reuse_agreement_int8_4")["summary"]
+    assert summary["requests"] == 4
+    fresh = summary["requests"] - summary["hits_on_chunks_stored_after_a_hit"]
+    assert summary["reuse_eq_oracle"] - summary["those_eq_oracle"] == fresh

@@ -81,6 +81,27 @@ def test_residual_window_and_block_flush():
     assert layer.quantized_keys.num_tokens == 48 and layer.residual_keys.shape[-2] == 16
 
 
+def test_flush_residual_quantizes_every_whole_block_now():
+    """`flush_residual` gives the layout a prefix-store hit loads: whole blocks out, the same bytes
+    `encode_blocks` makes from the same exact K/V; the window's length setting is kept."""
+    cache = make("int8", group_size=8, residual_length=16)
+    cache.flush_residual()  # nothing held yet: a no-op
+    layer = cache.layers[0]
+    k, v = kv(64)
+    cache.update(k[:, :, :42], v[:, :, :42], 0)
+    assert (layer.quantized_keys.num_tokens, layer.residual_keys.shape[-2]) == (24, 18)
+    cache.flush_residual()
+    assert (layer.quantized_keys.num_tokens, layer.residual_keys.shape[-2]) == (40, 2)
+    assert layer.residual_length == 16 and layer.get_seq_length() == 42
+    qk, qv = layer.encode_blocks(k[:, :, :40], v[:, :, :40])
+    for held, made in ((layer.quantized_keys.recent, qk), (layer.quantized_values.recent, qv)):
+        assert torch.equal(held.data, made.data) and torch.equal(held.scale, made.scale)
+        assert torch.equal(held.zero, made.zero)
+    ko, _ = cache.update(k[:, :, 42:43], v[:, :, 42:43], 0)  # the window fills up again as usual
+    assert ko.shape[-2] == 43 and torch.equal(ko[:, :, 40:], k[:, :, 40:43])
+    assert layer.quantized_keys.num_tokens == 40
+
+
 def test_history_is_never_requantized():
     cache = make("int4")
     layer = cache.layers[0]
