@@ -206,6 +206,9 @@ class QuantizedBlocks:
                 f"blocks {bad} have non-finite scales or zeros (quantized from NaN/Inf values, or a range that "
                 "overflows the scale dtype); they cannot be appended"
             )
+        # imported blocks (a store's slices, another process's tensors) may be laid out otherwise; the
+        # fused attention's matmuls then take other kernels and round differently than on fresh blocks
+        blocks = _slice(blocks, 0, blocks.shape[_BLOCK_DIM])
         self.recent = blocks if self.recent is None else _cat([self.recent, blocks])
         if self.aged_bits is not None:
             self._age()
