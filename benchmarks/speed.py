@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--vocab-size", type=int, default=32000)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out")
+    p.add_argument("--name", default="speed",
+                   help="results/<name>.json; the report joins every speed*.json (runs of extra grid points)")
     args = p.parse_args(argv)
     set_threads(args.threads)
     register_quantized_attention()
@@ -138,7 +140,9 @@ def main(argv: list[str] | None = None) -> dict:
         "residual_length": args.residual_length,
         "specs": [s.to_dict() for s in specs],
     }
-    rec = Recorder("speed", settings, args.out)
+    if not args.name.startswith("speed"):
+        raise SystemExit(f"--name has to start with 'speed' (the report reads speed*.json) but got {args.name!r}")
+    rec = Recorder(args.name, settings, args.out)
     gen = torch.Generator().manual_seed(0)
     # warm-up: first calls pay for lazy initialisation and first-touch page faults
     for spec in specs:

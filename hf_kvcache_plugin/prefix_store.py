@@ -321,6 +321,25 @@ class PrefixStore:
                 for key, slot in self._slots.items()
             ]
 
+    def accounting_problems(self) -> list[str]:
+        """What is inconsistent in one snapshot: the byte total against the recorded and the measured
+        entry bytes, and entries whose parent chunk is gone. Empty when all is well."""
+        with self._lock:
+            used = self._used_bytes
+            held = sum(slot.nbytes for slot in self._slots.values())
+            measured = sum(slot.entry.nbytes for slot in self._slots.values())
+            orphans = [
+                key.hex()[:12]
+                for key, slot in self._slots.items()
+                if slot.entry.parent is not None and slot.entry.parent not in self._slots
+            ]
+        problems = []
+        if used != held or held != measured:
+            problems.append(f"used_bytes {used} != recorded entry bytes {held} != measured entry bytes {measured}")
+        if orphans:
+            problems.append(f"{len(orphans)} entries whose parent chunk is gone: {orphans[:5]}")
+        return problems
+
     # ------------------------------------------------------------------ pinning
     def pin(self, keys: Iterable[bytes]) -> None:
         """Keep these entries from eviction until ``unpin``; each pin needs its own unpin."""

@@ -97,23 +97,8 @@ def entry_problem(entry: Any) -> str | None:
 
 
 def prefix_store_problems(store: PrefixStore) -> list[str]:
-    """Byte accounting and chain links of a ``PrefixStore`` (for ``consistency_check``).
-
-    Reads the store's private slots under its lock: ``PrefixStore`` has no
-    public way to list its entries yet.
-    """
-    problems = []
-    with store._lock:
-        slots = dict(store._slots)
-        used = store.used_bytes
-    held = sum(slot.nbytes for slot in slots.values())
-    measured = sum(slot.entry.nbytes for slot in slots.values())
-    if used != held or held != measured:
-        problems.append(f"used_bytes {used} != recorded entry bytes {held} != measured entry bytes {measured}")
-    orphans = [k.hex()[:12] for k, s in slots.items() if s.entry.parent is not None and s.entry.parent not in slots]
-    if orphans:
-        problems.append(f"{len(orphans)} entries whose parent chunk is gone: {orphans[:5]}")
-    return problems
+    """Byte accounting and chain links of a ``PrefixStore`` (for ``consistency_check``)."""
+    return store.accounting_problems()
 
 
 def _is_hit(result: Any) -> bool:
