@@ -556,10 +556,12 @@ def _select_fused_attention(config: PretrainedConfig | None) -> None:
     user's explicit choice and are left alone (``enable_quantized_attention``
     selects it for them). ``attention="dequantize"`` keeps the model untouched.
     """
-    if config is None or getattr(config.get_text_config(decoder=True), "_attn_implementation", None) != "sdpa":
+    decoder = None if config is None else config.get_text_config(decoder=True)
+    if getattr(decoder, "_attn_implementation", None) != "sdpa":
         return
     register_quantized_attention()
-    config._attn_implementation = QUANTIZED_ATTENTION  # the setter carries it to the sub-configs
+    # only the decoder's config: a vision tower or encoder of a composite model keeps its attention
+    decoder._attn_implementation = QUANTIZED_ATTENTION
     logger.info("QuantizedKVCache: the model now runs %r (SDPA that reads the quantized blocks); "
                 "pass attention='dequantize' to keep plain SDPA", QUANTIZED_ATTENTION)
 
