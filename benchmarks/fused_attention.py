@@ -35,7 +35,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, QuantizedCache
 
 from hf_kvcache_plugin import QuantizedKVCache, register_quantized_attention
-from hf_kvcache_plugin.evaluation import GENERATE_CACHE_KWARG
+from hf_kvcache_plugin._compat import GENERATE_CACHE_KWARG
 
 warnings.filterwarnings("ignore")
 RESULTS = Path(__file__).parent / "results"

@@ -114,7 +114,7 @@ def layers_for(bytes_per_layer: int, l2_bytes: int, cap: int = 64) -> int:
 
 def bench_context(context: int, repeats: int, l2_bytes: int, modes: list[str], check: bool) -> list[dict]:
     from hf_kvcache_plugin.attention import attention_from_layer
-    from hf_kvcache_plugin.triton_attention import triton_attention_from_layer
+    from hf_kvcache_plugin.attention.triton_attention import triton_attention_from_layer
 
     scaling = HEAD_DIM**-0.5
     query = torch.randn(BATCH, QUERY_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)

@@ -39,7 +39,7 @@ from hf_kvcache_plugin import (
     SizerConfig,
     attach_prefix_cache,
 )
-from hf_kvcache_plugin.evaluation import GENERATE_CACHE_KWARG
+from hf_kvcache_plugin._compat import GENERATE_CACHE_KWARG
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

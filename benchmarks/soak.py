@@ -55,11 +55,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from hf_kvcache_plugin import BreakerConfig, QuantizedKVCache, attach_prefix_cache, parse_config  # noqa: E402
-from hf_kvcache_plugin.evaluation import GENERATE_CACHE_KWARG  # noqa: E402
-from hf_kvcache_plugin.prefix_store import PrefixStore, chunk_keys  # noqa: E402
-from hf_kvcache_plugin.serving import CircuitGuard, create_breaker, peers_check  # noqa: E402
-from hf_kvcache_plugin.serving.degradation import prefix_store_problems  # noqa: E402
-from hf_kvcache_plugin.serving.service import build_service  # noqa: E402
+from hf_kvcache_plugin._compat import GENERATE_CACHE_KWARG  # noqa: E402
+from hf_kvcache_plugin.reuse.prefix_store import PrefixStore, chunk_keys  # noqa: E402
+from hf_kvcache_plugin.resilience import CircuitGuard, create_breaker, peers_check  # noqa: E402
+from hf_kvcache_plugin.resilience.degradation import prefix_store_problems  # noqa: E402
+from hf_kvcache_plugin.app.service import build_service  # noqa: E402
 
 SHARED = REPO.parent / "shared"
 REAL_MODEL, TEXT = SHARED / "models" / "stories260K", SHARED / "data" / "tinystories_val.txt"

@@ -1,7 +1,17 @@
-"""Quantized KV cache, prefix reuse and serving helpers for Hugging Face ``transformers``."""
+"""Quantized KV cache, prefix reuse and serving helpers for Hugging Face ``transformers``.
+
+The cache and prefix-reuse API is imported here; the resilience, distributed
+and app layers load on first use of one of their names (PEP 562), so
+``import hf_kvcache_plugin`` pulls in neither ``prometheus_client``,
+``pybreaker`` nor the coordinator's ``torch.distributed`` store.
+"""
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
 from .attention import QUANTIZED_ATTENTION, enable_quantized_attention, register_quantized_attention
-from .cache import QuantizedKVCache, QuantizedKVLayer, create_quantized_kv_cache
+from .cache import QuantizedKVCache, create_quantized_kv_cache
+from .cache_io import SnapshotError
 from .config import (
     BreakerConfig,
     CacheConfig,
@@ -17,47 +27,90 @@ from .config import (
     load_config,
     parse_config,
 )
-from .distributed import (
-    CacheCoordinator,
-    ConsistentHashRing,
-    EvictionReport,
-    NodeInfo,
-    NodeState,
-    PrefixStoreAdapter,
-    attach_coordinator,
-    create_distributed_cache_optimizer,
-)
-from .hook import PrefixCacheHook, RequestRecord, attach_prefix_cache
-from .prefix_store import PrefixEntry, PrefixEntryInfo, PrefixMatch, PrefixStore, chunk_keys, model_fingerprint, prefix_namespace
+from .layer import LayerSettings, QuantizedKVLayer
 from .quantization import QuantizedTensor, dequantize, quantize
-from .sizer import (
+from .reuse import (
     AdaptiveSizer,
     MemoryMonitor,
     MemoryPressure,
     MemoryReading,
+    PrefixCacheHook,
+    PrefixEntry,
+    PrefixEntryInfo,
+    PrefixMatch,
+    PrefixStore,
+    RequestRecord,
     SizerDecision,
+    attach_prefix_cache,
+    chunk_keys,
     create_adaptive_sizer,
+    model_fingerprint,
+    prefix_namespace,
 )
-from .serving import (
-    CheckResult,
-    CircuitGuard,
-    GuardedStore,
-    HealthChecker,
-    HealthReport,
-    HealthServer,
-    HealthStatus,
-    MemoryPressureProbe,
-    RateLimitExceeded,
-    RateLimiter,
-    ServingEndpoint,
-    ServingMetrics,
-    ServingService,
-    StoreMiss,
-    create_breaker,
-    build_service,
-    harden_cache,
-)
-from .snapshot import SnapshotError
+
+# name -> the module that defines it, imported on first access
+_LAZY = {
+    **dict.fromkeys(
+        (
+            "CacheCoordinator", "ConsistentHashRing", "EvictionReport", "NodeInfo", "NodeState",
+            "PrefixStoreAdapter", "attach_coordinator", "create_distributed_cache_optimizer",
+        ),
+        ".distributed",
+    ),
+    **dict.fromkeys(
+        (
+            "CheckResult", "CircuitGuard", "GuardedStore", "HealthChecker", "HealthReport", "HealthServer",
+            "HealthStatus", "MemoryPressureProbe", "RateLimitExceeded", "RateLimiter", "ServingEndpoint",
+            "ServingMetrics", "StoreMiss", "create_breaker", "harden_cache",
+        ),
+        ".resilience",
+    ),
+    **dict.fromkeys(("ServingService", "build_service"), ".app"),
+}  # fmt: skip
+
+if TYPE_CHECKING:
+    from .app import ServingService, build_service
+    from .distributed import (
+        CacheCoordinator,
+        ConsistentHashRing,
+        EvictionReport,
+        NodeInfo,
+        NodeState,
+        PrefixStoreAdapter,
+        attach_coordinator,
+        create_distributed_cache_optimizer,
+    )
+    from .resilience import (
+        CheckResult,
+        CircuitGuard,
+        GuardedStore,
+        HealthChecker,
+        HealthReport,
+        HealthServer,
+        HealthStatus,
+        MemoryPressureProbe,
+        RateLimiter,
+        RateLimitExceeded,
+        ServingEndpoint,
+        ServingMetrics,
+        StoreMiss,
+        create_breaker,
+        harden_cache,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "AdaptiveSizer",
@@ -77,6 +130,7 @@ __all__ = [
     "HealthServerConfig",
     "HealthStatus",
     "LayerOverride",
+    "LayerSettings",
     "MemoryMonitor",
     "MemoryPressure",
     "MemoryPressureProbe",

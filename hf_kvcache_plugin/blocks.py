@@ -294,15 +294,15 @@ class QuantizedBlocks:
     # ------------------------------------------------------------------ snapshot state (plain tensors and numbers)
     def snapshot_state(self) -> dict[str, Any]:
         return {
-            "aged": None if self.aged is None else _tensor_state(self.aged),
-            "recent": None if self.recent is None else _tensor_state(self.recent),
+            "aged": None if self.aged is None else self.aged.to_dict(),
+            "recent": None if self.recent is None else self.recent.to_dict(),
             "full_precision_blocks": dict(self.full_precision_blocks),
             "fallback_events": self.fallback_events,
         }
 
     def restore_snapshot_state(self, state: dict[str, Any], device: torch.device) -> None:
         """Inverse of ``snapshot_state``; checks the tiers against this stream's codec."""
-        tiers = {name: state[name] and _tensor_from_state(state[name], device) for name in ("aged", "recent")}
+        tiers = {name: state[name] and QuantizedTensor.from_dict(state[name], device) for name in ("aged", "recent")}
         for name, tier in tiers.items():
             bits = self.aged_bits if name == "aged" else self.codec.bits
             expected = (bits, self.codec.group_size, self.codec.quant_axis)
@@ -318,33 +318,6 @@ class QuantizedBlocks:
             raise ValueError(
                 f"full-precision block indices {sorted(self.full_precision_blocks)} exceed {self.num_blocks} blocks"
             )
-
-
-def _tensor_state(q: QuantizedTensor) -> dict[str, Any]:
-    return {
-        "data": q.data, "scale": q.scale, "zero": q.zero, "bits": q.bits, "group_size": q.group_size,
-        "axis": q.axis, "shape": list(q.shape), "dtype": dtype_name(q.dtype),
-    }
-
-
-def _tensor_from_state(state: dict[str, Any], device: torch.device) -> QuantizedTensor:
-    move = lambda t: None if t is None else t.to(device)  # noqa: E731
-    return QuantizedTensor(
-        data=move(state["data"]), scale=move(state["scale"]), zero=move(state["zero"]), bits=int(state["bits"]),
-        group_size=int(state["group_size"]), axis=int(state["axis"]), shape=tuple(state["shape"]),
-        dtype=dtype_from_name(state["dtype"]),
-    )
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def dtype_from_name(name: str) -> torch.dtype:
-    dtype = getattr(torch, str(name), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"{name!r} is not a torch dtype")
-    return dtype
 
 
 # ---------------------------------------------------------------------- prefix reuse: assembling stored blocks

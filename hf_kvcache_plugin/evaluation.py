@@ -8,13 +8,13 @@ same way as ours.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from transformers import LlamaForCausalLM
+
+from ._compat import GENERATE_CACHE_KWARG
 
 __all__ = [
     "GENERATE_CACHE_KWARG",
@@ -23,11 +23,6 @@ __all__ = [
     "greedy_agreement",
 ]
 
-# transformers 5.24 renamed `past_key_values` to `cache` in the models' forward
-# and in `generate` (the old name still works, with a FutureWarning, until 6.0).
-# Internal callers use whichever name this version takes.
-GENERATE_CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
-_FORWARD_CACHE_KWARG = GENERATE_CACHE_KWARG
 
 
 def load_token_windows(
@@ -63,14 +58,14 @@ def perplexity_through_cache(
     for ids in windows:
         ids = ids.to(model.device)
         cache = make_cache()
-        out = model(input_ids=ids[:, :prompt_len], use_cache=True, **{_FORWARD_CACHE_KWARG: cache})
+        out = model(input_ids=ids[:, :prompt_len], use_cache=True, **{GENERATE_CACHE_KWARG: cache})
         logits = [out.logits[:, :-1]]
         last = out.logits[:, -1:]
         for t in range(prompt_len, ids.shape[1]):
             logits.append(last)
             if t == ids.shape[1] - 1:
                 break
-            out = model(input_ids=ids[:, t : t + 1], use_cache=True, **{_FORWARD_CACHE_KWARG: cache})
+            out = model(input_ids=ids[:, t : t + 1], use_cache=True, **{GENERATE_CACHE_KWARG: cache})
             last = out.logits[:, -1:]
         all_logits = torch.cat(logits, dim=1).float()
         targets = ids[:, 1:]

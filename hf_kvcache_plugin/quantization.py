@@ -25,12 +25,15 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 __all__ = [
     "SUPPORTED_BITS",
     "QuantizedTensor",
+    "dtype_from_name",
+    "dtype_name",
     "quantize",
     "dequantize",
     "dequantize_into",
@@ -95,6 +98,58 @@ class QuantizedTensor:
             shape=tuple(new_shape),
             dtype=self.dtype,
         )
+
+
+    def to_dict(self, compact: bool = False) -> dict[str, Any]:
+        """Plain tensors, numbers and strings (what snapshots and peer messages carry).
+
+        ``compact``: tensors moved to the CPU and owning just their bytes, since
+        ``torch.save`` of a view writes its whole storage.
+        """
+        own = _compact if compact else (lambda t: t)
+        return {
+            "data": own(self.data),
+            "scale": own(self.scale),
+            "zero": None if self.zero is None else own(self.zero),
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "axis": self.axis,
+            "shape": list(self.shape),
+            "dtype": dtype_name(self.dtype),
+        }
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any], device: torch.device | str | None = None) -> "QuantizedTensor":
+        """Inverse of ``to_dict``; tensors moved to ``device`` when given."""
+        move = (lambda t: t) if device is None else (lambda t: None if t is None else t.to(device))
+        return cls(
+            data=move(state["data"]),
+            scale=move(state["scale"]),
+            zero=move(state["zero"]),
+            bits=int(state["bits"]),
+            group_size=int(state["group_size"]),
+            axis=int(state["axis"]),
+            shape=tuple(int(n) for n in state["shape"]),
+            dtype=dtype_from_name(state["dtype"]),
+        )
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().to("cpu")
+    return t.clone() if t.untyped_storage().nbytes() != t.numel() * t.element_size() else t.contiguous()
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{name!r} is not a torch dtype")
+    return dtype
 
 
 def _check_bits(bits: int) -> None:

@@ -41,7 +41,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # 
 
 from hf_kvcache_plugin import CacheConfig, DistributedConfig, PrefixStore, attach_prefix_cache  # noqa: E402
 from hf_kvcache_plugin.distributed import attach_coordinator, generate_new_tokens  # noqa: E402
-from hf_kvcache_plugin.serving import ServingMetrics  # noqa: E402
+from hf_kvcache_plugin.resilience import ServingMetrics  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_MODEL = REPO.parent / "shared" / "models" / "stories260K"

@@ -16,7 +16,7 @@ from hf_kvcache_plugin.attention import (
     enable_quantized_attention,
     quantized_attention_forward,
 )
-from hf_kvcache_plugin.evaluation import GENERATE_CACHE_KWARG
+from hf_kvcache_plugin._compat import GENERATE_CACHE_KWARG
 
 from .attention_reference import dequantize_then_sdpa, rel_err
 
@@ -135,7 +135,7 @@ def test_generation_fused_equals_unfused(model, prompts, quant_type):
 
 
 def test_fused_path_is_the_default_for_sdpa_models(model, prompts, monkeypatch):
-    from hf_kvcache_plugin.cache import QuantizedKVLayer
+    from hf_kvcache_plugin.layer import QuantizedKVLayer
 
     model.set_attn_implementation("sdpa")
     try:
@@ -159,7 +159,7 @@ def test_fused_path_is_the_default_for_sdpa_models(model, prompts, monkeypatch):
 def test_fused_path_never_materialises_the_history(fused_model, prompts, monkeypatch):
     cache = QuantizedKVCache(fused_model.config, "int4", group_size=8, residual_length=8)
     calls = []
-    from hf_kvcache_plugin.cache import QuantizedKVLayer
+    from hf_kvcache_plugin.layer import QuantizedKVLayer
 
     original = QuantizedKVLayer._materialize
     monkeypatch.setattr(QuantizedKVLayer, "_materialize", lambda self: calls.append(1) or original(self))
@@ -189,7 +189,7 @@ def test_unsupported_features_fall_back_once_with_a_log(caplog):
     cache.update(k, v, 0)
     layer = cache.layers[0]
     channel: dict = {}
-    cache.layers[0].update_for_fused_attention(k[:, :, :1], v[:, :, :1], channel)
+    cache.fused_update(k[:, :, :1], v[:, :, :1], 0, channel)
     module = torch.nn.Module()
     q = torch.randn(1, 2, 1, 16)
     with caplog.at_level(logging.WARNING):

@@ -12,6 +12,7 @@ from transformers import DynamicCache, LlamaConfig
 
 from hf_kvcache_plugin import QuantizedKVCache, create_quantized_kv_cache
 from hf_kvcache_plugin.quantization import sqnr_db
+from hf_kvcache_plugin.reuse.chunk_codec import encode_blocks
 
 B, H, D = 2, 4, 16
 
@@ -93,7 +94,7 @@ def test_flush_residual_quantizes_every_whole_block_now():
     cache.flush_residual()
     assert (layer.quantized_keys.num_tokens, layer.residual_keys.shape[-2]) == (40, 2)
     assert layer.residual_length == 16 and layer.get_seq_length() == 42
-    qk, qv = layer.encode_blocks(k[:, :, :40], v[:, :, :40])
+    qk, qv = encode_blocks(layer, k[:, :, :40], v[:, :, :40])
     for held, made in ((layer.quantized_keys.recent, qk), (layer.quantized_values.recent, qv)):
         assert torch.equal(held.data, made.data) and torch.equal(held.scale, made.scale)
         assert torch.equal(held.zero, made.zero)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from hf_kvcache_plugin.cli import format_bytes, main, resolve_model
+from hf_kvcache_plugin.app.cli import main
+from hf_kvcache_plugin.app.models import format_bytes, resolve_model
 from hf_kvcache_plugin.config import PluginConfig
 
 from .conftest import HAVE_REAL, REAL_MODEL, REAL_REASON
@@ -44,7 +45,7 @@ def test_quant_type_flag_overrides_config(capsys):
 def test_model_resolution_order(tmp_path, monkeypatch):
     assert resolve_model("cli/model", PluginConfig(model="cfg/model")) == "cli/model"
     assert resolve_model(None, PluginConfig(model="cfg/model")) == "cfg/model"
-    monkeypatch.setattr("hf_kvcache_plugin.cli._default_model_candidates", lambda: [tmp_path / "none"])
+    monkeypatch.setattr("hf_kvcache_plugin.app.models._default_model_candidates", lambda: [tmp_path / "none"])
     with pytest.raises(ValueError, match="no model given: pass `--model` with a Hugging Face model id"):
         resolve_model(None, PluginConfig())
     (tmp_path / "none").mkdir()
@@ -73,5 +74,5 @@ def test_format_bytes():
 
 
 def test_console_script_module_runs():
-    proc = subprocess.run([sys.executable, "-m", "hf_kvcache_plugin.cli", "--help"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "hf_kvcache_plugin", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "generate" in proc.stdout

@@ -191,7 +191,7 @@ def test_a_posted_message_is_received_and_consumed(store_pair):
 
 def test_a_silent_peer_is_declared_dead_and_its_breaker_opens(store_pair, caplog):
     _, b = transports(store_pair)
-    caplog.set_level(logging.WARNING, logger="hf_kvcache_plugin.serving.breakers")
+    caplog.set_level(logging.WARNING, logger="hf_kvcache_plugin.resilience.breakers")
     with pytest.raises(PeerDead, match="no heartbeat"):
         b.receive(0, b.key("never"), timeout_s=100.0)
     assert b.breaker_state(0) == pybreaker.STATE_CLOSED

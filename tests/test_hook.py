@@ -19,7 +19,8 @@ from hf_kvcache_plugin import (
     enable_quantized_attention,
     load_config,
 )
-from hf_kvcache_plugin.evaluation import GENERATE_CACHE_KWARG
+from hf_kvcache_plugin._compat import GENERATE_CACHE_KWARG
+from hf_kvcache_plugin.reuse.chunk_codec import encode_blocks
 
 from .conftest import TEXT
 
@@ -235,7 +236,7 @@ def test_a_chunk_stored_after_a_hit_is_computed_from_the_quantized_chunks_before
         model(prompt[None, CHUNK : 2 * CHUNK], **{GENERATE_CACHE_KWARG: cache})
     for idx, layer in enumerate(cache.layers):
         assert layer.residual_keys.shape[-2] == CHUNK  # chunk 1, exact: the window holds it all
-        qk, qv = layer.encode_blocks(layer.residual_keys, layer.residual_values)
+        qk, qv = encode_blocks(layer, layer.residual_keys, layer.residual_values)
         for made, held in ((qk, match.entries[1].keys[idx]), (qv, match.entries[1].values[idx])):
             assert torch.equal(made.data, held.data) and torch.equal(made.scale, held.scale)
             assert torch.equal(made.zero, held.zero)

@@ -16,7 +16,8 @@ from transformers import LlamaForCausalLM
 
 from hf_kvcache_plugin import CacheConfig, PrefixEntry, PrefixStore, chunk_keys, model_fingerprint, prefix_namespace
 from hf_kvcache_plugin.blocks import BlockCodec
-from hf_kvcache_plugin.prefix_store import MIB
+from hf_kvcache_plugin.reuse.prefix_store import MIB
+from hf_kvcache_plugin.reuse.chunk_codec import encode_blocks
 
 from .conftest import tiny_llama_config
 
@@ -372,7 +373,7 @@ def test_encoded_blocks_are_the_bytes_the_cache_stores_and_load_back_exactly(qua
     reference = make()
     reference.update(k, v, 0)  # 4 blocks leave the window of G tokens
     layer = reference.layers[0]
-    qk, qv = layer.encode_blocks(k[:, :, : 4 * G], v[:, :, : 4 * G])
+    qk, qv = encode_blocks(layer, k[:, :, : 4 * G], v[:, :, : 4 * G])
     assert qk.shape == (2, H, 4, G, D)
     if quant_type != "mixed":  # mixed re-packs aged blocks to INT4 inside the cache
         assert torch.equal(qk.data, layer.quantized_keys.recent.data)
@@ -393,7 +394,7 @@ def test_encoded_blocks_are_the_bytes_the_cache_stores_and_load_back_exactly(qua
             [qk], [qv], torch.float32, "cpu"
         )
     with pytest.raises(ValueError, match="whole blocks"):
-        layer.encode_blocks(k[:, :, :3], v[:, :, :3])
+        encode_blocks(layer, k[:, :, :3], v[:, :, :3])
 
 
 # ---------------------------------------------------------------------- YAML sections

@@ -10,7 +10,7 @@ import pybreaker
 import pytest
 
 from hf_kvcache_plugin import BreakerConfig
-from hf_kvcache_plugin.serving import CircuitGuard, MonotonicClockStorage, ServingMetrics, create_breaker
+from hf_kvcache_plugin.resilience import CircuitGuard, MonotonicClockStorage, ServingMetrics, create_breaker
 
 
 class FakeClock:
@@ -125,7 +125,7 @@ def test_listener_feeds_metrics_and_logs(caplog):
         return metrics.value("hf_kvcache_breaker_state", breaker="store", hf_kvcache_breaker_state=name)
 
     assert state("closed") == 1.0
-    with caplog.at_level(logging.INFO, logger="hf_kvcache_plugin.serving.breakers"):
+    with caplog.at_level(logging.INFO, logger="hf_kvcache_plugin.resilience.breakers"):
         trip(breaker, 2)
         assert state("open") == 1.0 and state("closed") == 0.0
         clock.advance(5)

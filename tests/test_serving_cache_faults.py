@@ -220,7 +220,7 @@ def test_save_is_atomic_and_leaves_no_temporary(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("hf_kvcache_plugin.snapshot.os.fsync", crash)
+    monkeypatch.setattr("hf_kvcache_plugin.cache_io.os.fsync", crash)
     with pytest.raises(OSError, match="disk full"):
         make().save(path)
     assert path.read_bytes() == before  # the old snapshot is untouched

@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from hf_kvcache_plugin.cli import main
+from hf_kvcache_plugin.app.cli import main
 
 from .conftest import HAVE_REAL, REAL_MODEL, REAL_REASON
 

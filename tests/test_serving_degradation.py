@@ -7,7 +7,7 @@ import time
 import pytest
 
 from hf_kvcache_plugin import BreakerConfig
-from hf_kvcache_plugin.serving import GuardedStore, ServingMetrics, StoreMiss, create_breaker, harden_cache
+from hf_kvcache_plugin.resilience import GuardedStore, ServingMetrics, StoreMiss, create_breaker, harden_cache
 
 
 class FakeClock:

@@ -13,8 +13,8 @@ from hf_kvcache_plugin import BreakerConfig, DistributedConfig, NodeInfo, parse_
 from hf_kvcache_plugin.distributed import CacheCoordinator
 from hf_kvcache_plugin.distributed.payloads import decode_json, encode_json
 from hf_kvcache_plugin.distributed.transport import PeerDead, PeerLeft, StoreTransport
-from hf_kvcache_plugin.serving import HealthStatus, RateLimiter, RateLimitExceeded, ServingMetrics, peers_check
-from hf_kvcache_plugin.serving.service import build_service
+from hf_kvcache_plugin.resilience import HealthStatus, RateLimiter, RateLimitExceeded, ServingMetrics, peers_check
+from hf_kvcache_plugin.app.service import build_service
 
 PEER = "rank1->peer0"
 
@@ -95,7 +95,7 @@ def test_peer_breakers_take_the_serving_config_and_report_to_serving_metrics(cap
             breaker.call(lambda: int("not a number"))
     assert t.breaker_state(0) == pybreaker.STATE_CLOSED
 
-    with caplog.at_level("WARNING", logger="hf_kvcache_plugin.serving.breakers"):
+    with caplog.at_level("WARNING", logger="hf_kvcache_plugin.resilience.breakers"):
         for _ in range(2):
             with pytest.raises(PeerDead):
                 t.receive(0, t.key("m"), 1.0)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from hf_kvcache_plugin import QuantizedKVCache
-from hf_kvcache_plugin.evaluation import GENERATE_CACHE_KWARG
-from hf_kvcache_plugin.serving import RateLimiter, RateLimitExceeded, ServingEndpoint, ServingMetrics
+from hf_kvcache_plugin._compat import GENERATE_CACHE_KWARG
+from hf_kvcache_plugin.resilience import RateLimiter, RateLimitExceeded, ServingEndpoint, ServingMetrics
 
 NEW = 6
 

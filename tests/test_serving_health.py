@@ -6,7 +6,7 @@ import pybreaker
 import pytest
 
 from hf_kvcache_plugin import BreakerConfig, HealthConfig
-from hf_kvcache_plugin.serving import (
+from hf_kvcache_plugin.resilience import (
     CheckResult,
     HealthChecker,
     HealthStatus,

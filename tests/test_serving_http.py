@@ -10,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from hf_kvcache_plugin import HealthServerConfig
-from hf_kvcache_plugin.serving import CheckResult, HealthChecker, HealthServer, ServingMetrics
+from hf_kvcache_plugin.resilience import CheckResult, HealthChecker, HealthServer, ServingMetrics
 
 
 def get(url: str) -> tuple[int, str, str]:

@@ -10,7 +10,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from hf_kvcache_plugin import create_quantized_kv_cache
-from hf_kvcache_plugin.serving import ServingMetrics, harden_cache
+from hf_kvcache_plugin.resilience import ServingMetrics, harden_cache
 
 
 def test_instances_never_collide_and_never_touch_the_global_registry():

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from hf_kvcache_plugin import BreakerConfig, CacheConfig, PrefixStore, QuantizedKVCache, attach_prefix_cache
-from hf_kvcache_plugin.evaluation import GENERATE_CACHE_KWARG
-from hf_kvcache_plugin.serving import (
+from hf_kvcache_plugin._compat import GENERATE_CACHE_KWARG
+from hf_kvcache_plugin.resilience import (
     GuardedStore,
     ServingEndpoint,
     ServingMetrics,
@@ -17,7 +17,7 @@ from hf_kvcache_plugin.serving import (
     create_breaker,
     harden_cache,
 )
-from hf_kvcache_plugin.serving.degradation import entry_problem, prefix_store_problems
+from hf_kvcache_plugin.resilience.degradation import entry_problem, prefix_store_problems
 
 from .conftest import TEXT
 
@@ -181,7 +181,7 @@ def test_build_service_wires_guards_health_and_critical_memory(model, prompt):
     import urllib.request
 
     from hf_kvcache_plugin import parse_config
-    from hf_kvcache_plugin.serving.service import build_service
+    from hf_kvcache_plugin.app.service import build_service
 
     used = {"fraction": 0.5}
     config = parse_config({

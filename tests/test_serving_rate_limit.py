@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hf_kvcache_plugin import RateLimitConfig
-from hf_kvcache_plugin.serving import RateLimiter, RateLimitExceeded
+from hf_kvcache_plugin.resilience import RateLimiter, RateLimitExceeded
 
 
 class FakeTime:

@@ -27,9 +27,9 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from hf_kvcache_plugin import create_quantized_kv_cache  # noqa: E402
-from hf_kvcache_plugin import attention as attention_module  # noqa: E402
+from hf_kvcache_plugin.attention import dispatch as attention_module  # noqa: E402
 from hf_kvcache_plugin.attention import attention_from_layer, quantized_attention_forward  # noqa: E402
-from hf_kvcache_plugin.triton_attention import triton_attention_from_layer, triton_unsupported  # noqa: E402
+from hf_kvcache_plugin.attention.triton_attention import triton_attention_from_layer, triton_unsupported  # noqa: E402
 
 from .attention_reference import dequantize_then_sdpa, rel_err  # noqa: E402
 
@@ -167,7 +167,7 @@ def test_cpu_tensors_keep_the_pytorch_path(monkeypatch):
     k, v = torch.randn(1, 1, 40, 16), torch.randn(1, 1, 40, 16)
     cache.update(k, v, 0)
     channel: dict = {}
-    cache.layers[0].update_for_fused_attention(k[:, :, :1], v[:, :, :1], channel)
+    cache.fused_update(k[:, :, :1], v[:, :, :1], 0, channel)
 
     def refuse(*args, **kwargs):
         raise AssertionError("the Triton path ran for CPU tensors")

@@ -17,7 +17,7 @@ from .migration import MigrationPlan, Transfer, plan_migration, split_into_steps
 from .nodes import EntryDirectory, NodeInfo, NodeState
 from .prefix_adapter import PrefixStoreAdapter
 from .routing import Route, RouteRequest, plan_routes
-from .serving import attach_coordinator, generate_new_tokens, launch_rank
+from .launch import attach_coordinator, generate_new_tokens, launch_rank
 from .transport import StoreTransport, connect_store
 
 __all__ = [

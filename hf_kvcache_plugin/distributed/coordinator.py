@@ -50,8 +50,8 @@ import pybreaker
 import torch.distributed as dist
 
 from ..config import DistributedConfig
-from ..serving.metrics import ServingMetrics
-from ..serving.rate_limit import RateLimiter, RateLimitExceeded
+from ..resilience.metrics import ServingMetrics
+from ..resilience.rate_limit import RateLimiter, RateLimitExceeded
 from .entry_exchange import EntryExchange
 from .eviction import eviction_shares
 from .hash_ring import ConsistentHashRing

@@ -13,45 +13,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
-from ..prefix_store import PrefixEntry, PrefixStore
+from ..reuse.prefix_store import PrefixEntry, PrefixStore
 from ..quantization import QuantizedTensor
 from .local_store import EntryInfo
 
 __all__ = ["PrefixStoreAdapter"]
-
-
-def _compact(t: torch.Tensor) -> torch.Tensor:
-    """A tensor that owns just its bytes (``torch.save`` of a view writes the whole storage)."""
-    t = t.detach().to("cpu")
-    return t.clone() if t.untyped_storage().nbytes() != t.numel() * t.element_size() else t.contiguous()
-
-
-def _quantized_to_payload(q: QuantizedTensor) -> dict[str, Any]:
-    return {
-        "data": _compact(q.data),
-        "scale": _compact(q.scale),
-        "zero": None if q.zero is None else _compact(q.zero),
-        "bits": q.bits,
-        "group_size": q.group_size,
-        "axis": q.axis,
-        "shape": tuple(q.shape),
-        "dtype": q.dtype,
-    }
-
-
-def _quantized_from_payload(p: dict[str, Any]) -> QuantizedTensor:
-    return QuantizedTensor(
-        data=p["data"],
-        scale=p["scale"],
-        zero=p["zero"],
-        bits=int(p["bits"]),
-        group_size=int(p["group_size"]),
-        axis=int(p["axis"]),
-        shape=tuple(p["shape"]),
-        dtype=p["dtype"],
-    )
 
 
 class PrefixStoreAdapter:
@@ -80,8 +46,8 @@ class PrefixStoreAdapter:
                     "key": entry.key,
                     "parent": entry.parent,
                     "num_tokens": entry.num_tokens,
-                    "keys": [_quantized_to_payload(q) for q in entry.keys],
-                    "values": [_quantized_to_payload(q) for q in entry.values],
+                    "keys": [q.to_dict(compact=True) for q in entry.keys],
+                    "values": [q.to_dict(compact=True) for q in entry.values],
                 }
             )
         return payloads
@@ -93,8 +59,8 @@ class PrefixStoreAdapter:
                 key=bytes(p["key"]),
                 parent=None if p["parent"] is None else bytes(p["parent"]),
                 num_tokens=int(p["num_tokens"]),
-                keys=tuple(_quantized_from_payload(q) for q in p["keys"]),
-                values=tuple(_quantized_from_payload(q) for q in p["values"]),
+                keys=tuple(QuantizedTensor.from_dict(q) for q in p["keys"]),
+                values=tuple(QuantizedTensor.from_dict(q) for q in p["values"]),
             )
             # one by one: a refused entry (parent evicted meanwhile) does not refuse unrelated ones
             stored += self.store.put(entry)

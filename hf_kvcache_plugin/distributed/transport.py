@@ -44,8 +44,8 @@ import pybreaker
 import torch.distributed as dist
 
 from ..config import BreakerConfig, DistributedConfig
-from ..serving.breakers import create_breaker
-from ..serving.metrics import ServingMetrics
+from ..resilience.breakers import create_breaker
+from ..resilience.metrics import ServingMetrics
 
 __all__ = [
     "BreakerEvents",

@@ -11,10 +11,10 @@ import torch
 import torch.distributed as dist
 
 from ..config import DistributedConfig
-from ..hook import PrefixCacheHook
-from ..prefix_store import PrefixStore, chunk_keys
-from ..serving.metrics import ServingMetrics
-from ..serving.rate_limit import RateLimiter
+from ..reuse.hook import PrefixCacheHook
+from ..reuse.prefix_store import PrefixStore, chunk_keys
+from ..resilience.metrics import ServingMetrics
+from ..resilience.rate_limit import RateLimiter
 from .coordinator import CacheCoordinator
 from .nodes import NodeInfo
 from .prefix_adapter import PrefixStoreAdapter

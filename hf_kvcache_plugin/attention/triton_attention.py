@@ -1,8 +1,8 @@
 """Decode attention over a ``QuantizedKVLayer`` with Triton kernels (see ``triton_kernels``).
 
-The same contract as ``attention.attention_from_layer`` -- which is this
+The same contract as ``reference.attention_from_layer`` -- which is this
 path's reference and the path everywhere this one does not apply.
-``attention.quantized_attention_forward`` calls ``triton_attention_from_layer``
+``dispatch.quantized_attention_forward`` calls ``triton_attention_from_layer``
 only for CUDA tensors when triton imports and ``triton_unsupported`` returns
 None. triton is an optional extra (``pip install hf_kvcache_plugin[gpu]``):
 nothing here imports it before a CUDA call asks for it.
@@ -20,7 +20,9 @@ import math
 
 import torch
 
-from .quantization import QuantizedTensor
+from ..quantization import QuantizedTensor
+from .history import QuantizedHistory
+from .masks import keep_mask
 
 __all__ = ["triton_available", "triton_unsupported", "triton_attention_from_layer"]
 
@@ -48,7 +50,7 @@ def _pow2(n: int, floor: int = 16) -> int:
     return max(floor, 1 << max(0, (n - 1).bit_length()))
 
 
-def triton_unsupported(query: torch.Tensor, layer) -> str | None:
+def triton_unsupported(query: torch.Tensor, layer: QuantizedHistory) -> str | None:
     """Why the Triton kernels cannot serve this call, or None when they can."""
     b, hq, q, d = query.shape
     if hq % layer.num_heads:
@@ -78,9 +80,7 @@ def _meta_strides(q: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, tuple
 
 def _keep_bias(attention_mask, b: int, q: int, total: int, device) -> torch.Tensor | None:
     """[B, q, T] float32 of 0 (attend) / -inf (masked), or None when every position is attended."""
-    from .attention import _keep_mask
-
-    keep = _keep_mask(attention_mask, b, q, total, device)
+    keep = keep_mask(attention_mask, b, q, total, device)
     if keep is None:
         return None
     keep = keep.expand(b, 1, q, total)[:, 0]
@@ -89,7 +89,7 @@ def _keep_bias(attention_mask, b: int, q: int, total: int, device) -> torch.Tens
 
 def triton_attention_from_layer(
     query: torch.Tensor,
-    layer,
+    layer: QuantizedHistory,
     attention_mask: torch.Tensor | None,
     scaling: float,
     block_tokens: int = DEFAULT_BLOCK_TOKENS,

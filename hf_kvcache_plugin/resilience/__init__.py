@@ -1,12 +1,12 @@
-"""Serving hardening: circuit breakers, health, metrics, rate limits and graceful degradation.
+"""Resilience: circuit breakers, health, metrics, rate limits and graceful degradation.
 
 One module per concern: ``metrics`` (Prometheus, a registry per instance),
 ``breakers`` (pybreaker with an injectable clock), ``health`` (checks and
-their aggregation), ``http`` (``/healthz``, ``/readyz``, ``/metrics``),
-``rate_limit`` (token buckets per client), ``degradation`` (``GuardedStore``,
-``harden_cache``), ``endpoint`` (``ServingEndpoint``: a request never fails
-because the cache did) and ``service`` (all of it wired from a config, and
-``hf-kvcache serve``).
+their aggregation), ``probe_server`` (``/healthz``, ``/readyz``, ``/metrics``
+over HTTP), ``rate_limit`` (token buckets per client), ``degradation``
+(``GuardedStore``, ``harden_cache``) and ``endpoint`` (``ServingEndpoint``: a
+request never fails because the cache did). ``app.service.build_service``
+wires them from a config.
 """
 
 from .breakers import BreakerMetricsListener, CircuitGuard, MonotonicClockStorage, create_breaker
@@ -23,10 +23,9 @@ from .health import (
     peers_check,
     system_memory_used_fraction,
 )
-from .http import HealthServer
+from .probe_server import HealthServer
 from .metrics import PRESSURE_LEVELS, ServingMetrics
 from .rate_limit import RateLimiter, RateLimitExceeded
-from .service import ServingService, build_service
 
 __all__ = [
     "PRESSURE_LEVELS",
@@ -44,10 +43,8 @@ __all__ = [
     "RateLimiter",
     "ServingEndpoint",
     "ServingMetrics",
-    "ServingService",
     "StoreMiss",
     "breaker_check",
-    "build_service",
     "check_prompt",
     "consistency_check",
     "create_breaker",

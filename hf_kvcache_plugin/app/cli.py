@@ -5,70 +5,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from pathlib import Path
 
 import torch
 
-from .attention import enable_quantized_attention
-from .cache import QuantizedKVCache
-from .config import PluginConfig, load_config
-from .evaluation import GENERATE_CACHE_KWARG
-from .serving.service import add_serve_parser
+from ..attention import enable_quantized_attention
+from ..cache import QuantizedKVCache
+from ..config import PluginConfig, load_config
+from .._compat import GENERATE_CACHE_KWARG
+from .models import format_bytes, load_model, resolve_model
+from .serve import add_serve_parser
 
-__all__ = ["main", "resolve_model", "format_bytes"]
-
-_SHARED_MODEL = Path("shared") / "models" / "stories260K"
-
-
-def _default_model_candidates() -> list[Path]:
-    """``../shared/models/stories260K`` beside the working directory or beside this checkout."""
-    checkout = Path(__file__).resolve().parents[1]
-    return [Path.cwd().parent / _SHARED_MODEL, checkout.parent / _SHARED_MODEL]
-
-
-def resolve_model(cli_model: str | None, config: PluginConfig) -> str:
-    """``--model`` > the config's ``model:`` > ``../shared/models/stories260K`` when it exists."""
-    if cli_model:
-        return cli_model
-    if config.model:
-        return config.model
-    for candidate in _default_model_candidates():
-        if (candidate / "config.json").is_file():
-            return str(candidate)
-    raise ValueError(
-        "no model given: pass `--model` with a Hugging Face model id (e.g. `--model HuggingFaceTB/SmolLM2-135M`) "
-        "or a local directory holding config.json and weights, or set `model:` in the YAML config"
-    )
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-def _load_model(name: str, device: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name).to(device).eval()
-    except (OSError, ValueError) as exc:
-        raise ValueError(
-            f"could not load model {name!r}: {exc}\nPass `--model` with a Hugging Face id or a local path "
-            "to a directory with config.json, weights and tokenizer files."
-        ) from None
-    return model, tokenizer
-
+__all__ = ["build_parser", "main"]
 
 def _generate(args: argparse.Namespace) -> int:
     config = load_config(args.config) if args.config else PluginConfig()
     if args.quant_type:
         config.cache = dataclasses.replace(config.cache, quant_type=args.quant_type)
     model_name = resolve_model(args.model, config)
-    model, tokenizer = _load_model(model_name, args.device)
+    model, tokenizer = load_model(model_name, args.device)
     if not args.prompt:
         raise ValueError("`--prompt` is empty: give the text to continue")
     inputs = tokenizer(args.prompt, return_tensors="pt").to(args.device)
@@ -118,5 +72,5 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m hf_kvcache_plugin.app.cli
     sys.exit(main())

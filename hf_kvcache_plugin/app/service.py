@@ -1,4 +1,4 @@
-"""``build_service``: the serving pieces wired from a ``PluginConfig``, and the ``hf-kvcache serve`` command.
+"""``build_service``: the serving pieces wired from a ``PluginConfig``.
 
 For one model: a ``ServingMetrics`` registry, a ``MemoryPressureProbe``, a
 ``HealthChecker`` (memory; with a prefix store also its breaker and its
@@ -9,30 +9,27 @@ rate limiter, and optionally the HTTP endpoint. With a ``distributed:``
 section also the ``CacheCoordinator`` of this process (``attach_coordinator``)
 on the same metrics: its breakers join the ``breakers`` check, its peers the
 ``peers`` check, and its ``generate`` gets a rate limiter of its own from
-``serving.rate_limit``. ``hf-kvcache serve`` reads prompts line by line from
-stdin and answers each on stdout.
+``serving.rate_limit``.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..cache import QuantizedKVCache
 from ..config import PluginConfig
-from ..evaluation import GENERATE_CACHE_KWARG
-from ..hook import PrefixCacheHook, attach_prefix_cache
-from ..prefix_store import PrefixStore
-from .breakers import create_breaker
-from .degradation import GuardedStore, harden_cache, prefix_store_problems
-from .endpoint import ServingEndpoint
-from .health import (
+from .._compat import GENERATE_CACHE_KWARG
+from ..reuse.hook import PrefixCacheHook, attach_prefix_cache
+from ..reuse.prefix_store import PrefixStore
+from ..resilience.breakers import create_breaker
+from ..resilience.degradation import GuardedStore, harden_cache, prefix_store_problems
+from ..resilience.endpoint import ServingEndpoint
+from ..resilience.health import (
     HealthChecker,
     MemoryPressureProbe,
     breaker_check,
@@ -40,16 +37,16 @@ from .health import (
     peers_check,
     system_memory_used_fraction,
 )
-from .http import HealthServer
-from .metrics import ServingMetrics
-from .rate_limit import RateLimiter, RateLimitExceeded
+from ..resilience.probe_server import HealthServer
+from ..resilience.metrics import ServingMetrics
+from ..resilience.rate_limit import RateLimiter
 
 if TYPE_CHECKING:
     import pybreaker
 
     from ..distributed.coordinator import CacheCoordinator
 
-__all__ = ["ServingService", "add_serve_parser", "build_service"]
+__all__ = ["ServingService", "build_service"]
 
 STORE_COMPONENT = "prefix_store"
 OUTCOMES = ("served", "degraded", "invalid", "rate_limited", "failed")
@@ -136,8 +133,8 @@ def build_service(
         harden_cache(hook, STORE_COMPONENT, metrics=metrics, breaker=breaker, memory_pressure=memory.level)
         raw_store = hook.store.store
         if config.distributed is not None:
-            # imported here: the coordinator's transport builds its breakers with this package
-            from ..distributed.serving import attach_coordinator
+            # imported here: only a `distributed:` section needs torch.distributed's store and the coordinator
+            from ..distributed.launch import attach_coordinator
 
             pad = getattr(model.generation_config, "pad_token_id", None)
             coordinator = attach_coordinator(
@@ -169,58 +166,3 @@ def _limiter(config: PluginConfig) -> RateLimiter | None:
     """A fresh limiter (buckets of its own) per entry point, or None when rate limits are off."""
     limits = config.serving.rate_limit
     return RateLimiter.from_config(limits) if limits.enabled else None
-
-
-# ---------------------------------------------------------------------- hf-kvcache serve
-def add_serve_parser(sub: argparse._SubParsersAction) -> None:
-    serve = sub.add_parser(
-        "serve", help="answer prompts read from stdin (one per line) with health, metrics and fallbacks"
-    )
-    serve.add_argument("--model", help="Hugging Face model id or local path (default as for `generate`)")
-    serve.add_argument("--config", help="YAML config; its `serving:` section sets breakers, limits, health, http")
-    serve.add_argument("--max-new-tokens", type=int, default=32)
-    serve.add_argument("--health-host", help="bind the /healthz /readyz /metrics endpoint here (default 127.0.0.1)")
-    serve.add_argument("--health-port", type=int, help="serve the endpoint on this port (0: any free port)")
-    serve.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    serve.set_defaults(func=_serve)
-
-
-def _serve(args: argparse.Namespace) -> int:
-    from ..cli import _load_model, resolve_model
-    from ..config import load_config
-
-    config = load_config(args.config) if args.config else PluginConfig()
-    if args.max_new_tokens < 1:
-        raise ValueError(f"`--max-new-tokens` has to be >= 1 but got {args.max_new_tokens}")
-    model, tokenizer = _load_model(resolve_model(args.model, config), args.device)
-    wants_http = args.health_port is not None or args.health_host is not None or None
-    with build_service(model, config, http=wants_http, http_host=args.health_host, http_port=args.health_port) as svc:
-        if svc.server is not None:
-            print(f"[health] {svc.server.url}/healthz /readyz /metrics", file=sys.stderr, flush=True)
-        serve_lines(svc, tokenizer, sys.stdin, sys.stdout, sys.stderr, args.max_new_tokens, args.device)
-        counts = svc.outcomes()
-    print("[serve] requests: " + ", ".join(f"{k} {v}" for k, v in counts.items()), file=sys.stderr)
-    return 0
-
-
-def serve_lines(
-    svc: ServingService,
-    tokenizer: Any,
-    lines: Iterable[str],
-    out: IO[str],
-    err: IO[str],
-    max_new_tokens: int,
-    device: str = "cpu",
-) -> None:
-    """One request per line; a refused request is reported on ``err`` and the next line is served."""
-    for number, line in enumerate(lines, start=1):
-        prompt = line.rstrip("\n")
-        try:
-            if not prompt.strip():
-                raise ValueError("the prompt is empty: give the text to continue")
-            input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
-            output = svc.endpoint(input_ids, client="stdin", max_new_tokens=max_new_tokens, do_sample=False)
-        except (ValueError, RateLimitExceeded) as exc:
-            print(f"hf-kvcache: request {number} refused: {exc}", file=err, flush=True)
-            continue
-        print(tokenizer.decode(output[0], skip_special_tokens=True), file=out, flush=True)

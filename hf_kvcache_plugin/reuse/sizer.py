@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 import torch
 
-from .config import SizerConfig
+from ..config import SizerConfig
 
 if TYPE_CHECKING:
     from .prefix_store import PrefixStore

@@ -35,8 +35,8 @@ import pybreaker
 from ..blocks import unquantizable_blocks
 from ..cache import QuantizedKVCache
 from ..config import BreakerConfig
-from ..hook import PrefixCacheHook
-from ..prefix_store import PrefixStore
+from ..reuse.hook import PrefixCacheHook
+from ..reuse.prefix_store import PrefixStore
 from ..quantization import QuantizedTensor
 from .breakers import CircuitGuard, create_breaker
 from .metrics import ServingMetrics

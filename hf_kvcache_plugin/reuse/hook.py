@@ -8,7 +8,7 @@ and feeds them to an ``AdaptiveSizer``. ``hook.detach()`` restores the model.
 
 How stored chunks are made: while the suffix is prefilled the cache receives
 its exact K/V; the hook quantizes each new full chunk with the layer's own
-codec (``QuantizedKVLayer.encode_blocks``). These are the bytes the cache
+codec (``chunk_codec.encode_blocks``). These are the bytes the cache
 stores for a block-aligned chunk, and quantizing from exact K/V does not
 depend on the cache's residual window, its flush schedule or the prompt's
 left padding (which shifts block boundaries inside the cache). A hit loads
@@ -43,12 +43,14 @@ import torch
 from transformers import PreTrainedModel
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 
-from .blocks import concat_blocks
-from .cache import QuantizedKVCache, QuantizedKVLayer
-from .config import CacheConfig, PluginConfig, check_prefix_reuse_settings
-from .evaluation import GENERATE_CACHE_KWARG
+from ..blocks import concat_blocks
+from ..cache import QuantizedKVCache
+from ..config import CacheConfig, PluginConfig, check_prefix_reuse_settings
+from .._compat import GENERATE_CACHE_KWARG
 from .prefix_store import PrefixEntry, PrefixMatch, PrefixStore, model_fingerprint, prefix_namespace
-from .quantization import QuantizedTensor
+from ..layer import QuantizedKVLayer
+from ..quantization import QuantizedTensor
+from .chunk_codec import encode_blocks, zero_blocks
 
 if TYPE_CHECKING:
     from .sizer import AdaptiveSizer
@@ -146,15 +148,6 @@ class _Row:
     @property
     def hit_tokens(self) -> int:
         return self.match.num_tokens
-
-
-def _zero_blocks(template: QuantizedTensor, n_blocks: int) -> QuantizedTensor:
-    """n blocks shaped like ``template``'s that dequantize to 0 (padding slots, masked anyway)."""
-    shape = list(template.shape)
-    shape[2] = n_blocks
-    return template.map_tensors(
-        lambda t: t.new_zeros(t.shape[:2] + (n_blocks,) + t.shape[3:]), new_shape=tuple(shape)
-    )
 
 
 class PrefixCacheHook:
@@ -369,7 +362,7 @@ class PrefixCacheHook:
             col = row.suffix_start + (c * size - row.hit_tokens) - cached
             k = keys[i * expand : i * expand + 1, :, col : col + size]
             v = values[i * expand : i * expand + 1, :, col : col + size]
-            qk, qv = layer.encode_blocks(k, v)
+            qk, qv = encode_blocks(layer, k, v)
             pending[key][0][layer_idx] = qk.map_tensors(lambda t: t.to(self.store.device))
             pending[key][1][layer_idx] = qv.map_tensors(lambda t: t.to(self.store.device))
 
@@ -405,7 +398,7 @@ class PrefixCacheHook:
                     parts = [getattr(e, name)[layer_idx] for e in row.match.entries]
                     if row.hit_tokens < cached:
                         example = getattr(template, name)[layer_idx]
-                        parts.insert(0, _zero_blocks(example, (cached - row.hit_tokens) // group))
+                        parts.insert(0, zero_blocks(example, (cached - row.hit_tokens) // group))
                     batch.append(concat_blocks(parts, dim=2))
                 per_layer.append(concat_blocks(batch, dim=0))
         cache.load_blocks(streams["keys"], streams["values"], self.model.dtype, self.model.device)

@@ -1,10 +1,4 @@
-"""Attention that reads a ``QuantizedKVLayer`` directly, without materialising its history.
-
-Registered with ``transformers.AttentionInterface`` as ``"kvquant_sdpa"`` (see
-``enable_quantized_attention``). With that implementation selected, a
-``QuantizedKVCache`` built from the model's config no longer dequantizes its
-history in ``update``: it hands the layer to this function through the
-attention kwargs, and the function works block by block on the packed codes.
+"""Fused decode attention in PyTorch: softmax(q K^T) V over a layer's packed codes, block by block.
 
 Keys are grouped per channel (one scale ``s`` and zero ``z`` per channel per
 block of G tokens), so a block's scores are
@@ -20,157 +14,27 @@ The score row of a decode step holds ``n_rep * q_len`` floats per key token
 (1/head_dim of the key bytes), so it is kept whole and softmaxed once: on a
 CPU that is cheaper than an online softmax's rescaling, and only the code
 chunks (``chunk_tokens`` tokens at a time, sized to stay in cache) are ever
-converted to floats. Anything this function does not support (attention
-weights output, softcapping, sliding windows, dropout, a cache that is not
-ours) goes to the standard SDPA path, with one log line saying so.
-
-On CUDA, with triton installed, the decode step goes to the Triton kernels of
-``triton_attention`` instead; ``attention_from_layer`` is their reference.
+converted to floats. This is the reference of the Triton kernels
+(``triton_attention``) and the path wherever they do not apply.
 """
 
 from __future__ import annotations
 
-import logging
-
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .quantization import QuantizedTensor, dequantize
-from .triton_attention import triton_attention_from_layer, triton_available, triton_unsupported
+from ..quantization import QuantizedTensor, dequantize
+from .history import QuantizedHistory
+from .masks import keep_mask
 
-__all__ = [
-    "QUANTIZED_ATTENTION",
-    "FUSED_STATE_KEY",
-    "enable_quantized_attention",
-    "register_quantized_attention",
-    "quantized_attention_forward",
-    "attention_from_layer",
-]
+__all__ = ["DEFAULT_CHUNK_TOKENS", "attention_from_layer"]
 
-QUANTIZED_ATTENTION = "kvquant_sdpa"
-# key under which QuantizedKVCache.update hands its layer to this function
-FUSED_STATE_KEY = "quantized_kv_layer"
 # tokens of codes turned into floats at a time: 256 tokens x head_dim 128 x 4 B = 128 KiB per head
 DEFAULT_CHUNK_TOKENS = 256
-
-logger = logging.getLogger(__name__)
-_warned: set[str] = set()
-
-
-def _fallback_once(reason: str) -> None:
-    if reason not in _warned:
-        _warned.add(reason)
-        logger.warning("kvquant_sdpa: %s; dequantizing the history for the standard path", reason)
-
-
-def register_quantized_attention() -> None:
-    """Register ``"kvquant_sdpa"`` (attention and its SDPA-style mask) with transformers."""
-    AttentionInterface.register(QUANTIZED_ATTENTION, quantized_attention_forward)
-    AttentionMaskInterface.register(QUANTIZED_ATTENTION, sdpa_mask)
-
-
-def enable_quantized_attention(model) -> None:
-    """Select ``"kvquant_sdpa"`` for ``model``. With any other cache it behaves like SDPA."""
-    register_quantized_attention()
-    model.set_attn_implementation(QUANTIZED_ATTENTION)
-
-
-def quantized_attention_forward(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    is_causal: bool | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    layer = kwargs.pop(FUSED_STATE_KEY, None)
-    if layer is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
-    unsupported = _unsupported(module, dropout, kwargs)
-    if unsupported:
-        _fallback_once(unsupported)
-        key, value = layer.dequantized()
-        layer.finish_fused_step()
-        if kwargs.get("output_attentions") or kwargs.get("softcap") is not None:
-            return _eager_attention(query, key, value, attention_mask, dropout, scaling, kwargs.get("softcap"))
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
-    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if _use_triton(query, layer):
-        out = triton_attention_from_layer(query, layer, attention_mask, scaling)
-    else:
-        out = attention_from_layer(query, layer, attention_mask, scaling)
-    layer.finish_fused_step()
-    return out.transpose(1, 2).contiguous(), None
-
-
-def _use_triton(query: torch.Tensor, layer) -> bool:
-    """The Triton kernels serve CUDA tensors when triton is installed; this function stays their reference."""
-    if not query.is_cuda or not triton_available():
-        return False
-    reason = triton_unsupported(query, layer)
-    if reason:
-        _fallback_once_to_pytorch(reason)
-        return False
-    return True
-
-
-def _fallback_once_to_pytorch(reason: str) -> None:
-    if reason not in _warned:
-        _warned.add(reason)
-        logger.info("kvquant_sdpa: Triton kernels do not support this case (%s); using the PyTorch fused path", reason)
-
-
-def _eager_attention(query, key, value, attention_mask, dropout, scaling, softcap):
-    """Plain attention with weights (and optional tanh softcapping) on dense K/V."""
-    n_rep = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(n_rep, 1), value.repeat_interleave(n_rep, 1)
-    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    keep = _keep_mask(attention_mask, query.shape[0], query.shape[2], key.shape[2], query.device)
-    if keep is not None:
-        scores = scores.masked_fill(~keep, float("-inf"))
-    weights = torch.softmax(scores.float(), dim=-1).to(query.dtype)
-    weights = torch.nn.functional.dropout(weights, p=dropout, training=dropout > 0)
-    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
-
-
-def _unsupported(module, dropout: float, kwargs: dict) -> str | None:
-    if kwargs.get("output_attentions"):
-        return "output_attentions=True needs the attention weights"
-    if kwargs.get("softcap") is not None:
-        return "softcapping"
-    if kwargs.get("sliding_window") is not None or getattr(module, "sliding_window", None):
-        return "sliding-window attention"
-    if dropout:
-        return "attention dropout"
-    if kwargs.get("position_bias") is not None:
-        return "position bias"
-    return None
-
-
-def _keep_mask(attention_mask, b: int, q: int, total: int, device) -> torch.Tensor | None:
-    """Boolean [B, 1, q, T] of positions to keep, or None when every position is kept."""
-    if attention_mask is None:
-        if q == 1:
-            return None
-        # bottom-right causal: query i sits at position total - q + i
-        pos_q = torch.arange(total - q, total, device=device)[:, None]
-        return (torch.arange(total, device=device)[None, :] <= pos_q)[None, None].expand(b, 1, q, total)
-    if attention_mask.dtype == torch.bool:
-        return attention_mask[..., :total]
-    return attention_mask[..., :total] > torch.finfo(attention_mask.dtype).min / 2
 
 
 def attention_from_layer(
     query: torch.Tensor,
-    layer,
+    layer: QuantizedHistory,
     attention_mask: torch.Tensor | None,
     scaling: float,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
@@ -198,7 +62,7 @@ def attention_from_layer(
             torch.matmul(qf, keys.float().transpose(-1, -2), out=target)
         start += length
 
-    keep = _keep_mask(attention_mask, b, q, total, query.device)
+    keep = keep_mask(attention_mask, b, q, total, query.device)
     if keep is not None:
         # [B, 1, q, T] -> [B, 1, n_rep * q, T] rows in the same order as qf's
         keep = keep.unsqueeze(2).expand(b, 1, n_rep, q, total).reshape(b, 1, rows, total)

@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import CacheConfig, PluginConfig, PrefixStoreConfig
-from .quantization import QuantizedTensor
+from ..config import CacheConfig, PluginConfig, PrefixStoreConfig
+from ..quantization import QuantizedTensor
 
 __all__ = [
     "PrefixEntry",

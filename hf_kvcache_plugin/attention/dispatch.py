@@ -1,0 +1,154 @@
+"""``kvquant_sdpa``: the attention implementation that reads a quantized layer directly.
+
+Registered with ``transformers.AttentionInterface`` (``register_quantized_attention``).
+For a decode step of a ``QuantizedKVCache`` whose model runs it, the cache
+hands the layer over (``history.FusedStep``) instead of dequantizing its
+history; this function then runs the fused path: the Triton kernels for CUDA
+tensors when triton is installed (``triton_attention``), else the PyTorch
+reference (``reference``). Everything else -- prefill, any other cache -- is
+plain SDPA, and so is anything the fused path does not support (attention
+weights output, softcapping, sliding windows, dropout, position bias), with
+one log line saying so.
+
+``select_fused_attention(config)`` is how a cache makes this path the default:
+a decoder on plain SDPA is switched to ``kvquant_sdpa``; eager, flash and
+custom attention are the user's explicit choice and are left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .history import QuantizedHistory, take_over
+from .masks import keep_mask
+from .reference import attention_from_layer
+from .triton_attention import triton_attention_from_layer, triton_available, triton_unsupported
+
+__all__ = [
+    "QUANTIZED_ATTENTION",
+    "enable_quantized_attention",
+    "quantized_attention_forward",
+    "register_quantized_attention",
+    "select_fused_attention",
+]
+
+QUANTIZED_ATTENTION = "kvquant_sdpa"
+
+logger = logging.getLogger(__name__)
+_logged: set[str] = set()
+
+
+def _log_once(level: int, message: str) -> None:
+    """One log line per distinct reason for the process's lifetime: decode steps repeat every token."""
+    if message not in _logged:
+        _logged.add(message)
+        logger.log(level, message)
+
+
+def register_quantized_attention() -> None:
+    """Register ``"kvquant_sdpa"`` (attention and its SDPA-style mask) with transformers."""
+    AttentionInterface.register(QUANTIZED_ATTENTION, quantized_attention_forward)
+    AttentionMaskInterface.register(QUANTIZED_ATTENTION, sdpa_mask)
+
+
+def enable_quantized_attention(model) -> None:
+    """Select ``"kvquant_sdpa"`` for ``model``. With any other cache it behaves like SDPA."""
+    register_quantized_attention()
+    model.set_attn_implementation(QUANTIZED_ATTENTION)
+
+
+def select_fused_attention(decoder_config) -> bool:
+    """Switch a decoder config on plain SDPA to ``kvquant_sdpa``; True when it runs ``kvquant_sdpa`` now.
+
+    ``kvquant_sdpa`` is SDPA for every other cache and for prefill, so the
+    switch changes nothing else the model does. Only the decoder's config is
+    touched: a vision tower or encoder of a composite model keeps its attention.
+    """
+    current = getattr(decoder_config, "_attn_implementation", None)
+    if current == "sdpa":
+        register_quantized_attention()
+        decoder_config._attn_implementation = QUANTIZED_ATTENTION
+        logger.info("QuantizedKVCache: the model now runs %r (SDPA that reads the quantized blocks); "
+                    "pass attention='dequantize' to keep plain SDPA", QUANTIZED_ATTENTION)
+        return True
+    return current == QUANTIZED_ATTENTION
+
+
+def quantized_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    step = take_over(kwargs)
+    if step is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
+    history = step.history
+    unsupported = _unsupported(module, dropout, kwargs)
+    if unsupported:
+        _log_once(logging.WARNING, f"{QUANTIZED_ATTENTION}: {unsupported}; dequantizing the history for the "
+                                   "standard path")
+        key, value = history.dequantized()
+        step.finish()
+        if kwargs.get("output_attentions") or kwargs.get("softcap") is not None:
+            return _eager_attention(query, key, value, attention_mask, dropout, scaling, kwargs.get("softcap"))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if _use_triton(query, history):
+        out = triton_attention_from_layer(query, history, attention_mask, scaling)
+    else:
+        out = attention_from_layer(query, history, attention_mask, scaling)
+    step.finish()
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _use_triton(query: torch.Tensor, history: QuantizedHistory) -> bool:
+    """The Triton kernels serve CUDA tensors when triton is installed; the PyTorch path stays their reference."""
+    if not query.is_cuda or not triton_available():
+        return False
+    reason = triton_unsupported(query, history)
+    if reason:
+        _log_once(logging.INFO, f"{QUANTIZED_ATTENTION}: Triton kernels do not support this case ({reason}); "
+                                "using the PyTorch fused path")
+        return False
+    return True
+
+
+def _eager_attention(query, key, value, attention_mask, dropout, scaling, softcap):
+    """Plain attention with weights (and optional tanh softcapping) on dense K/V."""
+    n_rep = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(n_rep, 1), value.repeat_interleave(n_rep, 1)
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    keep = keep_mask(attention_mask, query.shape[0], query.shape[2], key.shape[2], query.device)
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+    weights = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    weights = torch.nn.functional.dropout(weights, p=dropout, training=dropout > 0)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+def _unsupported(module, dropout: float, kwargs: dict) -> str | None:
+    if kwargs.get("output_attentions"):
+        return "output_attentions=True needs the attention weights"
+    if kwargs.get("softcap") is not None:
+        return "softcapping"
+    if kwargs.get("sliding_window") is not None or getattr(module, "sliding_window", None):
+        return "sliding-window attention"
+    if dropout:
+        return "attention dropout"
+    if kwargs.get("position_bias") is not None:
+        return "position bias"
+    return None

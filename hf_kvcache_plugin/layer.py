@@ -1,0 +1,482 @@
+"""``QuantizedKVLayer``: one attention layer's keys and values, mostly quantized.
+
+Per layer, tokens live in three places, in order:
+
+    [ sinks (full precision) | quantized blocks (append-only) | residual window (full precision) ]
+
+``update`` appends new tokens to the sinks until ``sink_tokens`` are held, then
+to the residual window. Once the window holds at least ``residual_length + G``
+tokens, its oldest whole blocks of G tokens are quantized and appended; the
+newest ``residual_length`` tokens always stay exact. The first ``update``
+(prefill) returns its inputs unchanged; later ones return sinks + dequantized
+blocks + residual, in the compute dtype, on the inputs' device.
+
+Fused attention reads the layer instead (``attention_segments``): the cache
+appends with ``append(..., defer_flush=True)`` and the attention function
+calls ``flush_deferred`` once it has read this step's exact window.
+
+A block that cannot be quantized (NaN/Inf, or a range that overflows the
+scale dtype) stays in full precision at its place in the history and is
+counted (``fallback_blocks`` / ``fallback_events`` in ``stats``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from .blocks import BlockCodec, QuantizedBlocks
+from .config import MIXED_AGED_BITS, CacheConfig
+from .quantization import QuantizedTensor
+
+__all__ = ["LayerSettings", "QuantizedKVLayer", "EMPTY_LAYER_STATS", "tensor_nbytes"]
+
+_SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "compute": None}
+
+# the keys of QuantizedKVLayer.stats(), all 0 for a layer that holds nothing
+EMPTY_LAYER_STATS = (
+    "seq_length", "quantized_bytes", "residual_bytes", "sink_bytes", "fallback_bytes", "fallback_blocks",
+    "fallback_events", "fp_bytes",
+)  # fmt: skip
+
+logger = logging.getLogger(__name__)
+
+
+def tensor_nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+@dataclass(frozen=True)
+class LayerSettings:
+    """How one layer quantizes: ``CacheConfig`` resolved for one layer index (``for_layer``)."""
+
+    key_bits: int
+    value_bits: int
+    group_size: int
+    residual_length: int
+    sink_tokens: int = 0
+    key_axis: str = "channel"
+    value_axis: str = "token"
+    symmetric: bool = False
+    scale_dtype: str = "float16"
+    clip_percentile: float | None = None
+    aged_bits: int | None = None  # mixed precision: blocks older than `recent_tokens` are re-packed to this
+    recent_tokens: int = 0
+    layer_idx: int | None = None
+    expected_num_heads: int | None = None  # None: whatever the first tensors have
+    expected_head_dim: int | None = None
+
+    @classmethod
+    def for_layer(
+        cls, config: CacheConfig, idx: int, num_heads: int | None = None, head_dim: int | None = None
+    ) -> "LayerSettings":
+        """Layer ``idx`` of a cache made with ``config`` (group size resolved), its overrides applied."""
+        if config.group_size is None:
+            raise ValueError("`group_size` is unresolved; call `CacheConfig.for_model` first")
+        override = config.layer_overrides.get(idx)
+        mixed = config.quant_type == "mixed"
+        return cls(
+            key_bits=(override and override.key_bits) or config.resolved_key_bits,
+            value_bits=(override and override.value_bits) or config.resolved_value_bits,
+            group_size=config.group_size,
+            residual_length=config.residual_length,
+            sink_tokens=config.sink_tokens,
+            key_axis=config.key_axis,
+            value_axis=config.value_axis,
+            symmetric=config.symmetric,
+            scale_dtype=config.scale_dtype,
+            clip_percentile=config.clip_percentile,
+            aged_bits=MIXED_AGED_BITS if mixed else None,
+            recent_tokens=config.mixed_int8_tokens if mixed else 0,
+            layer_idx=idx,
+            expected_num_heads=num_heads,
+            expected_head_dim=head_dim,
+        )
+
+    def blocks(self, stream: str) -> QuantizedBlocks:
+        """An empty block list for ``stream`` (``"keys"`` or ``"values"``) with this layer's codec."""
+        bits, axis = (self.key_bits, self.key_axis) if stream == "keys" else (self.value_bits, self.value_axis)
+        codec = BlockCodec(
+            bits, self.group_size, axis, self.symmetric, _SCALE_DTYPES[self.scale_dtype], self.clip_percentile
+        )
+        return QuantizedBlocks(codec, aged_bits=self.aged_bits, recent_tokens=self.recent_tokens)
+
+
+class QuantizedKVLayer(CacheLayerMixin):
+    """One attention layer's quantized cache (see the module docstring for the layout).
+
+    Built from ``LayerSettings`` or from their fields as keywords:
+    ``QuantizedKVLayer(key_bits=4, value_bits=4, group_size=32, residual_length=128)``.
+    """
+
+    is_compileable = False
+    is_croppable = True
+    is_sliding = False
+
+    def __init__(self, settings: LayerSettings | None = None, **options: Any):
+        super().__init__()
+        if settings is not None and options:
+            raise ValueError("pass either `settings` or the settings as keywords, not both")
+        self.settings = settings if settings is not None else LayerSettings(**options)
+        self._clear()
+
+    # the settings other modules read by name
+    key_bits = property(lambda self: self.settings.key_bits)
+    value_bits = property(lambda self: self.settings.value_bits)
+    group_size = property(lambda self: self.settings.group_size)
+    residual_length = property(lambda self: self.settings.residual_length)
+    layer_idx = property(lambda self: self.settings.layer_idx)
+
+    # ------------------------------------------------------------------ state
+    def _clear(self) -> None:
+        self.is_initialized = False
+        self.keys = self.values = None  # unused by this layer; kept for the mixin's contract
+        self.sink_keys = self.sink_values = None
+        self.residual_keys = self.residual_values = None
+        self.quantized_keys: QuantizedBlocks | None = None
+        self.quantized_values: QuantizedBlocks | None = None
+        self._length = 0
+        self._flush_deferred = False
+
+    def _name(self) -> str:
+        return f"layer {self.layer_idx}" if self.layer_idx is not None else "this layer"
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        _check_rank(self._name(), key_states, value_states)
+        b, h, _, d = key_states.shape
+        dv = value_states.shape[-1]
+        s = self.settings
+        if s.expected_num_heads is not None and h != s.expected_num_heads:
+            raise ValueError(
+                f"{self._name()}: key/value states have {h} heads but the model config has "
+                f"{s.expected_num_heads} key/value heads"
+            )
+        if s.expected_head_dim is not None and d != s.expected_head_dim:
+            raise ValueError(
+                f"{self._name()}: key states have head_dim {d} but the model config has head_dim {s.expected_head_dim}"
+            )
+        for name, axis, dim in (("keys", s.key_axis, d), ("values", s.value_axis, dv)):
+            if axis == "token" and dim % s.group_size != 0:
+                raise ValueError(
+                    f"{self._name()}: `group_size` ({s.group_size}) has to divide head_dim ({dim}) to group "
+                    f"{name} per token"
+                )
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.batch_size, self.num_heads, self.head_dim, self.value_head_dim = b, h, d, dv
+        self.quantized_keys = s.blocks("keys")
+        self.quantized_values = s.blocks("values")
+        self.sink_keys = key_states.new_empty(b, h, 0, d)
+        self.sink_values = value_states.new_empty(b, h, 0, dv)
+        self.residual_keys = key_states.new_empty(b, h, 0, d)
+        self.residual_values = value_states.new_empty(b, h, 0, dv)
+        self.is_initialized = True
+
+    def check_matches(self, key_states: torch.Tensor, value_states: torch.Tensor, batch: bool = True) -> None:
+        """States this layer can take: its batch size (unless ``batch=False``), heads, head dims and dtype."""
+        _check_rank(self._name(), key_states, value_states)
+        b, h, _, d = key_states.shape
+        dv = value_states.shape[-1]
+        if not batch:
+            got = (h, d, dv, key_states.dtype, value_states.dtype)
+            held = (self.num_heads, self.head_dim, self.value_head_dim, self.dtype, self.dtype)
+            if got != held:
+                raise ValueError(
+                    f"{self._name()}: got key/value states with (heads, head_dim, value head_dim, dtypes) = {got} "
+                    f"but this layer holds {held}"
+                )
+            return
+        expected = (self.batch_size, self.num_heads, self.head_dim, self.value_head_dim)
+        if (b, h, d, dv) != expected:
+            raise ValueError(
+                f"{self._name()}: got key/value states with (batch, heads, head_dim, value head_dim) = "
+                f"{(b, h, d, dv)} but this cache holds {expected}"
+            )
+        if key_states.dtype != self.dtype or value_states.dtype != self.dtype:
+            raise ValueError(
+                f"{self._name()}: got key/value states of dtype {key_states.dtype}/{value_states.dtype} but this "
+                f"cache holds {self.dtype}"
+            )
+
+    # ------------------------------------------------------------------ append and flush
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        had_history = self._length > 0
+        self.append(key_states, value_states, defer_flush=True)
+        if had_history:
+            keys_out, values_out = self._materialize()
+        else:
+            # Prefill: everything is in the inputs, returned exact.
+            keys_out = torch.cat([self.sink_keys, self.residual_keys], dim=-2)
+            values_out = torch.cat([self.sink_values, self.residual_values], dim=-2)
+        self.flush_deferred()
+        return keys_out, values_out
+
+    @property
+    def holds_tokens(self) -> bool:
+        return self._length > 0
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor, defer_flush: bool = False) -> None:
+        """New tokens fill the sinks first, then the residual window; full blocks are then quantized.
+
+        ``defer_flush``: the blocks are quantized at ``flush_deferred()`` (or the
+        next append) instead, so that a reader of this step sees the exact window.
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        else:
+            self.check_matches(key_states, value_states)
+        self.flush_deferred()
+        self._length += key_states.shape[-2]
+        n_sink = min(key_states.shape[-2], self.settings.sink_tokens - self.sink_keys.shape[-2])
+        if n_sink > 0:
+            self.sink_keys = torch.cat([self.sink_keys, key_states[:, :, :n_sink]], dim=-2)
+            self.sink_values = torch.cat([self.sink_values, value_states[:, :, :n_sink]], dim=-2)
+            key_states, value_states = key_states[:, :, n_sink:], value_states[:, :, n_sink:]
+        self.residual_keys = torch.cat([self.residual_keys, key_states], dim=-2)
+        self.residual_values = torch.cat([self.residual_values, value_states], dim=-2)
+        self._flush_deferred = True
+        if not defer_flush:
+            self.flush_deferred()
+
+    def flush_deferred(self) -> None:
+        """Quantize the full blocks an ``append(defer_flush=True)`` left in the window."""
+        if self._flush_deferred:
+            self._flush_deferred = False
+            self._flush_full_blocks(self.residual_length)
+
+    def _flush_full_blocks(self, keep: int) -> None:
+        """Quantize the oldest whole blocks of the window, keeping at least ``keep`` tokens exact."""
+        excess = self.residual_keys.shape[-2] - keep
+        n_tokens = (excess // self.group_size) * self.group_size
+        if n_tokens <= 0:
+            return
+        events = self.fallback_events
+        self.quantized_keys.append(self.residual_keys[:, :, :n_tokens])
+        self.quantized_values.append(self.residual_values[:, :, :n_tokens])
+        if self.fallback_events > events:
+            logger.warning(
+                "%s: %d block(s) could not be quantized (NaN/Inf or out of the scale range); kept in full precision",
+                self._name(), self.fallback_events - events,
+            )
+        # clone: a slice would keep the whole old window alive
+        self.residual_keys = self.residual_keys[:, :, n_tokens:].clone()
+        self.residual_values = self.residual_values[:, :, n_tokens:].clone()
+
+    def flush_residual(self) -> None:
+        """Quantize every whole block of G tokens in the residual window now, leaving fewer than G exact.
+
+        After a prefill of h tokens (h a multiple of G) this gives the layout a
+        prefix-store hit of those h tokens loads: all h as blocks, the same
+        bytes (the same codec on the same exact K/V, block-aligned). Used to
+        build the reference that reuse is compared with bit for bit.
+        """
+        if not self.is_initialized:
+            return
+        self.flush_deferred()
+        self._flush_full_blocks(0)
+
+    def load_blocks(
+        self, keys: QuantizedTensor, values: QuantizedTensor, dtype: torch.dtype, device: torch.device | str
+    ) -> None:
+        """Fill an empty layer with already-quantized blocks [B, H, n, G, D]: they become its history.
+
+        With ``QuantizedBlocks.append_encoded`` the only way blocks enter a
+        layer, so a reused prefix is never re-quantized.
+        """
+        if self.is_initialized:
+            raise ValueError(f"{self._name()} already holds tokens; blocks can only be loaded into an empty layer")
+        if self.settings.sink_tokens:
+            raise ValueError(
+                f"{self._name()}: loading blocks needs `sink_tokens == 0` (sinks precede the blocks in full "
+                f"precision) but got {self.settings.sink_tokens}"
+            )
+        if len(keys.shape) != 5 or keys.shape[:3] != values.shape[:3] or keys.shape[3] != values.shape[3]:
+            raise ValueError(
+                f"{self._name()}: key blocks {keys.shape} and value blocks {values.shape} have to be "
+                "[batch, heads, n_blocks, group_size, head_dim] with the same batch, heads and blocks"
+            )
+        b, h, n, g, d = keys.shape
+        device = torch.device(device)
+        self.lazy_initialization(
+            torch.empty(b, h, 0, d, dtype=dtype, device=device),
+            torch.empty(b, h, 0, values.shape[-1], dtype=dtype, device=device),
+        )
+        for name, blocks, stream in (("key", keys, self.quantized_keys), ("value", values, self.quantized_values)):
+            codec = stream.codec
+            scale_dtype = codec.scale_dtype or dtype
+            if (blocks.bits, blocks.group_size, blocks.axis, blocks.scale.dtype, blocks.zero is None) != (
+                codec.bits, codec.group_size, codec.quant_axis, scale_dtype, codec.symmetric
+            ):
+                self._clear()
+                raise ValueError(
+                    f"{self._name()}: {name} blocks ({blocks.bits} bits, group {blocks.group_size}, axis "
+                    f"{blocks.axis}, scales {blocks.scale.dtype}, symmetric {blocks.zero is None}) do not match this "
+                    f"layer's codec ({codec.bits} bits, group {codec.group_size}, axis {codec.quant_axis}, scales "
+                    f"{scale_dtype}, symmetric {codec.symmetric})"
+                )
+        self.quantized_keys.append_encoded(keys.map_tensors(lambda t: t.to(device)))
+        self.quantized_values.append_encoded(values.map_tensors(lambda t: t.to(device)))
+        self._length = n * g
+
+    # ------------------------------------------------------------------ read
+    def attention_segments(self) -> list[tuple[Any, Any, int]]:
+        """(keys, values, n_tokens) oldest first: dense tensors or aligned QuantizedTensor tiers."""
+        segments = []
+        if self.sink_keys.shape[-2]:
+            segments.append((self.sink_keys, self.sink_values, self.sink_keys.shape[-2]))
+        if self.quantized_keys.full_precision_blocks or self.quantized_values.full_precision_blocks:
+            # A block kept exact after NaN/Inf leaves placeholder codes in its tier; such histories are
+            # rare, so they are read dequantized (exact blocks in place) rather than block by block.
+            if self.quantized_keys.num_blocks:
+                dtype = self.residual_keys.dtype
+                segments.append((
+                    self.quantized_keys.dequantize(dtype),
+                    self.quantized_values.dequantize(dtype),
+                    self.quantized_keys.num_tokens,
+                ))
+        else:
+            for k_tier, v_tier in zip(self.quantized_keys.tiers, self.quantized_values.tiers):
+                segments.append((k_tier, v_tier, k_tier.shape[2] * self.group_size))
+        if self.residual_keys.shape[-2]:
+            segments.append((self.residual_keys, self.residual_values, self.residual_keys.shape[-2]))
+        return segments
+
+    def _materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[sinks | dequantized blocks | residual] for keys and values, one allocation each."""
+        outs = []
+        for sink, blocks, residual in (
+            (self.sink_keys, self.quantized_keys, self.residual_keys),
+            (self.sink_values, self.quantized_values, self.residual_values),
+        ):
+            s, q, r = sink.shape[-2], blocks.num_tokens, residual.shape[-2]
+            out = residual.new_empty(residual.shape[0], residual.shape[1], s + q + r, residual.shape[-1])
+            out[:, :, :s] = sink
+            if q:
+                blocks.dequantize_into(out[:, :, s : s + q])
+            out[:, :, s + q :] = residual
+            outs.append(out)
+        return outs[0], outs[1]
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All cached keys and values as dense tensors in the compute dtype."""
+        if not self.is_initialized:
+            raise ValueError(f"{self._name()} holds no tokens yet")
+        return self._materialize()
+
+    def get_seq_length(self) -> int:
+        return self._length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self._length + query_length, 0
+
+    @property
+    def fallback_events(self) -> int:
+        """Blocks of keys or values that could not be quantized so far (kept in full precision)."""
+        if not self.is_initialized:
+            return 0
+        return self.quantized_keys.fallback_events + self.quantized_values.fallback_events
+
+    def stats(self) -> dict[str, int]:
+        if not self.is_initialized:
+            return dict.fromkeys(EMPTY_LAYER_STATS, 0)
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        streams = (self.quantized_keys, self.quantized_values)
+        fallback_bytes = sum(s.full_precision_nbytes for s in streams)
+        return {
+            "seq_length": self._length,
+            "quantized_bytes": sum(s.nbytes for s in streams) - fallback_bytes,
+            "residual_bytes": tensor_nbytes(self.residual_keys) + tensor_nbytes(self.residual_values),
+            "sink_bytes": tensor_nbytes(self.sink_keys) + tensor_nbytes(self.sink_values),
+            "fallback_bytes": fallback_bytes,
+            "fallback_blocks": sum(len(s.full_precision_blocks) for s in streams),
+            "fallback_events": self.fallback_events,
+            "fp_bytes": self.batch_size * self.num_heads * self._length * (self.head_dim + self.value_head_dim) * itemsize,
+        }
+
+    # ------------------------------------------------------------------ edits
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove ``-tokens_to_remove`` tokens from the end (``transformers``' convention: n <= 0)."""
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"`crop` takes the number of tokens to remove as a negative integer but got {tokens_to_remove}"
+            )
+        count = -tokens_to_remove
+        if count == 0 or not self.is_initialized:
+            return
+        if count > self._length:
+            raise ValueError(f"{self._name()}: cannot crop {count} tokens, the cache holds only {self._length}")
+        self._length -= count
+        r = self.residual_keys.shape[-2]
+        from_residual = min(count, r)
+        self.residual_keys = self.residual_keys[:, :, : r - from_residual].clone()
+        self.residual_values = self.residual_values[:, :, : r - from_residual].clone()
+        count -= from_residual
+        if count == 0:
+            return
+        q = self.quantized_keys.num_tokens
+        from_blocks = min(count, q)
+        if from_blocks:
+            # the kept head of a partly cropped block rejoins the (now empty) residual window
+            self.residual_keys = self.quantized_keys.drop_last_tokens(from_blocks, self.dtype)
+            self.residual_values = self.quantized_values.drop_last_tokens(from_blocks, self.dtype)
+        count -= from_blocks
+        if count:
+            s = self.sink_keys.shape[-2]
+            self.sink_keys = self.sink_keys[:, :, : s - count].clone()
+            self.sink_values = self.sink_values[:, :, : s - count].clone()
+
+    def _map_all(self, fn) -> None:
+        for name in ("sink_keys", "sink_values", "residual_keys", "residual_values"):
+            setattr(self, name, fn(getattr(self, name)))
+        self.quantized_keys.map_tensors(fn)
+        self.quantized_values.map_tensors(fn)
+        self.batch_size = self.residual_keys.shape[0]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            idx = beam_idx.to(self.device)
+            self._map_all(lambda t: t.index_select(0, idx))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._map_all(lambda t: t[indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._map_all(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def offload(self) -> None:
+        if self.is_initialized:
+            self._map_all(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        if self.is_initialized and self.residual_keys.device != self.device:
+            self._map_all(lambda t: t.to(self.device, non_blocking=True))
+
+    def reset(self) -> None:
+        self._clear()
+
+
+def _check_rank(name: str, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+    for arg, t in (("key_states", key_states), ("value_states", value_states)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(
+                f"{name}: `{arg}` has to be a 4-d tensor [batch, num_kv_heads, seq_len, head_dim] "
+                f"but got shape {shape}"
+            )
+        if not t.is_floating_point():
+            raise ValueError(f"{name}: `{arg}` has to be floating point but got dtype {t.dtype}")
+    if key_states.shape[:3] != value_states.shape[:3]:
+        raise ValueError(
+            f"{name}: key_states {tuple(key_states.shape)} and value_states {tuple(value_states.shape)} "
+            "differ in batch, heads or seq_len"
+        )

@@ -1,0 +1,45 @@
+"""Prefix reuse: the byte-budgeted store of quantized prompt chunks, the generation hook, the adaptive sizer.
+
+``prefix_store`` (chained chunk keys -> quantized blocks, LRU/LFU within a
+byte budget) <- ``hook`` (``model.generate`` looks prompts up, loads hits,
+stores new chunks; ``chunk_codec`` makes their bytes) <- ``sizer`` (the
+store's budget follows memory pressure, read by ``MemoryMonitor``).
+"""
+
+from .hook import PrefixCacheHook, RequestRecord, attach_prefix_cache
+from .prefix_store import (
+    PrefixEntry,
+    PrefixEntryInfo,
+    PrefixMatch,
+    PrefixStore,
+    chunk_keys,
+    model_fingerprint,
+    prefix_namespace,
+)
+from .sizer import (
+    AdaptiveSizer,
+    MemoryMonitor,
+    MemoryPressure,
+    MemoryReading,
+    SizerDecision,
+    create_adaptive_sizer,
+)
+
+__all__ = [
+    "AdaptiveSizer",
+    "MemoryMonitor",
+    "MemoryPressure",
+    "MemoryReading",
+    "PrefixCacheHook",
+    "PrefixEntry",
+    "PrefixEntryInfo",
+    "PrefixMatch",
+    "PrefixStore",
+    "RequestRecord",
+    "SizerDecision",
+    "attach_prefix_cache",
+    "chunk_keys",
+    "create_adaptive_sizer",
+    "model_fingerprint",
+    "prefix_namespace",
+]
