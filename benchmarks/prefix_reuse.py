@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-from transformers.generation.stopping_criteria import StoppingCriteria
 
 from hf_kvcache_plugin import (
     AdaptiveSizer,
@@ -40,6 +39,7 @@ from hf_kvcache_plugin import (
     attach_prefix_cache,
 )
 from hf_kvcache_plugin._compat import GENERATE_CACHE_KWARG
+from hf_kvcache_plugin.token_clock import TokenClock
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -48,24 +48,14 @@ TEXT = SHARED / "data" / "tinystories_val.txt"
 RESULTS = Path(__file__).parent / "results"
 
 
-class FirstTokenClock(StoppingCriteria):
-    def __init__(self) -> None:
-        self.time: float | None = None
-
-    def __call__(self, input_ids, scores, **kwargs):
-        if self.time is None:
-            self.time = time.perf_counter()
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
-
-
 def timed_generate(model, ids: torch.Tensor, new_tokens: int, cache=None) -> tuple[torch.Tensor, float, float]:
     """(sequences, time to first token s, total s), greedy, fixed length."""
-    clock = FirstTokenClock()
+    clock = TokenClock()
     extra = {} if cache is None else {GENERATE_CACHE_KWARG: cache}
     start = time.perf_counter()
     out = model.generate(ids, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                          stopping_criteria=[clock], **extra)
-    return out, clock.time - start, time.perf_counter() - start
+    return out, clock.first - start, time.perf_counter() - start
 
 
 def realistic_model() -> LlamaForCausalLM:

@@ -70,8 +70,8 @@ def counter(metrics, name, **labels):
 
 def test_harden_cache_guards_the_hooks_store(hooked, model, prompt):
     hook, store, metrics, _ = hooked
-    assert isinstance(hook.store, GuardedStore) and hook.store.store is store
-    assert harden_cache(hook, "prefix", metrics=metrics) is hook and hook.store.store is store  # idempotent
+    assert isinstance(hook.store, GuardedStore) and hook.store.wrapped is store
+    assert harden_cache(hook, "prefix", metrics=metrics) is hook and hook.store.wrapped is store  # idempotent
     expected = reference(model, prompt)
     assert torch.equal(run(model, prompt), expected)  # miss, stores 3 chunks
     assert len(store) == 3

@@ -15,7 +15,7 @@ from hf_kvcache_plugin import (
     SizerConfig,
     create_adaptive_sizer,
 )
-from hf_kvcache_plugin.reuse.sizer import read_memory
+from hf_kvcache_plugin.reuse.memory import read_memory
 
 
 class FakeClock:

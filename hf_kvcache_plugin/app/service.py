@@ -131,7 +131,7 @@ def build_service(
         hook = attach_prefix_cache(model, store, config)
         breaker = create_breaker(STORE_COMPONENT, serving.breaker, metrics=metrics, clock=breaker_clock)
         harden_cache(hook, STORE_COMPONENT, metrics=metrics, breaker=breaker, memory_pressure=memory.level)
-        raw_store = hook.store.store
+        raw_store = hook.store.wrapped
         if config.distributed is not None:
             # imported here: only a `distributed:` section needs torch.distributed's store and the coordinator
             from ..distributed.launch import attach_coordinator

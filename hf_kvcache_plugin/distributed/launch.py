@@ -69,7 +69,7 @@ def attach_coordinator(
     store, while entries migrate from and to the ``PrefixStore`` behind it.
     """
     config = config or DistributedConfig()
-    prefix_store = hook.store if isinstance(hook.store, PrefixStore) else getattr(hook.store, "store", hook.store)
+    prefix_store = hook.store if isinstance(hook.store, PrefixStore) else getattr(hook.store, "wrapped", hook.store)
     rank, world_size = launch_rank()
     transport = None
     if world_size > 1:

@@ -28,18 +28,19 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pybreaker
+from transformers.cache_utils import Cache
 
 from ..blocks import unquantizable_blocks
-from ..cache import QuantizedKVCache
 from ..config import BreakerConfig
-from ..reuse.hook import PrefixCacheHook
-from ..reuse.prefix_store import PrefixStore
 from ..quantization import QuantizedTensor
 from .breakers import CircuitGuard, create_breaker
 from .metrics import ServingMetrics
+
+if TYPE_CHECKING:
+    from ..reuse.prefix_store import PrefixStore
 
 __all__ = [
     "DEFAULT_INSERT_METHODS",
@@ -96,7 +97,7 @@ def entry_problem(entry: Any) -> str | None:
     return None
 
 
-def prefix_store_problems(store: PrefixStore) -> list[str]:
+def prefix_store_problems(store: "PrefixStore") -> list[str]:
     """Byte accounting and chain links of a ``PrefixStore`` (for ``consistency_check``)."""
     return store.accounting_problems()
 
@@ -108,10 +109,10 @@ def _is_hit(result: Any) -> bool:
 
 
 class GuardedStore:
-    """``store`` behind a circuit breaker, with metrics and fallbacks (see the module docstring).
+    """``wrapped`` (a store) behind a circuit breaker, with metrics and fallbacks (see the module docstring).
 
     Args:
-        store: a store-like object.
+        wrapped: a store-like object, ``self.wrapped`` afterwards.
         name: component name in metrics, logs and the breaker.
         breaker: a ``pybreaker.CircuitBreaker``; default one from ``config`` (``create_breaker``).
         metrics: where events are counted; default a fresh ``ServingMetrics``.
@@ -123,7 +124,7 @@ class GuardedStore:
 
     def __init__(
         self,
-        store: Any,
+        wrapped: Any,
         name: str = "store",
         *,
         breaker: pybreaker.CircuitBreaker | None = None,
@@ -135,25 +136,25 @@ class GuardedStore:
         validate_entry: Callable[[Any], str | None] | None = entry_problem,
         clock: Callable[[], float] = time.perf_counter,
     ):
-        self.store = store
+        self.wrapped = wrapped
         self.name = name
         self.metrics = metrics if metrics is not None else ServingMetrics()
         self.breaker = breaker if breaker is not None else create_breaker(name, config, metrics=self.metrics)
         self.guard = CircuitGuard(self.breaker, name, self.metrics)
         self.memory_pressure = memory_pressure
-        self._misses = {m: make(store) for m, make in lookup_methods.items() if callable(getattr(store, m, None))}
-        self._skipped = {m: v for m, v in insert_methods.items() if callable(getattr(store, m, None))}
+        self._misses = {m: make(wrapped) for m, make in lookup_methods.items() if callable(getattr(wrapped, m, None))}
+        self._skipped = {m: v for m, v in insert_methods.items() if callable(getattr(wrapped, m, None))}
         if not self._misses or not self._skipped:
             raise ValueError(
                 f"`{name}`: a store needs a lookup method (one of {sorted(lookup_methods)}) and an insert method "
-                f"(one of {sorted(insert_methods)}); {type(store).__name__} has "
+                f"(one of {sorted(insert_methods)}); {type(wrapped).__name__} has "
                 f"{sorted(self._misses) or 'no lookup'} and {sorted(self._skipped) or 'no insert'}"
             )
-        self._releases = tuple(m for m in _RELEASE_METHODS if callable(getattr(store, m, None)))
+        self._releases = tuple(m for m in _RELEASE_METHODS if callable(getattr(wrapped, m, None)))
         self.validate_entry = validate_entry
         self._clock = clock
-        if callable(getattr(store, "stats", None)):
-            self.metrics.watch_store(store, name)
+        if callable(getattr(wrapped, "stats", None)):
+            self.metrics.watch_store(wrapped, name)
 
     def __getattr__(self, attr: str) -> Any:
         # only reached for names not set on the wrapper itself
@@ -163,13 +164,13 @@ class GuardedStore:
             return lambda *args, **kwargs: self._insert(attr, args, kwargs)
         if attr in self._releases:
             return lambda *args, **kwargs: self._release(attr, args, kwargs)
-        return getattr(self.store, attr)
+        return getattr(self.wrapped, attr)
 
     def __contains__(self, key: object) -> bool:
-        return self.guard.call(self.store.__contains__, key, fallback=lambda: False, operation="contains")
+        return self.guard.call(self.wrapped.__contains__, key, fallback=lambda: False, operation="contains")
 
     def __len__(self) -> int:
-        return self.guard.call(self.store.__len__, fallback=lambda: 0, operation="len")
+        return self.guard.call(self.wrapped.__len__, fallback=lambda: 0, operation="len")
 
     @property
     def state(self) -> str:
@@ -179,7 +180,7 @@ class GuardedStore:
     def _lookup(self, method: str, args: tuple, kwargs: dict) -> Any:
         start = self._clock()
         result = self.guard.call(
-            getattr(self.store, method), *args, fallback=lambda: self._misses[method](*args, **kwargs),
+            getattr(self.wrapped, method), *args, fallback=lambda: self._misses[method](*args, **kwargs),
             operation="lookup", **kwargs,
         )  # fmt: skip
         self.metrics.lookup_seconds.labels(self.name).observe(self._clock() - start)
@@ -196,7 +197,7 @@ class GuardedStore:
             if args is None:
                 return self._skipped[method]
         skipped = self._skipped[method]
-        call = getattr(self.store, method)
+        call = getattr(self.wrapped, method)
         return self.guard.call(call, *args, fallback=lambda: skipped, operation="insert", **kwargs)
 
     def _valid_entries(self, method: str, args: tuple) -> tuple | None:
@@ -215,7 +216,7 @@ class GuardedStore:
     def _release(self, method: str, args: tuple, kwargs: dict) -> None:
         # not through the breaker: an open circuit must not keep earlier lookups' entries pinned
         try:
-            getattr(self.store, method)(*args, **kwargs)
+            getattr(self.wrapped, method)(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - the request already has its answer; count and go on
             self.metrics.record_error(self.name, exc)
             logger.warning("%s: %s failed: %r", self.name, method, exc)
@@ -233,7 +234,7 @@ def harden_cache(
 ) -> Any:
     """Production guards for a cache, a store or a prefix hook.
 
-    - a ``QuantizedKVCache`` is returned as is, watched by ``metrics``
+    - a ``QuantizedKVCache`` (a transformers ``Cache`` with ``get_stats``) is returned as is, watched by ``metrics``
       (``hf_kvcache_cache_bytes``, ``hf_kvcache_cache_full_precision_blocks``
       under ``name``); its blocks that cannot be quantized already stay exact.
     - a store-like object comes back as a ``GuardedStore``.
@@ -241,10 +242,10 @@ def harden_cache(
       of it and is returned; its lookups and inserts are then guarded.
     """
     metrics = metrics if metrics is not None else ServingMetrics()
-    if isinstance(cache_or_store, QuantizedKVCache):
+    if isinstance(cache_or_store, Cache) and callable(getattr(cache_or_store, "get_stats", None)):
         metrics.watch_cache(cache_or_store, name)
         return cache_or_store
-    if isinstance(cache_or_store, PrefixCacheHook):
+    if _serves_through_store(cache_or_store):
         hook = cache_or_store
         if not isinstance(hook.store, GuardedStore):
             hook.store = harden_cache(
@@ -256,3 +257,8 @@ def harden_cache(
         cache_or_store, name, breaker=breaker, config=config, metrics=metrics, memory_pressure=memory_pressure,
         clock=clock,
     )  # fmt: skip
+
+
+def _serves_through_store(obj: Any) -> bool:
+    """A generation hook (``PrefixCacheHook``): it generates and reads its store through ``.store``, replaceable."""
+    return callable(getattr(obj, "generate", None)) and hasattr(obj, "store") and callable(getattr(obj, "detach", None))

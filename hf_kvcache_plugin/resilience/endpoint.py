@@ -17,7 +17,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.stopping_criteria import StoppingCriteriaList
+
+from ..token_clock import TokenClock
 
 from .metrics import ServingMetrics
 from .rate_limit import RateLimiter, RateLimitExceeded
@@ -41,18 +43,6 @@ def check_prompt(input_ids: Any) -> None:
         raise ValueError(
             f"the prompt is empty (`input_ids` of shape {tuple(input_ids.shape)}): give at least one token"
         )
-
-
-class _TokenClock(StoppingCriteria):
-    """Notes the time each new token exists; never stops generation."""
-
-    def __init__(self, clock: Callable[[], float]):
-        self.clock = clock
-        self.times: list[float] = []
-
-    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        self.times.append(self.clock())
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 class ServingEndpoint:
@@ -97,7 +87,7 @@ class ServingEndpoint:
             self._count("invalid")
             raise
         outcome = "served"
-        start, tokens = self._clock(), _TokenClock(self._clock)
+        start, tokens = self._clock(), TokenClock(self._clock)
         try:
             out = self.generate(input_ids, **self._with_clock(kwargs, tokens))
         except Exception as exc:  # noqa: BLE001 - whatever broke in the cached path, the request is recomputed
@@ -107,7 +97,7 @@ class ServingEndpoint:
                 raise
             logger.warning("%s: the cached path failed (%r); recomputing without the cache", self.name, exc)
             self.metrics.record_fallback(self.name, "generate", "recompute")
-            start, tokens, outcome = self._clock(), _TokenClock(self._clock), "degraded"
+            start, tokens, outcome = self._clock(), TokenClock(self._clock), "degraded"
             try:
                 out = self.fallback_generate(input_ids, **self._with_clock(kwargs, tokens))
             except ValueError:
@@ -121,7 +111,7 @@ class ServingEndpoint:
         return out
 
     @staticmethod
-    def _with_clock(kwargs: dict[str, Any], tokens: _TokenClock) -> dict[str, Any]:
+    def _with_clock(kwargs: dict[str, Any], tokens: TokenClock) -> dict[str, Any]:
         return {**kwargs, "stopping_criteria": StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []), tokens])}
 
     def _observe(self, start: float, times: list[float]) -> None:

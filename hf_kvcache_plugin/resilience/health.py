@@ -25,11 +25,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import psutil
 import pybreaker
 
 from ..config import HealthConfig
-from .metrics import PRESSURE_LEVELS, ServingMetrics
+from ..reuse.memory import pressure_level, used_fraction_now
+from .metrics import ServingMetrics
 
 __all__ = [
     "CheckResult",
@@ -166,9 +166,8 @@ class HealthChecker:
 
 # ---------------------------------------------------------------------- built-in checks
 def system_memory_used_fraction() -> float:
-    """Used fraction of system memory: 1 - available / total (psutil)."""
-    vm = psutil.virtual_memory()
-    return 1.0 - vm.available / vm.total
+    """Used fraction of system memory: 1 - available / total (``reuse.memory``, the reader the sizer uses too)."""
+    return used_fraction_now()
 
 
 class MemoryPressureProbe:
@@ -191,8 +190,7 @@ class MemoryPressureProbe:
 
     def level_of(self, used_fraction: float) -> str:
         c = self.config
-        thresholds = (c.memory_moderate, c.memory_high, c.memory_critical)
-        return PRESSURE_LEVELS[sum(used_fraction >= t for t in thresholds)]
+        return pressure_level(used_fraction, c.memory_moderate, c.memory_high, c.memory_critical).value
 
     def read(self) -> tuple[str, float]:
         used = float(self.read_used_fraction())

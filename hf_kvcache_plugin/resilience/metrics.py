@@ -22,11 +22,13 @@ from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from ..reuse.memory import MemoryPressure
+
 __all__ = ["PRESSURE_LEVELS", "ServingMetrics"]
 
 logger = logging.getLogger(__name__)
 
-PRESSURE_LEVELS = ("low", "moderate", "high", "critical")
+PRESSURE_LEVELS = tuple(level.value for level in MemoryPressure)  # the gauge reports the index
 BREAKER_STATES = ("closed", "open", "half-open")  # pybreaker's state names
 _LOOKUP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _PREFILL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

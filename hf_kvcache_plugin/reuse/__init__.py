@@ -16,14 +16,8 @@ from .prefix_store import (
     model_fingerprint,
     prefix_namespace,
 )
-from .sizer import (
-    AdaptiveSizer,
-    MemoryMonitor,
-    MemoryPressure,
-    MemoryReading,
-    SizerDecision,
-    create_adaptive_sizer,
-)
+from .memory import MemoryMonitor, MemoryPressure, MemoryReading
+from .sizer import AdaptiveSizer, SizerDecision, create_adaptive_sizer
 
 __all__ = [
     "AdaptiveSizer",

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import PreTrainedModel
-from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.stopping_criteria import StoppingCriteriaList
 
 from ..blocks import concat_blocks
 from ..cache import QuantizedKVCache
@@ -50,6 +50,7 @@ from .._compat import GENERATE_CACHE_KWARG
 from .prefix_store import PrefixEntry, PrefixMatch, PrefixStore, model_fingerprint, prefix_namespace
 from ..layer import QuantizedKVLayer
 from ..quantization import QuantizedTensor
+from ..token_clock import TokenClock
 from .chunk_codec import encode_blocks, zero_blocks
 
 if TYPE_CHECKING:
@@ -75,19 +76,6 @@ class RequestRecord:
     prefill_ms: float  # `generate` start to first token: the forward over the unmatched tokens
     ttft_ms: float  # hook entry to first token: lookup + load + prefill
     batch_size: int
-
-
-class _FirstTokenClock(StoppingCriteria):
-    """Notes when the first new token exists; never stops generation."""
-
-    def __init__(self, clock: Callable[[], float]):
-        self.clock = clock
-        self.time: float | None = None
-
-    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        if self.time is None:
-            self.time = self.clock()
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 class _PromptRecordingCache(QuantizedKVCache):
@@ -287,13 +275,13 @@ class PrefixCacheHook:
             self._load_hits(cache, rows, cached)
         load_ms = (self._clock() - load_start) * 1e3
 
-        clock = _FirstTokenClock(self._clock)
+        clock = TokenClock(self._clock)
         kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []), clock])
         if new_mask is not None:
             kwargs["attention_mask"] = new_mask
         generate_start = self._clock()
         out = self._original_generate(new_ids, **{GENERATE_CACHE_KWARG: cache}, **kwargs)
-        first_token = clock.time if clock.time is not None else self._clock()
+        first_token = clock.first if clock.first is not None else self._clock()
 
         stored = self._store_new_chunks(rows, to_store, pending)
         self._record(rows, stored, load_ms, (first_token - generate_start) * 1e3, (first_token - entry_time) * 1e3)
