@@ -44,6 +44,7 @@ EMPTY_LAYER_STATS = (
 )  # fmt: skip
 
 logger = logging.getLogger(__name__)
+_DEFAULTS = CacheConfig()  # a layer built by keywords defaults as a cache does
 
 
 def tensor_nbytes(t: torch.Tensor | None) -> int:
@@ -58,12 +59,12 @@ class LayerSettings:
     value_bits: int
     group_size: int
     residual_length: int
-    sink_tokens: int = 0
-    key_axis: str = "channel"
-    value_axis: str = "token"
-    symmetric: bool = False
-    scale_dtype: str = "float16"
-    clip_percentile: float | None = None
+    sink_tokens: int = _DEFAULTS.sink_tokens
+    key_axis: str = _DEFAULTS.key_axis
+    value_axis: str = _DEFAULTS.value_axis
+    symmetric: bool = _DEFAULTS.symmetric
+    scale_dtype: str = _DEFAULTS.scale_dtype
+    clip_percentile: float | None = _DEFAULTS.clip_percentile
     aged_bits: int | None = None  # mixed precision: blocks older than `recent_tokens` are re-packed to this
     recent_tokens: int = 0
     layer_idx: int | None = None
