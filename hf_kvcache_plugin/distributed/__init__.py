@@ -18,7 +18,7 @@ from .nodes import EntryDirectory, NodeInfo, NodeState
 from .prefix_adapter import PrefixStoreAdapter
 from .routing import Route, RouteRequest, plan_routes
 from .launch import attach_coordinator, generate_new_tokens, launch_rank
-from .transport import StoreTransport, connect_store
+from .transport import StoreTransport, connect_c10d_store
 
 __all__ = [
     "CacheCoordinator",
@@ -36,7 +36,7 @@ __all__ = [
     "StoreTransport",
     "Transfer",
     "attach_coordinator",
-    "connect_store",
+    "connect_c10d_store",
     "create_distributed_cache_optimizer",
     "eviction_shares",
     "generate_new_tokens",

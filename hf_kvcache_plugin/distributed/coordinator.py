@@ -337,7 +337,7 @@ class CacheCoordinator:
         """The transport's breakers (one per peer, one for the store); empty without a transport."""
         if self.transport is None:
             return []
-        return [*self.transport.breakers.values(), self.transport.store_breaker]
+        return [*self.transport.breakers.values(), self.transport.c10d_store_breaker]
 
     def _run_round(self, prompts: list[list[int]]) -> dict[int, list[int]]:
         """One round (see the module docstring); returns the outputs that came, by prompt index."""
