@@ -203,7 +203,7 @@ def test_build_service_with_a_distributed_section_wires_the_coordinator(model, m
         assert svc.checker.names == ["memory", "breakers", "prefix_store", "peers"]
         report = svc.checker.readiness()
         assert report.status is HealthStatus.HEALTHY and report.checks["peers"].reason == "0 peer(s) reachable"
-        assert coordinator.entry_store.store is svc.store.store  # entries move in and out of the hook's store
+        assert coordinator.local_entries.prefix_store is svc.store.store  # entries move in and out of the hook's store
         first = coordinator.generate(prompts, client="batch")
         assert coordinator.generate(prompts, client="batch") == first and all(len(o) == 3 for o in first)
         assert len(svc.store) > 0

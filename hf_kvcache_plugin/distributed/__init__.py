@@ -4,7 +4,7 @@ The file tree follows the data flow: ``hash_ring`` (who owns a key) ->
 ``nodes`` (the cluster view) -> ``routing`` (who serves a prompt) ->
 ``transport`` (bounded messages between processes, ``payloads`` on the wire)
 -> ``coordinator`` (rounds) and ``entry_exchange`` (directories, migration
-batches, eviction orders) over a ``local_store`` (one process's prefix store;
+batches, eviction orders) over ``local_entries`` (this process's prefix entries;
 ``prefix_adapter`` for ``PrefixStore``). ``migration`` and ``eviction`` are the
 pure planning parts; ``serving`` wires a hooked model in.
 """
@@ -12,7 +12,7 @@ pure planning parts; ``serving`` wires a hooked model in.
 from .coordinator import CacheCoordinator, EvictionReport, create_distributed_cache_optimizer
 from .eviction import eviction_shares, plan_local_eviction
 from .hash_ring import ConsistentHashRing, ring_position
-from .local_store import EntryInfo, EntryStore
+from .local_entries import EntryInfo, LocalEntries
 from .migration import MigrationPlan, Transfer, plan_migration, split_into_steps
 from .nodes import EntryDirectory, NodeInfo, NodeState
 from .prefix_adapter import PrefixStoreAdapter
@@ -25,8 +25,8 @@ __all__ = [
     "ConsistentHashRing",
     "EntryDirectory",
     "EntryInfo",
-    "EntryStore",
     "EvictionReport",
+    "LocalEntries",
     "MigrationPlan",
     "NodeInfo",
     "NodeState",

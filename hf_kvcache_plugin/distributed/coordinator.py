@@ -55,7 +55,7 @@ from ..resilience.rate_limit import RateLimiter, RateLimitExceeded
 from .entry_exchange import EntryExchange
 from .eviction import eviction_shares
 from .hash_ring import ConsistentHashRing
-from .local_store import EntryStore
+from .local_entries import LocalEntries
 from .nodes import EntryDirectory, NodeInfo, NodeState
 from .payloads import decode_json, encode_json
 from .routing import Route, RouteRequest, plan_routes
@@ -96,7 +96,7 @@ class CacheCoordinator:
     Args:
         local_node: this process (``node_id`` is its rank).
         config: ring, replication, timeout and migration settings.
-        entry_store: this process's prefix store (``PrefixStoreAdapter``); None for
+        local_entries: this process's prefix entries (``PrefixStoreAdapter``); None for
             the bookkeeping-only API.
         transport: messages to the other processes; None for one process.
         serve_batch: generates for a batch of prompts (token lists) with the local
@@ -112,7 +112,7 @@ class CacheCoordinator:
         local_node: NodeInfo,
         config: DistributedConfig | None = None,
         *,
-        entry_store: EntryStore | None = None,
+        local_entries: LocalEntries | None = None,
         transport: StoreTransport | None = None,
         serve_batch: ServeBatch | None = None,
         prompt_keys: PromptKeys | None = None,
@@ -123,7 +123,7 @@ class CacheCoordinator:
         self.metrics = metrics
         self.limiter = limiter
         self.node = local_node
-        self.entry_store = entry_store
+        self.local_entries = local_entries
         self.transport = transport
         self.serve_batch = serve_batch
         self.prompt_keys = prompt_keys
@@ -135,7 +135,7 @@ class CacheCoordinator:
         self._round = 0
         self._posted: dict[int, list[str]] = {}
         self.entries = EntryExchange(
-            local_node.node_id, entry_store, self.directory, transport, self.counters,
+            local_node.node_id, local_entries, self.directory, transport, self.counters,
             int(self.config.migration_mb_per_step * MIB),
         )
         self._started = False

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from .eviction import plan_local_eviction
 from .hash_ring import ConsistentHashRing
-from .local_store import EntryStore, chains_parent_first
+from .local_entries import LocalEntries, chains_parent_first
 from .migration import plan_migration, split_into_steps
 from .nodes import EntryDirectory
 from .payloads import decode_entries, decode_json, encode_entries, encode_json
@@ -41,14 +41,14 @@ class EntryExchange:
     def __init__(
         self,
         node_id: int,
-        entry_store: EntryStore | None,
+        local_entries: LocalEntries | None,
         directory: EntryDirectory,
         transport: StoreTransport | None,
         counters: Counter[str],
         max_bytes_per_step: int,
     ):
         self.node_id = node_id
-        self.entry_store = entry_store
+        self.local_entries = local_entries
         self.directory = directory
         self.transport = transport
         self.counters = counters
@@ -85,14 +85,14 @@ class EntryExchange:
         self._known_versions.pop(peer, None)
 
     def entry_count(self) -> int:
-        return 0 if self.entry_store is None else len(self.entry_store.entry_infos())
+        return 0 if self.local_entries is None else len(self.local_entries.entry_infos())
 
     # ------------------------------------------------------------------ directory
     def publish(self, remote: bool) -> None:
         """Put this process's key set in the directory and, with ``remote`` and when it changed, in the store."""
-        if self.entry_store is None:
+        if self.local_entries is None:
             return
-        sizes = {info.key: info.nbytes for info in self.entry_store.entry_infos()}
+        sizes = {info.key: info.nbytes for info in self.local_entries.entry_infos()}
         if sizes == self._published_sizes:
             return
         self._published_sizes = sizes
@@ -122,9 +122,9 @@ class EntryExchange:
         reachable: Callable[[int], bool],
     ) -> None:
         """Send this round's share of the migration plan; drop what owners now hold (when draining)."""
-        if self.entry_store is None or self.transport is None:
+        if self.local_entries is None or self.transport is None:
             return
-        infos = self.entry_store.entry_infos()
+        infos = self.local_entries.entry_infos()
         self._recently_sent = {k: r for k, r in self._recently_sent.items() if round_no - r < _RESEND_AFTER_ROUNDS}
         plan = plan_migration(
             self.node_id, infos, ring, self.directory, replication_factor, skip=self._recently_sent,
@@ -141,7 +141,7 @@ class EntryExchange:
             busy.add(target)
             if self.migrations_sent[target] and self.transport.exists(self._batch_key(self.node_id, target)):
                 continue
-            payloads = self.entry_store.export_entries(step.keys)
+            payloads = self.local_entries.export_entries(step.keys)
             if not payloads:
                 continue
             self.migrations_sent[target] += 1
@@ -154,7 +154,7 @@ class EntryExchange:
             self.counters["migration_steps"] += 1
             self.counters["largest_migration_step_bytes"] = max(self.counters["largest_migration_step_bytes"], step.nbytes)
         if plan.drops:
-            self.counters["handed_over_bytes"] += self.entry_store.remove_entries(plan.drops)
+            self.counters["handed_over_bytes"] += self.local_entries.remove_entries(plan.drops)
             self.publish(remote=True)
 
     def _batch_key(self, source: int, target: int, number: int | None = None) -> str:
@@ -168,7 +168,7 @@ class EntryExchange:
             data = self.transport.read_or_none(key)
             if data is None:
                 continue
-            stored = self.entry_store.import_entries(decode_entries(data)) if self.entry_store is not None else 0
+            stored = self.local_entries.import_entries(decode_entries(data)) if self.local_entries is not None else 0
             self.transport.delete([key])  # also tells the sender the next batch may go
             self.counters["migrated_in_entries"] += stored
             self.counters["migrated_in_bytes"] += len(data)
@@ -190,9 +190,9 @@ class EntryExchange:
         self, share_bytes: int, ring: ConsistentHashRing, replication_factor: int, reachable: Callable[[int], bool]
     ) -> int:
         """Free at least ``share_bytes`` here: unowned copies, then replicas, then sole copies; coldest first."""
-        if self.entry_store is None or share_bytes <= 0:
+        if self.local_entries is None or share_bytes <= 0:
             return 0
-        infos = self.entry_store.entry_infos()
+        infos = self.local_entries.entry_infos()
         replicated = {
             info.key
             for info in infos
@@ -204,6 +204,6 @@ class EntryExchange:
             if self.node_id in ring.get_nodes(root, replication_factor)
             for info in chain
         }
-        freed = self.entry_store.remove_entries(plan_local_eviction(infos, share_bytes, replicated, owned))
+        freed = self.local_entries.remove_entries(plan_local_eviction(infos, share_bytes, replicated, owned))
         self.counters["evicted_bytes"] += freed
         return freed

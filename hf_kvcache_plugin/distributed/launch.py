@@ -93,7 +93,7 @@ def attach_coordinator(
     coordinator = CacheCoordinator(
         node,
         config,
-        entry_store=PrefixStoreAdapter(prefix_store),
+        local_entries=PrefixStoreAdapter(prefix_store),
         transport=transport,
         serve_batch=lambda prompts: generate_new_tokens(hook.model, prompts, pad_token_id, **(generate_kwargs or {})),
         # the hook never reuses a prompt's last token (its logits start generation): route on the rest
