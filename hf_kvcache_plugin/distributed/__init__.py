@@ -1,12 +1,17 @@
 """One prefix cache across the processes of an ``accelerate`` / ``torchrun`` launch.
 
-The file tree follows the data flow: ``hash_ring`` (who owns a key) ->
-``nodes`` (the cluster view) -> ``routing`` (who serves a prompt) ->
-``transport`` (bounded messages between processes, ``payloads`` on the wire)
--> ``coordinator`` (rounds) and ``entry_exchange`` (directories, migration
-batches, eviction orders) over ``local_entries`` (this process's prefix entries;
-``prefix_adapter`` for ``PrefixStore``). ``migration`` and ``eviction`` are the
-pure planning parts; ``serving`` wires a hooked model in.
+The file tree follows the data flow, each module importing only those before
+it: ``hash_ring`` (who owns a key) -> ``nodes`` (processes and the directory of
+who holds which chunk) -> ``routing`` (who serves a prompt) -> ``transport``
+(bounded messages over the launch's c10d store, ``payloads`` on the wire) ->
+``cluster_view`` (the processes as this one sees them, the ring, liveness) ->
+``round_messages`` (round numbers, per-round messages) and ``entry_exchange``
+(directories, migration batches, eviction orders) over ``local_entries`` (this
+process's prefix entries; ``prefix_adapter`` for ``PrefixStore``) ->
+``round_runner`` (one round: views, plan, serving, results) ->
+``coordinator`` (``CacheCoordinator``: ``generate``, lifecycle, stats, the
+seed-compatible API) -> ``launch`` (wires a hooked model in). ``migration`` and
+``eviction`` are the pure planning parts.
 """
 
 from .coordinator import CacheCoordinator, EvictionReport, create_distributed_cache_optimizer
