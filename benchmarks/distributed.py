@@ -153,7 +153,7 @@ def join_and_leave(model, group_size: int, prompts: int, namespace: str) -> dict
     """Rank 0 alone stores ``prompts`` prompts' chunks; rank 1 joins; both serve ``prompts`` more; rank 1 drains."""
     from hf_kvcache_plugin import CacheConfig, DistributedConfig, PrefixStore, attach_prefix_cache
     from hf_kvcache_plugin.distributed import attach_coordinator
-    from hf_kvcache_plugin.distributed.local_store import root_of
+    from hf_kvcache_plugin.distributed.local_entries import root_of
 
     rank = dist.get_rank()
     cache_config = CacheConfig(quant_type="int8", group_size=group_size, residual_length=4 * group_size)
@@ -179,7 +179,7 @@ def join_and_leave(model, group_size: int, prompts: int, namespace: str) -> dict
     for _ in range(JOIN_ROUNDS):  # both take the same rounds: rounds are taken together
         coordinator.step()
     if rank == 0:
-        infos = coordinator.entry_store.entry_infos()
+        infos = coordinator.local_entries.entry_infos()
         parents = {i.key: i.parent for i in infos}
         changed = sum(i.nbytes for i in infos if coordinator.ring.get_node(root_of(i.key, parents)) == 1)
         sent = coordinator.counters["migrated_out_bytes"]
@@ -201,7 +201,7 @@ def join_and_leave(model, group_size: int, prompts: int, namespace: str) -> dict
             coordinator.step()
         result["leave"] = {"payload_bytes_received": coordinator.counters["migrated_in_bytes"] - received}
     else:
-        infos = coordinator.entry_store.entry_infos()
+        infos = coordinator.local_entries.entry_infos()
         held = sum(i.nbytes for i in infos)
         sole = sum(i.nbytes for i in infos if coordinator.directory.holders(i.key) == {1})
         left = coordinator.drain(timeout_s=120.0)

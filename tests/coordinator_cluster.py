@@ -180,7 +180,7 @@ class Rank:
         coordinator = self.coordinator("drain", wait_for=2, migration_mb_per_step=DRAIN_STEP_BYTES / 2**20)
         for batch in batches[:3]:
             coordinator.generate(batch)
-        keys_before = sorted(info.key.hex() for info in coordinator.entry_store.entry_infos())
+        keys_before = sorted(info.key.hex() for info in coordinator.local_entries.entry_infos())
         if self.rank == 1:
             left = coordinator.drain(timeout_s=20.0)
             self.report["drain"] = {"left": left, "keys_before": keys_before, "stats": coordinator.stats()}
@@ -189,7 +189,7 @@ class Rank:
             while coordinator.nodes.get(1) is not None and coordinator.nodes[1].state.value != "offline" and rounds < 200:
                 coordinator.step()
                 rounds += 1
-            keys_after = sorted(info.key.hex() for info in coordinator.entry_store.entry_infos())
+            keys_after = sorted(info.key.hex() for info in coordinator.local_entries.entry_infos())
             self.report["drain"] = {"keys_after": keys_after, "rounds": rounds, "stats": coordinator.stats()}
         coordinator.close()
         self.save()

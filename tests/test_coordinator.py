@@ -112,7 +112,7 @@ def test_seed_api_places_keys_on_registered_active_nodes_and_plans_global_evicti
 def test_global_eviction_frees_the_local_share_replicas_first():
     store, chains = filled_store(prompts=4)
     adapter = PrefixStoreAdapter(store)
-    coordinator = create_distributed_cache_optimizer(local_node_id=0, replication_factor=1, entry_store=adapter)
+    coordinator = create_distributed_cache_optimizer(local_node_id=0, replication_factor=1, local_entries=adapter)
     coordinator.register_node(NodeInfo(1))
     for k in chains[2]:  # another process holds a copy of chain 2
         coordinator.register_entry(k, store.get(k).nbytes, [1])

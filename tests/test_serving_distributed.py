@@ -72,9 +72,9 @@ class SilentPeerTransport(StoreTransport):
         return payload
 
 
-def transport(rank: int = 1, *, store=None, metrics=None, clock=None, **breaker) -> SilentPeerTransport:
+def transport(rank: int = 1, *, c10d_store=None, metrics=None, clock=None, **breaker) -> SilentPeerTransport:
     config = BreakerConfig(**{"fail_max": 2, "reset_timeout_s": 10.0, **breaker})
-    return SilentPeerTransport(store or DictStore(), rank, 2, namespace="t", heartbeat_interval_s=10.0,
+    return SilentPeerTransport(c10d_store or DictStore(), rank, 2, namespace="t", heartbeat_interval_s=10.0,
                                heartbeat_timeout_s=30.0, breaker=config, metrics=metrics, clock=clock or ManualClock())
 
 
@@ -108,7 +108,7 @@ def test_peer_breakers_take_the_serving_config_and_report_to_serving_metrics(cap
     clock.now = 10.0  # the reset timeout on the injected clock: the next call is a trial
     assert t.may_call(0)
     for n in range(2):  # two successes in a row close it again
-        t.store.set(t.key("m"), b"ok")
+        t.c10d_store.set(t.key("m"), b"ok")
         assert t.receive(0, t.key("m"), 1.0) == b"ok"
         assert t.breaker_state(0) == (pybreaker.STATE_HALF_OPEN if n == 0 else pybreaker.STATE_CLOSED)
     assert metrics.value("hf_kvcache_breaker_recoveries_total", breaker=PEER) == 1 and state("closed") == 1
@@ -146,7 +146,7 @@ def test_a_silent_peer_is_recomputed_locally_counted_and_reported_by_health():
     coordinator = CacheCoordinator(
         NodeInfo(0),
         DistributedConfig(heartbeat_interval_s=10.0, heartbeat_timeout_s=30.0, breaker_fail_max=1),
-        transport=transport(0, store=store, metrics=metrics, fail_max=1),
+        transport=transport(0, c10d_store=store, metrics=metrics, fail_max=1),
         serve_batch=lambda prompts: [[len(p), p[0]] for p in prompts],
         metrics=metrics,
         limiter=RateLimiter(rate_per_s=1.0, burst=2, clock=limit_clock),
@@ -203,7 +203,7 @@ def test_build_service_with_a_distributed_section_wires_the_coordinator(model, m
         assert svc.checker.names == ["memory", "breakers", "prefix_store", "peers"]
         report = svc.checker.readiness()
         assert report.status is HealthStatus.HEALTHY and report.checks["peers"].reason == "0 peer(s) reachable"
-        assert coordinator.entry_store.store is svc.store.wrapped  # entries move in and out of the hook's store
+        assert coordinator.local_entries.prefix_store is svc.store.wrapped  # entries move in and out of the hook's store
         first = coordinator.generate(prompts, client="batch")
         assert coordinator.generate(prompts, client="batch") == first and all(len(o) == 3 for o in first)
         assert len(svc.store) > 0

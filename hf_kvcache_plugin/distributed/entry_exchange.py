@@ -11,18 +11,21 @@
   them (and deletes the key) when it reads that view.
 - *Global eviction*: an order (bytes per process) is posted once and
   announced the same way; each process frees its share when it reads it.
+
+Placement (the ring, the replication factor) and reachability come from the
+``ClusterView``; key sets go to the store only once this process announced
+itself there.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
 
+from .cluster_view import ClusterView
 from .eviction import plan_local_eviction
-from .hash_ring import ConsistentHashRing
-from .local_store import EntryStore, chains_parent_first
+from .local_entries import LocalEntries, chains_parent_first
 from .migration import plan_migration, split_into_steps
-from .nodes import EntryDirectory
+from .nodes import EntryDirectory, NodeState
 from .payloads import decode_entries, decode_json, encode_entries, encode_json
 from .transport import StoreTransport
 
@@ -40,15 +43,16 @@ class EntryExchange:
 
     def __init__(
         self,
-        node_id: int,
-        entry_store: EntryStore | None,
+        cluster: ClusterView,
+        local_entries: LocalEntries | None,
         directory: EntryDirectory,
         transport: StoreTransport | None,
         counters: Counter[str],
         max_bytes_per_step: int,
     ):
-        self.node_id = node_id
-        self.entry_store = entry_store
+        self.cluster = cluster
+        self.node_id = cluster.node_id
+        self.local_entries = local_entries
         self.directory = directory
         self.transport = transport
         self.counters = counters
@@ -73,11 +77,11 @@ class EntryExchange:
             "evictions": self.evictions_posted,
         }
 
-    def absorb(self, peer: int, view: dict, evict_share: Callable[[int], int]) -> None:
+    def absorb(self, peer: int, view: dict) -> None:
         """Act on a peer's announcements: re-read its directory, import its batches, apply its orders."""
         self._read_directory(peer, view["directory_version"])
         self._read_migrations(peer, int(view["migrations"].get(str(self.node_id), 0)))
-        self._read_evictions(peer, int(view["evictions"]), evict_share)
+        self._read_evictions(peer, int(view["evictions"]))
 
     def forget(self, peer: int) -> None:
         """``peer`` is gone or cut off: what it held cannot be served from here."""
@@ -85,19 +89,20 @@ class EntryExchange:
         self._known_versions.pop(peer, None)
 
     def entry_count(self) -> int:
-        return 0 if self.entry_store is None else len(self.entry_store.entry_infos())
+        return 0 if self.local_entries is None else len(self.local_entries.entry_infos())
 
     # ------------------------------------------------------------------ directory
-    def publish(self, remote: bool) -> None:
-        """Put this process's key set in the directory and, with ``remote`` and when it changed, in the store."""
-        if self.entry_store is None:
+    def publish(self) -> None:
+        """Put this process's key set in the directory and, when it changed and this process announced itself,
+        in the store."""
+        if self.local_entries is None:
             return
-        sizes = {info.key: info.nbytes for info in self.entry_store.entry_infos()}
+        sizes = {info.key: info.nbytes for info in self.local_entries.entry_infos()}
         if sizes == self._published_sizes:
             return
         self._published_sizes = sizes
         self.directory.replace_node(self.node_id, sizes)
-        if remote and self.transport is not None:
+        if self.transport is not None and self.cluster.announced:
             self.directory_version += 1
             message = {"version": self.directory_version, "sizes": {k.hex(): n for k, n in sizes.items()}}
             self.transport.post(self._key("directory", self.node_id), encode_json(message))
@@ -113,22 +118,16 @@ class EntryExchange:
         self._known_versions[peer] = message["version"]
 
     # ------------------------------------------------------------------ migration
-    def migration_step(
-        self,
-        round_no: int,
-        ring: ConsistentHashRing,
-        replication_factor: int,
-        keep_copies: bool,
-        reachable: Callable[[int], bool],
-    ) -> None:
-        """Send this round's share of the migration plan; drop what owners now hold (when draining)."""
-        if self.entry_store is None or self.transport is None:
+    def migration_step(self, round_no: int) -> None:
+        """Send this round's share of the migration plan; drop what owners now hold (when draining: an ACTIVE
+        process keeps its copies)."""
+        if self.local_entries is None or self.transport is None:
             return
-        infos = self.entry_store.entry_infos()
+        infos = self.local_entries.entry_infos()
         self._recently_sent = {k: r for k, r in self._recently_sent.items() if round_no - r < _RESEND_AFTER_ROUNDS}
         plan = plan_migration(
-            self.node_id, infos, ring, self.directory, replication_factor, skip=self._recently_sent,
-            keep_copies=keep_copies,
+            self.node_id, infos, self.cluster.ring, self.directory, self.cluster.replication_factor,
+            skip=self._recently_sent, keep_copies=self.cluster.node.state == NodeState.ACTIVE,
         )
         sizes = {info.key: info.nbytes for info in infos}
         budget = self.max_bytes_per_step
@@ -136,12 +135,12 @@ class EntryExchange:
         for step in split_into_steps(plan.transfers, sizes, self.max_bytes_per_step):
             target = step.target
             oversized = step.nbytes > budget and budget < self.max_bytes_per_step  # only a first step may exceed
-            if target in busy or oversized or not reachable(target):
+            if target in busy or oversized or not self.cluster.reachable(target):
                 continue
             busy.add(target)
             if self.migrations_sent[target] and self.transport.exists(self._batch_key(self.node_id, target)):
                 continue
-            payloads = self.entry_store.export_entries(step.keys)
+            payloads = self.local_entries.export_entries(step.keys)
             if not payloads:
                 continue
             self.migrations_sent[target] += 1
@@ -154,8 +153,8 @@ class EntryExchange:
             self.counters["migration_steps"] += 1
             self.counters["largest_migration_step_bytes"] = max(self.counters["largest_migration_step_bytes"], step.nbytes)
         if plan.drops:
-            self.counters["handed_over_bytes"] += self.entry_store.remove_entries(plan.drops)
-            self.publish(remote=True)
+            self.counters["handed_over_bytes"] += self.local_entries.remove_entries(plan.drops)
+            self.publish()  # rounds run only after `start` announced this process: this posts the new key set
 
     def _batch_key(self, source: int, target: int, number: int | None = None) -> str:
         number = self.migrations_sent[target] if number is None else number
@@ -168,7 +167,7 @@ class EntryExchange:
             data = self.transport.read_or_none(key)
             if data is None:
                 continue
-            stored = self.entry_store.import_entries(decode_entries(data)) if self.entry_store is not None else 0
+            stored = self.local_entries.import_entries(decode_entries(data)) if self.local_entries is not None else 0
             self.transport.delete([key])  # also tells the sender the next batch may go
             self.counters["migrated_in_entries"] += stored
             self.counters["migrated_in_bytes"] += len(data)
@@ -179,31 +178,35 @@ class EntryExchange:
         self.transport.post(self._key("evict", self.node_id, self.evictions_posted),
                             encode_json({str(n): b for n, b in shares.items()}))
 
-    def _read_evictions(self, peer: int, announced: int, evict_share: Callable[[int], int]) -> None:
+    def _read_evictions(self, peer: int, announced: int) -> None:
         while self._evictions_read[peer] < announced:
             self._evictions_read[peer] += 1
             data = self.transport.read_or_none(self._key("evict", peer, self._evictions_read[peer]))
             if data is not None:
-                evict_share(int(decode_json(data).get(str(self.node_id), 0)))
+                self.evict_share(int(decode_json(data).get(str(self.node_id), 0)))
 
-    def evict_share(
-        self, share_bytes: int, ring: ConsistentHashRing, replication_factor: int, reachable: Callable[[int], bool]
-    ) -> int:
-        """Free at least ``share_bytes`` here: unowned copies, then replicas, then sole copies; coldest first."""
-        if self.entry_store is None or share_bytes <= 0:
+    def evict_share(self, share_bytes: int) -> int:
+        """Free at least ``share_bytes`` here: unowned copies, then replicas, then sole copies; coldest first.
+        Then publish the key set. Returns the bytes freed."""
+        freed = self._evict(share_bytes)
+        self.publish()
+        return freed
+
+    def _evict(self, share_bytes: int) -> int:
+        if self.local_entries is None or share_bytes <= 0:
             return 0
-        infos = self.entry_store.entry_infos()
+        infos = self.local_entries.entry_infos()
         replicated = {
             info.key
             for info in infos
-            if any(reachable(n) for n in self.directory.holders(info.key) if n != self.node_id)
+            if any(self.cluster.reachable(n) for n in self.directory.holders(info.key) if n != self.node_id)
         }
         owned = {
             info.key
             for root, chain in chains_parent_first(infos).items()
-            if self.node_id in ring.get_nodes(root, replication_factor)
+            if self.node_id in self.cluster.placement(root)
             for info in chain
         }
-        freed = self.entry_store.remove_entries(plan_local_eviction(infos, share_bytes, replicated, owned))
+        freed = self.local_entries.remove_entries(plan_local_eviction(infos, share_bytes, replicated, owned))
         self.counters["evicted_bytes"] += freed
         return freed

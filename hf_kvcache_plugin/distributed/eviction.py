@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .local_store import EntryInfo
+from .local_entries import EntryInfo
 
 __all__ = ["eviction_shares", "plan_local_eviction"]
 

@@ -1,4 +1,4 @@
-"""Wiring a hooked model into a ``CacheCoordinator``: the rank, the store, the serve function, the keys."""
+"""Wiring a hooked model into a ``CacheCoordinator``: the rank, the c10d store, the serve function, the keys."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from ..resilience.rate_limit import RateLimiter
 from .coordinator import CacheCoordinator
 from .nodes import NodeInfo
 from .prefix_adapter import PrefixStoreAdapter
-from .transport import StoreTransport, connect_store
+from .transport import StoreTransport, connect_c10d_store
 
 __all__ = ["attach_coordinator", "generate_new_tokens", "launch_rank"]
 
@@ -73,11 +73,11 @@ def attach_coordinator(
     rank, world_size = launch_rank()
     transport = None
     if world_size > 1:
-        # a store operation on a live store takes well under a millisecond: a short op timeout keeps a
+        # an operation on a live c10d store takes well under a millisecond: a short op timeout keeps a
         # vanished key or a lost store from blocking a rank for long
-        store = connect_store(rank, world_size, config.store_port, timeout_s=config.heartbeat_timeout_s)
+        c10d_store = connect_c10d_store(rank, world_size, config.store_port, timeout_s=config.heartbeat_timeout_s)
         transport = StoreTransport(
-            store,
+            c10d_store,
             rank,
             world_size,
             namespace=config.namespace,
@@ -93,7 +93,7 @@ def attach_coordinator(
     coordinator = CacheCoordinator(
         node,
         config,
-        entry_store=PrefixStoreAdapter(prefix_store),
+        local_entries=PrefixStoreAdapter(prefix_store),
         transport=transport,
         serve_batch=lambda prompts: generate_new_tokens(hook.model, prompts, pad_token_id, **(generate_kwargs or {})),
         # the hook never reuses a prompt's last token (its logits start generation): route on the rest

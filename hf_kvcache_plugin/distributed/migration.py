@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from .hash_ring import ConsistentHashRing
-from .local_store import EntryInfo, chains_parent_first
+from .local_entries import EntryInfo, chains_parent_first
 from .nodes import EntryDirectory
 
 __all__ = ["MigrationPlan", "Transfer", "plan_migration", "split_into_steps"]

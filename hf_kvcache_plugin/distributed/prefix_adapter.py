@@ -1,4 +1,4 @@
-"""``PrefixStoreAdapter``: the coordinator's ``EntryStore`` over this package's ``PrefixStore``.
+"""``PrefixStoreAdapter``: the coordinator's ``LocalEntries`` over this package's ``PrefixStore``.
 
 Entries leave and enter as the quantized blocks they are (codes, scales and
 zeros of every layer, with their bit width, group size, axis and logical
@@ -15,30 +15,30 @@ from typing import Any
 
 from ..reuse.prefix_store import PrefixEntry, PrefixStore
 from ..quantization import QuantizedTensor
-from .local_store import EntryInfo
+from .local_entries import EntryInfo
 
 __all__ = ["PrefixStoreAdapter"]
 
 
 class PrefixStoreAdapter:
-    """``EntryStore`` over a ``PrefixStore``; see the module docstring."""
+    """``LocalEntries`` over a ``PrefixStore``; see the module docstring."""
 
-    def __init__(self, store: PrefixStore):
-        if not isinstance(store, PrefixStore):
-            raise ValueError(f"`store` has to be a PrefixStore but got {type(store).__name__}")
-        self.store = store
+    def __init__(self, prefix_store: PrefixStore):
+        if not isinstance(prefix_store, PrefixStore):
+            raise ValueError(f"`prefix_store` has to be a PrefixStore but got {type(prefix_store).__name__}")
+        self.prefix_store = prefix_store
 
     @property
     def used_bytes(self) -> int:
-        return self.store.used_bytes
+        return self.prefix_store.used_bytes
 
     def entry_infos(self) -> list[EntryInfo]:
-        return [EntryInfo(i.key, i.parent, i.nbytes, i.last_used, i.pins > 0) for i in self.store.entry_infos()]
+        return [EntryInfo(i.key, i.parent, i.nbytes, i.last_used, i.pins > 0) for i in self.prefix_store.entry_infos()]
 
     def export_entries(self, keys: Sequence[bytes]) -> list[dict[str, Any]]:
         payloads = []
         for key in keys:
-            entry = self.store.get(key)
+            entry = self.prefix_store.get(key)
             if entry is None:
                 continue
             payloads.append(
@@ -63,8 +63,8 @@ class PrefixStoreAdapter:
                 values=tuple(QuantizedTensor.from_dict(q) for q in p["values"]),
             )
             # one by one: a refused entry (parent evicted meanwhile) does not refuse unrelated ones
-            stored += self.store.put(entry)
+            stored += self.prefix_store.put(entry)
         return stored
 
     def remove_entries(self, keys: Sequence[bytes]) -> int:
-        return self.store.remove(keys, reason="coordinator")
+        return self.prefix_store.remove(keys, reason="coordinator")

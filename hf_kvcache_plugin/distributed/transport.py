@@ -55,7 +55,7 @@ __all__ = [
     "PeerTimeout",
     "PeerUnavailable",
     "StoreTransport",
-    "connect_store",
+    "connect_c10d_store",
 ]
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class PeerOutOfStep(PeerUnavailable):
     """The peer is in another round, so the message will not come; not a failure."""
 
 
-def connect_store(
+def connect_c10d_store(
     rank: int, world_size: int, store_port: int | None = None, timeout_s: float = 30.0
 ) -> dist.Store:
     """A client of the rendezvous store of this launch.
@@ -139,7 +139,7 @@ class StoreTransport:
     """Keyed messages between ranks over a c10d store; see the module docstring.
 
     Args:
-        store: a store client every rank reaches (``connect_store``).
+        c10d_store: a client of the launch's c10d store that every rank reaches (``connect_c10d_store``).
         namespace: prefix of every key, so two coordinators can share a store.
         breaker: thresholds of every breaker (``DistributedConfig.breaker_config()``).
         metrics: where breaker states, opens and recoveries are counted; None for nowhere.
@@ -148,7 +148,7 @@ class StoreTransport:
 
     def __init__(
         self,
-        store: dist.Store,
+        c10d_store: dist.Store,
         rank: int,
         world_size: int,
         *,
@@ -159,7 +159,7 @@ class StoreTransport:
         metrics: ServingMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
-        self.store = store
+        self.c10d_store = c10d_store
         self.rank = rank
         self.world_size = world_size
         self.namespace = namespace
@@ -178,7 +178,7 @@ class StoreTransport:
             for peer in range(world_size)
             if peer != rank
         }
-        self.store_breaker = create_breaker(
+        self.c10d_store_breaker = create_breaker(
             f"rank{rank}->store", breaker, metrics=metrics, clock=clock, listeners=[self.events]
         )
         self.counters: Counter[str] = Counter()
@@ -196,14 +196,14 @@ class StoreTransport:
         if self._heartbeat_thread is not None:
             return
         self._stop.clear()
-        store = self.store.clone()
+        connection = self.c10d_store.clone()
         key = self.key("heartbeat", self.rank)
-        store.add(key, 1)
+        connection.add(key, 1)
 
         def beat() -> None:
             while not self._stop.wait(self.heartbeat_interval_s):
                 try:
-                    store.add(key, 1)
+                    connection.add(key, 1)
                 except dist.DistError as exc:  # the store went away: peers will see us as dead
                     logger.warning("rank %d: heartbeat failed: %s", self.rank, exc)
                     self.counters["heartbeat_failures"] += 1
@@ -219,7 +219,7 @@ class StoreTransport:
 
     def _heartbeat_of(self, peer: int) -> tuple[int, float]:
         """``peer``'s heartbeat counter and the seconds since it last moved (0 the first time it is read)."""
-        value = self.store.add(self.key("heartbeat", peer), 0)
+        value = self.c10d_store.add(self.key("heartbeat", peer), 0)
         now = self.clock()
         last = self._beats.get(peer)
         if last is None or last[0] != value:
@@ -242,16 +242,16 @@ class StoreTransport:
     # ------------------------------------------------------------------ messages
     def post(self, key: str, payload: bytes) -> None:
         """Write one message (through the store's breaker)."""
-        self.store_breaker.call(self.store.set, key, payload)
+        self.c10d_store_breaker.call(self.c10d_store.set, key, payload)
         self.counters["bytes_posted"] += len(payload)
 
     def delete(self, keys: Iterable[str]) -> None:
         for key in keys:
-            self.store_breaker.call(self.store.delete_key, key)
+            self.c10d_store_breaker.call(self.c10d_store.delete_key, key)
 
     def read(self, key: str) -> bytes | None:
         """A key's value if present, else None; no waiting (through the store's breaker)."""
-        return self.store_breaker.call(self._take, key, False)
+        return self.c10d_store_breaker.call(self._take, key, False)
 
     def read_or_none(self, key: str) -> bytes | None:
         """``read``, with a failing store logged, counted and answered as "not there"."""
@@ -263,23 +263,23 @@ class StoreTransport:
             return None
 
     def exists(self, key: str) -> bool:
-        return self.store_breaker.call(self.store.check, [key])
+        return self.c10d_store_breaker.call(self.c10d_store.check, [key])
 
     def add(self, key: str, amount: int) -> int:
         """Add to a counter key and return its value (``amount=0`` reads it), through the store's breaker."""
-        return int(self.store_breaker.call(self.store.add, key, amount))
+        return int(self.c10d_store_breaker.call(self.c10d_store.add, key, amount))
 
     def _take(self, key: str, delete: bool) -> bytes | None:
         """The message if it is there; None if not (or if it vanished between ``check`` and ``get``)."""
-        if not self.store.check([key]):
+        if not self.c10d_store.check([key]):
             return None
         try:
-            payload = self.store.get(key)
+            payload = self.c10d_store.get(key)
         except dist.DistStoreError:
             # its poster deleted it after our check: a `get` of a missing key waits for the store's op timeout
             return None
         if delete:
-            self.store.delete_key(key)
+            self.c10d_store.delete_key(key)
         return payload
 
     def receive(
@@ -330,7 +330,7 @@ class StoreTransport:
                     out_of_step = theirs > round_no or theirs < round_no - 1
                     # "out of step" needs proof of life (a beat during this wait): a stopped peer also looks
                     # behind, and must be found dead, not skipped
-                    if out_of_step and beat != beat_at_start and not self.store.check([key]):
+                    if out_of_step and beat != beat_at_start and not self.c10d_store.check([key]):
                         raise PeerOutOfStep(peer, f"is in round {theirs}, this message is for round {round_no}")
             if now >= deadline:
                 self.counters["timeouts"] += 1

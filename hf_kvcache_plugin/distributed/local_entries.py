@@ -1,4 +1,4 @@
-"""What the coordinator needs from one process's prefix store, as a small Protocol.
+"""What the coordinator needs from this process's prefix entries, as a small Protocol (``LocalEntries``).
 
 The coordinator never looks inside an entry: it lists keys with their sizes,
 exports entries as payloads (mappings of tensors and plain values, the
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["EntryInfo", "EntryStore", "chains_parent_first", "root_of"]
+__all__ = ["EntryInfo", "LocalEntries", "chains_parent_first", "root_of"]
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,8 @@ class EntryInfo:
 
 
 @runtime_checkable
-class EntryStore(Protocol):
-    """The part of a prefix store the coordinator uses."""
+class LocalEntries(Protocol):
+    """This process's prefix entries, as far as the coordinator uses them (listed, exported, imported, removed)."""
 
     def entry_infos(self) -> list[EntryInfo]:
         """Every stored entry (a snapshot)."""

@@ -1,0 +1,172 @@
+"""``RoundRunner``: one round of the shared cache, from this process's prompts to their outputs.
+
+Every process runs one round per ``generate`` call (the usual data-parallel
+loop); a round is:
+
+1. post a *view* (this process's prompts with their chunk keys, its state,
+   its directory version, migration and eviction announcements) and read every
+   reachable peer's view; take in what the views say (peer states, directories,
+   migration batches, eviction orders);
+2. compute the routing plan (``routing.plan_routes``), identical everywhere;
+3. serve the prompts routed here, from any process, with the local prefix
+   store; post each origin its results (an empty message where nothing was
+   served, so nobody waits for what will not come);
+4. read the results of prompts served elsewhere;
+5. one migration step (``entry_exchange``): send chunks whose owners lack
+   them, at most ``migration_mb_per_step``; a draining process drops what
+   every owner now holds.
+
+``run`` returns the outputs that came, by prompt index; the coordinator
+serves whatever is missing (dead peer, open breaker, diverging plan) locally.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import DistributedConfig
+from .cluster_view import ClusterView
+from .entry_exchange import EntryExchange
+from .nodes import EntryDirectory, NodeInfo, NodeState
+from .payloads import decode_json, encode_json
+from .round_messages import KEEP_POSTS_ROUNDS, RoundMessages
+from .routing import Route, RouteRequest, plan_routes
+
+__all__ = ["RoundRunner", "RoundState"]
+
+Serve = Callable[[list[list[int]]], list[list[int]]]
+KeysOf = Callable[[list[int]], list[bytes]]
+
+
+@dataclass
+class RoundState:
+    """What one round gathered: every view read (this process's too) and the plan made from them."""
+
+    number: int
+    views: dict[int, dict[str, Any]] = field(default_factory=dict)
+    routes: dict[tuple[int, int], Route] = field(default_factory=dict)
+
+
+class RoundRunner:
+    """Runs this process's rounds; see the module docstring.
+
+    Args:
+        serve: generates for a batch of prompts with the local prefix store (the coordinator's checked
+            ``serve_batch``).
+        keys_of: the chained chunk keys of a prompt (the coordinator's ``prompt_keys``).
+        counters: the coordinator's (prompts served here, for others, sent to others; planned hits).
+    """
+
+    def __init__(
+        self,
+        cluster: ClusterView,
+        messages: RoundMessages,
+        entry_exchange: EntryExchange,
+        directory: EntryDirectory,
+        config: DistributedConfig,
+        counters: Counter[str],
+        serve: Serve,
+        keys_of: KeysOf,
+    ):
+        self.cluster = cluster
+        self.messages = messages
+        self.entry_exchange = entry_exchange
+        self.directory = directory
+        self.config = config
+        self.counters = counters
+        self.serve = serve
+        self.keys_of = keys_of
+        self.last_routes: dict[tuple[int, int], Route] = {}  # the latest round's plan, (origin, index) -> route
+
+    @property
+    def node_id(self) -> int:
+        return self.cluster.node_id
+
+    def run(self, prompts: list[list[int]]) -> dict[int, list[int]]:
+        """One round (see the module docstring); returns the outputs that came, by prompt index."""
+        state = RoundState(self.messages.begin())
+        keys = [self.keys_of(p) for p in prompts]
+        self.entry_exchange.publish()
+        state.views[self.node_id] = view = self._view(prompts, keys)
+        self.messages.post(state.number, self.messages.view_key(state.number, self.node_id), encode_json(view))
+        self._read_views(state)
+        self._absorb_views(state)
+        state.routes = self._plan(state)
+        self.last_routes = state.routes
+        outputs = self._serve_round(state)
+        outputs.update(self._collect_results(state, len(prompts)))
+        self.entry_exchange.publish()
+        self.entry_exchange.migration_step(state.number)
+        self.messages.forget(state.number - KEEP_POSTS_ROUNDS)
+        return outputs
+
+    def _view(self, prompts: list[list[int]], keys: list[list[bytes]]) -> dict[str, Any]:
+        return {
+            "node": decode_json(self.cluster.node.to_json()),
+            "prompts": prompts,
+            "keys": [[k.hex() for k in ks] for ks in keys],
+            **self.entry_exchange.announcements(),
+        }
+
+    def _read_views(self, state: RoundState) -> None:
+        for peer in self.cluster.peers_to_hear():
+            # kept, not deleted: every peer reads this view; its poster deletes it later
+            key = self.messages.view_key(state.number, peer)
+            message = self.messages.receive(peer, key, state.number, delete=False)
+            if message is not None:
+                state.views[peer] = decode_json(message)
+
+    def _absorb_views(self, state: RoundState) -> None:
+        for peer, view in state.views.items():
+            if peer == self.node_id:
+                continue
+            self.cluster.absorb_node(peer, NodeInfo(**view["node"]))
+            self.entry_exchange.absorb(peer, view)
+        self.cluster.discover_nodes()
+        self.cluster.refresh_ring()
+
+    def _plan(self, state: RoundState) -> dict[tuple[int, int], Route]:
+        """The routes of every prompt of the round, from every view read (the same plan in every process that
+        read the same views)."""
+        requests = [
+            RouteRequest(origin, i, tuple(bytes.fromhex(k) for k in prompt_keys))
+            for origin, v in state.views.items()
+            for i, prompt_keys in enumerate(v["keys"])
+        ]
+        servers = [n for n in state.views if state.views[n]["node"]["state"] == NodeState.ACTIVE.value]
+        return plan_routes(
+            requests, self.cluster.ring, self.directory, servers, self.config.replication_factor,
+            self.config.load_slack,
+        )
+
+    def _serve_round(self, state: RoundState) -> dict[int, list[int]]:
+        """Serve what the plan gives this process; post each origin its part. Returns this process's own."""
+        mine = sorted(key for key, route in state.routes.items() if route.server == self.node_id)
+        batch = [state.views[origin]["prompts"][i] for origin, i in mine]
+        served = dict(zip(mine, self.serve(batch))) if batch else {}
+        for origin, i in mine:
+            self.counters["served_for_others" if origin != self.node_id else "served_here"] += 1
+            self.counters["planned_hit_chunks"] += state.routes[(origin, i)].hit_chunks
+        for peer in self.cluster.present_peers():
+            results = {str(i): out for (origin, i), out in served.items() if origin == peer}
+            key = self.messages.result_key(state.number, self.node_id, peer)
+            self.messages.post(state.number, key, encode_json(results))
+        return {i: out for (origin, i), out in served.items() if origin == self.node_id}
+
+    def _collect_results(self, state: RoundState, count: int) -> dict[int, list[int]]:
+        outputs: dict[int, list[int]] = {}
+        servers = sorted(
+            {r.server for (origin, _), r in state.routes.items() if origin == self.node_id and r.server != self.node_id}
+        )
+        for server in servers:
+            self.counters["sent_to_others"] += sum(
+                1 for (o, _), r in state.routes.items() if o == self.node_id and r.server == server
+            )
+            message = self.messages.receive(server, self.messages.result_key(state.number, server, self.node_id),
+                                            state.number)
+            if message is not None:
+                outputs.update({int(i): out for i, out in decode_json(message).items() if 0 <= int(i) < count})
+        return outputs
