@@ -121,9 +121,9 @@ def test_distributed_config_gives_the_breaker_thresholds():
         "distributed": {"breaker_fail_max": 4, "breaker_reset_s": 2.5, "breaker_success_threshold": 3},
     })  # fmt: skip
     assert config.distributed.breaker_config() == BreakerConfig(fail_max=4, reset_timeout_s=2.5, success_threshold=3)
-    with pytest.raises(ValueError, match="`breaker_success_threshold` has to be an integer >= 1 but got 0"):
+    with pytest.raises(ValueError, match="`breaker_success_threshold` has to be a positive integer but got 0"):
         DistributedConfig(breaker_success_threshold=0)
-    with pytest.raises(ValueError, match="`breaker_reset_s` has to be a number > 0 but got 0"):
+    with pytest.raises(ValueError, match="`breaker_reset_s` has to be > 0 but got 0"):
         DistributedConfig(breaker_reset_s=0)
 
 
