@@ -107,7 +107,7 @@ def test_problems_in_several_sections_are_reported_together():
         "serving": {"breaker": {"fail_max": 0}, "rate_limit": {"burst": "20"}, "health": {"memory_high": 0.99}},
         "prefix_store": {"eviction": "fifo"},
         "sizer": {"grow_factor": 0.5},
-        "distributed": {"replication_factor": True, "breaker_fail_max": 0},
+        "distributed": {"replication_factor": True, "breaker_fail_max": 3},
         "modle": "x",
     }
     with pytest.raises(ConfigError) as info:
@@ -123,7 +123,7 @@ def test_problems_in_several_sections_are_reported_together():
         "`prefix_store.eviction` has to be one of ['lru', 'lfu'] but got 'fifo'",
         "`sizer.grow_factor` has to be > 1 but got 0.5",
         "`distributed.replication_factor` has to be of type int but got bool: True",
-        "`distributed.breaker_fail_max` has to be a positive integer but got 0",
+        "`distributed.breaker_fail_max` moved to `distributed.breaker.fail_max`",
         "unknown key(s) ['modle'] in `config`; allowed keys are "
         "['cache', 'distributed', 'model', 'prefix_store', 'serving', 'sizer']",
     ]

@@ -8,7 +8,7 @@ in ``CacheConfig.validate_for_model``.
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import field
-from typing import Annotated, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import annotated_types as at
 import pydantic
@@ -314,6 +314,10 @@ class SizerConfig(Checked):
 
 
 # ---------------------------------------------------------------------- distributed
+# a peer that stops answering is usually gone: its breaker opens sooner than a store's
+_PEER_BREAKER = {"fail_max": 3}
+
+
 @section
 class DistributedConfig(Checked):
     """Settings of ``CacheCoordinator``: one prefix cache across the processes of a launch.
@@ -325,14 +329,21 @@ class DistributedConfig(Checked):
     holding its prefix, no process taking more than ``(1 + load_slack)`` times
     the mean. Peers are declared dead after ``heartbeat_timeout_s`` without a
     heartbeat; a live but slow peer is waited for at most ``round_timeout_s``
-    per exchange; after ``breaker_fail_max`` failures in a row a peer's circuit
-    breaker opens for ``breaker_reset_s``, and meanwhile its work is done
-    locally; ``breaker_success_threshold`` trial successes close it again
-    (``breaker_config()``: the serving layer's ``BreakerConfig`` of these).
-    Migration sends at most ``migration_mb_per_step`` MiB per round.
-    ``store_port``: only when not launched by torchrun / ``accelerate launch``,
-    the port where rank 0 hosts the coordinator's store.
+    per exchange. ``breaker`` is the circuit breaker of each peer (and of the
+    store): after ``fail_max`` failures in a row it opens for
+    ``reset_timeout_s``, and meanwhile that peer's work is done locally;
+    ``success_threshold`` trial successes close it again. Keys left out of
+    ``breaker`` take 3 / 30.0 / 1. Migration sends at most
+    ``migration_mb_per_step`` MiB per round. ``store_port``: only when not
+    launched by torchrun / ``accelerate launch``, the port where rank 0 hosts
+    the coordinator's store.
     """
+
+    MOVED_KEYS: ClassVar[dict[str, str]] = {
+        "breaker_fail_max": "breaker.fail_max",
+        "breaker_reset_s": "breaker.reset_timeout_s",
+        "breaker_success_threshold": "breaker.success_threshold",
+    }
 
     replication_factor: PositiveInt = 2
     virtual_nodes: PositiveInt = 128
@@ -343,11 +354,14 @@ class DistributedConfig(Checked):
     heartbeat_timeout_s: PositiveFloat = 5.0
     round_timeout_s: PositiveFloat = 300.0
     startup_timeout_s: NonNegativeFloat = 120.0
-    breaker_fail_max: PositiveInt = 3
-    breaker_reset_s: PositiveFloat = 30.0
-    breaker_success_threshold: PositiveInt = 1
+    breaker: BreakerConfig = field(default_factory=lambda: BreakerConfig(**_PEER_BREAKER))
     store_port: Annotated[int, Strict(), at.Ge(1), at.Le(65535)] | None = None
     namespace: Str = "hf_kvcache"
+
+    @pydantic.field_validator("breaker", mode="before")
+    @classmethod
+    def _peer_breaker_defaults(cls, value: Any) -> Any:
+        return {**_PEER_BREAKER, **value} if isinstance(value, dict) else value
 
     def _problems(self) -> Iterator[Problem]:
         if self.heartbeat_timeout_s <= 2 * self.heartbeat_interval_s:
@@ -361,11 +375,7 @@ class DistributedConfig(Checked):
 
     def breaker_config(self) -> BreakerConfig:
         """The thresholds of the per-peer (and store) breakers, in the serving layer's terms."""
-        return BreakerConfig(
-            fail_max=self.breaker_fail_max,
-            reset_timeout_s=self.breaker_reset_s,
-            success_threshold=self.breaker_success_threshold,
-        )
+        return self.breaker
 
 
 # ---------------------------------------------------------------------- the whole file
