@@ -2,11 +2,14 @@
 
 Unknown keys, wrong types, non-finite numbers and impossible values raise one
 ``ConfigError`` (a ``ValueError``) listing every problem, each naming the key
-path, the value received and what is allowed. Checks that need the model (group
+path, the value received and what is allowed. ``config_json_schema()`` (or
+``python -m hf_kvcache_plugin.config --schema configs/schema.json``) gives the
+JSON schema editors complete the YAML with. Checks that need the model (group
 size vs head_dim, layer indices) run in ``CacheConfig.validate_for_model``.
 """
 
 from .loading import load_config, parse_config
+from .schema import config_json_schema, write_json_schema
 from .sections import (
     ATTENTION_PATHS,
     BITS_OF_QUANT_TYPE,
@@ -45,6 +48,7 @@ __all__ = [
     "RateLimitConfig",
     "ServingConfig",
     "SizerConfig",
+    "config_json_schema",
     "load_config",
     "parse_config",
 ]
