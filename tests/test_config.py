@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 import typing
@@ -13,6 +14,7 @@ import pytest
 from hf_kvcache_plugin import (
     CacheConfig,
     ConfigError,
+    DistributedConfig,
     PluginConfig,
     QuantizedKVCache,
     load_config,
@@ -214,3 +216,10 @@ def test_every_float_setting_is_found():
 def test_non_finite_numbers_are_refused_by_name(key, value):
     with pytest.raises(ConfigError, match=rf"^`{re.escape(key)}` has to be a finite number but got {value!r}$"):
         parse_config(_nested(key, value))
+
+
+def test_the_hash_ring_default_agrees_with_the_config():
+    # hash_ring.py imports nothing of the package (a test runs the file alone), so it restates this one default
+    from hf_kvcache_plugin.distributed.hash_ring import ConsistentHashRing
+
+    assert inspect.signature(ConsistentHashRing).parameters["virtual_nodes"].default == DistributedConfig.virtual_nodes
