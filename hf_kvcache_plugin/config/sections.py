@@ -10,9 +10,8 @@ from collections.abc import Iterator
 from dataclasses import field
 from typing import Annotated, Any, ClassVar, Literal
 
-import annotated_types as at
 import pydantic
-from pydantic import Strict
+from pydantic import Field, Strict
 
 from ..quantization import SUPPORTED_BITS
 from .validation import (
@@ -51,8 +50,8 @@ DEFAULT_GROUP_SIZE = 64
 
 Bits = exact_choice(SUPPORTED_BITS)
 # YAML may quote a mapping key, so a layer index is taken from "3" too
-LayerIndex = Annotated[int, at.Ge(0), doc("layer indices (integers >= 0)")]
-Pressure = Annotated[float, Strict(), at.Gt(0), at.Le(1)]
+LayerIndex = Annotated[int, Field(ge=0), doc("layer indices (integers >= 0)")]
+Pressure = Annotated[float, Strict(), Field(gt=0, le=1)]
 
 
 @section
@@ -85,15 +84,13 @@ class CacheConfig(Checked):
     symmetric: Annotated[Bool, doc("scale only (no zero offset)")] = False
     scale_dtype: Annotated[Literal[SCALE_DTYPES], doc("dtype of scales and zeros; compute: the model's")] = "float16"
     clip_percentile: Annotated[
-        Annotated[float, Strict(), at.Gt(50), at.Le(100)] | None,
+        Annotated[float, Strict(), Field(gt=50, le=100)] | None,
         doc("clip each group to this percentile before choosing its range; null: min/max"),
     ] = None
     mixed_int8_tokens: Annotated[NonNegativeInt, doc("mixed: newest quantized tokens kept INT8")] = 512
     layer_overrides: Annotated[
         dict[LayerIndex, LayerOverride],
-        pydantic.Field(
-            description="bits per layer index", json_schema_extra={"propertyNames": {"pattern": "^[0-9]+$"}}
-        ),
+        Field(description="bits per layer index", json_schema_extra={"propertyNames": {"pattern": "^[0-9]+$"}}),
     ] = field(default_factory=dict)
     skip_layers: Annotated[list[NonNegativeInt], doc("layer indices cached in full precision")] = field(
         default_factory=list
@@ -223,7 +220,7 @@ class HealthServerConfig(Checked):
 
     enabled: Bool = False
     host: Str = "127.0.0.1"
-    port: Annotated[int, Strict(), at.Ge(0), at.Le(65535)] = 9464
+    port: Annotated[int, Strict(), Field(ge=0, le=65535)] = 9464
 
     def _problems(self) -> Iterator[Problem]:
         if not self.host:
@@ -283,12 +280,14 @@ class SizerConfig(Checked):
     moderate_pressure: Pressure = 0.70
     high_pressure: Pressure = 0.85
     critical_pressure: Pressure = 0.95
-    grow_factor: Annotated[float, Strict(), at.Gt(1)] = 1.5
-    shrink_factor: Annotated[float, Strict(), at.Gt(0), at.Lt(1)] = 0.5
+    grow_factor: Annotated[float, Strict(), Field(gt=1)] = 1.5
+    shrink_factor: Annotated[float, Strict(), Field(gt=0, lt=1)] = 0.5
     grow_min_miss_rate: Annotated[Fraction, doc("grow only if at least this share of recent requests missed")] = 0.1
     grow_min_utilization: Annotated[Fraction, doc("... and the store fills this share of its budget")] = 0.9
     max_rising_trend: Annotated[Float, doc("... and used memory rises slower than this fraction per second")] = 0.002
-    memory_window: Annotated[int, Strict(), at.Ge(2), doc("readings the trend is fitted over (a trend needs two)")] = 12
+    memory_window: Annotated[
+        int, Strict(), Field(ge=2, description="readings the trend is fitted over (a trend needs two)")
+    ] = 12
     request_window: Annotated[PositiveInt, doc("recent requests the hit rate is computed over")] = 256
     min_requests: Annotated[PositiveInt, doc("requests seen before any growth")] = 8
     background: Annotated[Bool, doc("a thread steps the sizer every interval_s; else the hook steps it")] = True
@@ -355,7 +354,7 @@ class DistributedConfig(Checked):
     round_timeout_s: PositiveFloat = 300.0
     startup_timeout_s: NonNegativeFloat = 120.0
     breaker: BreakerConfig = field(default_factory=lambda: BreakerConfig(**_PEER_BREAKER))
-    store_port: Annotated[int, Strict(), at.Ge(1), at.Le(65535)] | None = None
+    store_port: Annotated[int, Strict(), Field(ge=1, le=65535)] | None = None
     namespace: Str = "hf_kvcache"
 
     @pydantic.field_validator("breaker", mode="before")

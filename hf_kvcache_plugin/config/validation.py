@@ -14,10 +14,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import fields, is_dataclass
 from typing import Annotated, Any, NamedTuple
 
-import annotated_types as at
 import pydantic
 import pydantic.dataclasses
-from pydantic import ConfigDict, Strict
+from pydantic import ConfigDict, Field, Strict
 from pydantic_core import PydanticCustomError
 
 __all__ = [
@@ -31,11 +30,11 @@ __all__ = [
 Float = Annotated[float, Strict()]
 Bool = Annotated[bool, Strict()]
 Str = Annotated[str, Strict()]
-PositiveInt = Annotated[int, Strict(), at.Ge(1)]
-NonNegativeInt = Annotated[int, Strict(), at.Ge(0)]
-PositiveFloat = Annotated[float, Strict(), at.Gt(0)]
-NonNegativeFloat = Annotated[float, Strict(), at.Ge(0)]
-Fraction = Annotated[float, Strict(), at.Ge(0), at.Le(1)]
+PositiveInt = Annotated[int, Strict(), Field(ge=1)]
+NonNegativeInt = Annotated[int, Strict(), Field(ge=0)]
+PositiveFloat = Annotated[float, Strict(), Field(gt=0)]
+NonNegativeFloat = Annotated[float, Strict(), Field(ge=0)]
+Fraction = Annotated[float, Strict(), Field(ge=0, le=1)]
 
 _CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False)
 _TYPE_ERRORS = {"int_type", "float_type", "bool_type", "string_type", "dict_type", "list_type", "dataclass_type"}
@@ -45,7 +44,7 @@ _UNKNOWN_KEY_ERRORS = {"unexpected_keyword_argument", "extra_forbidden"}
 
 def doc(text: str) -> pydantic.fields.FieldInfo:
     """A key's description, for the JSON schema (``Annotated[T, doc("...")]``)."""
-    return pydantic.Field(description=text)
+    return Field(description=text)
 
 
 def _refuse_floats(value: Any) -> Any:
@@ -230,7 +229,9 @@ def _metadata(annotation: Any) -> list:
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         return [m for a in typing.get_args(annotation) for m in _metadata(a)]
     if typing.get_origin(annotation) is Annotated:
-        return list(annotation.__metadata__) + _metadata(typing.get_args(annotation)[0])
+        # a Field's bounds are kept in its own metadata
+        found = [n for m in annotation.__metadata__ for n in (m, *getattr(m, "metadata", ()))]
+        return found + _metadata(typing.get_args(annotation)[0])
     return []
 
 
@@ -263,10 +264,12 @@ def _nullable(annotation: Any) -> bool:
 def _bounds(annotation: Any) -> str:
     low = high = None
     for m in _metadata(annotation):
-        if isinstance(m, (at.Ge, at.Gt)):
-            low = ("[", m.ge) if isinstance(m, at.Ge) else ("(", m.gt)
-        elif isinstance(m, (at.Le, at.Lt)):
-            high = ("]", m.le) if isinstance(m, at.Le) else (")", m.lt)
+        for name, bracket in (("ge", "["), ("gt", "(")):
+            if getattr(m, name, None) is not None:
+                low = (bracket, getattr(m, name))
+        for name, bracket in (("le", "]"), ("lt", ")")):
+            if getattr(m, name, None) is not None:
+                high = (bracket, getattr(m, name))
     if low == ("[", 1) and high is None and _plain(annotation) is int:
         return "a positive integer"
     if low and high:
