@@ -15,6 +15,7 @@ from .cache_io import SnapshotError
 from .config import (
     BreakerConfig,
     CacheConfig,
+    ConfigError,
     DistributedConfig,
     HealthConfig,
     HealthServerConfig,
@@ -119,6 +120,7 @@ __all__ = [
     "CacheCoordinator",
     "CheckResult",
     "CircuitGuard",
+    "ConfigError",
     "ConsistentHashRing",
     "DistributedConfig",
     "EvictionReport",

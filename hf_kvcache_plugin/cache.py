@@ -92,7 +92,7 @@ class QuantizedKVCache(Cache):
         if cache_config is not None and (quant_type is not None or options):
             raise ValueError("pass either `cache_config` or `quant_type`/options, not both")
         if cache_config is None:
-            cache_config = CacheConfig(quant_type=quant_type or "int4", **options)
+            cache_config = CacheConfig(quant_type=quant_type or CacheConfig.quant_type, **options)
         if config is not None and (num_heads is not None or head_dim is not None):
             raise ValueError("`num_heads`/`head_dim` describe a model-free cache; with a model `config` they come from it")
         layer_types, layer_kwargs, heads, head_dim = self._model_layout(config, num_layers, num_heads, head_dim)

@@ -105,7 +105,7 @@ class Rank:
     def coordinator(self, namespace: str, wait_for: int | None = None, **overrides):
         config = DistributedConfig(namespace=namespace, replication_factor=1, heartbeat_interval_s=0.1,
                                    heartbeat_timeout_s=1.0, round_timeout_s=20.0, startup_timeout_s=20.0,
-                                   breaker_fail_max=2, breaker_reset_s=120.0, **overrides)
+                                   breaker={"fail_max": 2, "reset_timeout_s": 120.0}, **overrides)
         self.metrics = ServingMetrics()
         return attach_coordinator(self.hook, config, generate_kwargs=GENERATE, wait_for=wait_for, metrics=self.metrics)
 

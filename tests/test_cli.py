@@ -64,7 +64,7 @@ def test_bad_config_is_a_clear_error(tmp_path, capsys):
     bad = tmp_path / "c.yaml"
     bad.write_text("cache:\n  quant_type: int5\n")
     assert main(["generate", "--prompt", "hi", "--config", str(bad)]) == 2
-    assert "`quant_type` has to be one of" in capsys.readouterr().err
+    assert "`cache.quant_type` has to be one of" in capsys.readouterr().err
 
 
 def test_format_bytes():

@@ -228,15 +228,17 @@ def test_distributed_config_section_loads_and_bad_values_name_the_key():
     assert config.distributed is not None and config.prefix_store is not None
     with pytest.raises(ValueError, match="unknown key"):
         parse_config({"prefix_store": {}, "distributed": {"replicas": 2}})
-    with pytest.raises(ValueError, match="`replication_factor` has to be an integer >= 1 but got 0"):
+    with pytest.raises(ValueError, match="`distributed.replication_factor` has to be a positive integer but got 0"):
         parse_config({"prefix_store": {}, "distributed": {"replication_factor": 0}})
-    with pytest.raises(ValueError, match="`heartbeat_timeout_s` .* has to exceed twice `heartbeat_interval_s`"):
+    with pytest.raises(ValueError, match="`distributed.heartbeat_timeout_s` has to exceed twice `heartbeat_interval_s`"):
         parse_config({"prefix_store": {}, "distributed": {"heartbeat_interval_s": 1.0, "heartbeat_timeout_s": 1.5}})
-    with pytest.raises(ValueError, match="`breaker_success_threshold` has to be an integer >= 1 but got 0"):
-        parse_config({"prefix_store": {}, "distributed": {"breaker_success_threshold": 0}})
-    with pytest.raises(ValueError, match="breaker_reset_s"):
+    with pytest.raises(ValueError, match="`distributed.breaker.success_threshold` has to be a positive integer but got 0"):
+        parse_config({"prefix_store": {}, "distributed": {"breaker": {"success_threshold": 0}}})
+    with pytest.raises(ValueError, match="`distributed.breaker.reset_timeout_s` has to be > 0 but got 0"):
+        parse_config({"prefix_store": {}, "distributed": {"breaker": {"reset_timeout_s": 0}}})
+    with pytest.raises(ValueError, match="`distributed.breaker_reset_s` moved to `distributed.breaker.reset_timeout_s`"):
         parse_config({"prefix_store": {}, "distributed": {"breaker_reset_s": 0}})
-    with pytest.raises(ValueError, match="`store_port` has to be a port"):
+    with pytest.raises(ValueError, match=r"`distributed.store_port` has to be in \[1, 65535\] or null but got 70000"):
         parse_config({"prefix_store": {}, "distributed": {"store_port": 70000}})
     with pytest.raises(ValueError, match="needs a `prefix_store` section"):
         parse_config({"distributed": {}})

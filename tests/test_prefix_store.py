@@ -411,12 +411,12 @@ def test_prefix_store_and_sizer_sections_parse_and_are_checked():
     bad = [
         ({"prefix_store": {"chunk": 64}}, r"unknown key\(s\) \['chunk'\] in `prefix_store`; allowed keys are"),
         ({"prefix_store": {"chunk_size": "64"}}, "`prefix_store.chunk_size` has to be of type int but got str"),
-        ({"prefix_store": {"eviction": "fifo"}}, r"`eviction` has to be one of \['lru', 'lfu'\] but got 'fifo'"),
+        ({"prefix_store": {"eviction": "fifo"}}, r"`prefix_store.eviction` has to be one of \['lru', 'lfu'\] but got 'fifo'"),
         ({"cache": {"group_size": 8, "residual_length": 16}, "prefix_store": {"chunk_size": 60}},
          r"`prefix_store.chunk_size` has to be a multiple of `cache.group_size` \(8\) but got 60"),
         ({"cache": {"sink_tokens": 4}, "prefix_store": {}}, "prefix reuse needs `cache.sink_tokens: 0` but got 4"),
         ({"sizer": {}}, "needs a `prefix_store` section"),
-        ({"prefix_store": {}, "sizer": {"grow_factor": 0.5}}, "`grow_factor` has to be > 1 but got 0.5"),
+        ({"prefix_store": {}, "sizer": {"grow_factor": 0.5}}, "`sizer.grow_factor` has to be > 1 but got 0.5"),
     ]
     for data, message in bad:
         with pytest.raises(ValueError, match=message):

@@ -118,13 +118,22 @@ def test_peer_breakers_take_the_serving_config_and_report_to_serving_metrics(cap
 def test_distributed_config_gives_the_breaker_thresholds():
     config = parse_config({
         "prefix_store": {},
-        "distributed": {"breaker_fail_max": 4, "breaker_reset_s": 2.5, "breaker_success_threshold": 3},
+        "distributed": {"breaker": {"fail_max": 4, "reset_timeout_s": 2.5, "success_threshold": 3}},
     })  # fmt: skip
     assert config.distributed.breaker_config() == BreakerConfig(fail_max=4, reset_timeout_s=2.5, success_threshold=3)
-    with pytest.raises(ValueError, match="`breaker_success_threshold` has to be an integer >= 1 but got 0"):
-        DistributedConfig(breaker_success_threshold=0)
-    with pytest.raises(ValueError, match="`breaker_reset_s` has to be a number > 0 but got 0"):
-        DistributedConfig(breaker_reset_s=0)
+    with pytest.raises(ValueError, match="`breaker.success_threshold` has to be a positive integer but got 0"):
+        DistributedConfig(breaker={"success_threshold": 0})
+    with pytest.raises(ValueError, match="`breaker.reset_timeout_s` has to be > 0 but got 0"):
+        DistributedConfig(breaker={"reset_timeout_s": 0})
+
+
+def test_distributed_breaker_keys_left_out_take_the_peer_defaults_and_the_old_keys_name_the_new_ones():
+    assert DistributedConfig().breaker == BreakerConfig(fail_max=3, reset_timeout_s=30.0, success_threshold=1)
+    partial = parse_config({"prefix_store": {}, "distributed": {"breaker": {"reset_timeout_s": 5}}})
+    assert partial.distributed.breaker == BreakerConfig(fail_max=3, reset_timeout_s=5.0, success_threshold=1)
+    assert parse_config({}).serving.breaker.fail_max == 5  # the store breakers of `serving:` keep theirs
+    with pytest.raises(ValueError, match=r"`distributed.breaker_fail_max` moved to `distributed.breaker.fail_max`"):
+        parse_config({"prefix_store": {}, "distributed": {"breaker_fail_max": 4}})
 
 
 # ---------------------------------------------------------------------- coordinator entry point
@@ -145,7 +154,7 @@ def test_a_silent_peer_is_recomputed_locally_counted_and_reported_by_health():
     peer_one_announced(store)
     coordinator = CacheCoordinator(
         NodeInfo(0),
-        DistributedConfig(heartbeat_interval_s=10.0, heartbeat_timeout_s=30.0, breaker_fail_max=1),
+        DistributedConfig(heartbeat_interval_s=10.0, heartbeat_timeout_s=30.0, breaker=BreakerConfig(fail_max=1)),
         transport=transport(0, c10d_store=store, metrics=metrics, fail_max=1),
         serve_batch=lambda prompts: [[len(p), p[0]] for p in prompts],
         metrics=metrics,

@@ -10,7 +10,7 @@ import torch
 
 from ..attention import enable_quantized_attention
 from ..cache import QuantizedKVCache
-from ..config import PluginConfig, load_config
+from ..config import QUANT_TYPES, PluginConfig, load_config
 from .._compat import GENERATE_CACHE_KWARG
 from .models import format_bytes, load_model, resolve_model
 from .serve import add_serve_parser
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "../shared/models/stories260K when present)")
     gen.add_argument("--prompt", required=True, help="text to continue")
     gen.add_argument("--config", help="YAML config (see configs/)")
-    gen.add_argument("--quant-type", choices=["int8", "int4", "int2", "mixed"], help="overrides the config")
+    gen.add_argument("--quant-type", choices=QUANT_TYPES, help="overrides the config")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

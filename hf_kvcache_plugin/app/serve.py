@@ -9,7 +9,7 @@ from typing import IO, Any
 
 import torch
 
-from ..config import PluginConfig, load_config
+from ..config import HealthServerConfig, PluginConfig, load_config
 from ..resilience.rate_limit import RateLimitExceeded
 from .models import load_model, resolve_model
 from .service import ServingService, build_service
@@ -24,7 +24,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--model", help="Hugging Face model id or local path (default as for `generate`)")
     serve.add_argument("--config", help="YAML config; its `serving:` section sets breakers, limits, health, http")
     serve.add_argument("--max-new-tokens", type=int, default=32)
-    serve.add_argument("--health-host", help="bind the /healthz /readyz /metrics endpoint here (default 127.0.0.1)")
+    serve.add_argument(
+        "--health-host", help=f"bind the /healthz /readyz /metrics endpoint here (default {HealthServerConfig.host})"
+    )
     serve.add_argument("--health-port", type=int, help="serve the endpoint on this port (0: any free port)")
     serve.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     serve.set_defaults(func=_serve)

@@ -7,6 +7,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 
+from ..config import PrefixStoreConfig
+
 __all__ = ["EntryDirectory", "EntryRecord", "NodeInfo", "NodeState"]
 
 
@@ -24,7 +26,7 @@ class NodeInfo:
 
     node_id: int
     address: str = ""
-    capacity_mb: float = 256.0
+    capacity_mb: float = PrefixStoreConfig.max_size_mb
     state: NodeState = NodeState.ACTIVE
 
     def __post_init__(self) -> None:

@@ -30,6 +30,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from ..config import DistributedConfig
 from .hash_ring import ConsistentHashRing
 from .nodes import EntryDirectory
 
@@ -66,7 +67,7 @@ def plan_routes(
     directory: EntryDirectory,
     available: Iterable[int],
     replication_factor: int = 1,
-    load_slack: float = 0.25,
+    load_slack: float = DistributedConfig.load_slack,
 ) -> dict[tuple[int, int], Route]:
     """Route every request to an available process; keyed by ``(origin, index)``.
 

@@ -1,0 +1,50 @@
+"""Reading a YAML file or a mapping into a ``PluginConfig``, every problem reported at once."""
+
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import yaml
+
+from .sections import PluginConfig, section_dependencies
+from .validation import ConfigError, Problem, translate
+
+__all__ = ["load_config", "parse_config"]
+
+_PLUGIN = pydantic.TypeAdapter(PluginConfig)
+
+
+def parse_config(data: dict | None) -> PluginConfig:
+    """Build a ``PluginConfig`` from an already-parsed mapping; ``ConfigError`` lists every problem."""
+    if data is None:
+        data = {}
+    if not isinstance(data, (dict, PluginConfig)):
+        raise ConfigError([Problem((), f"`config` has to be a mapping but got {type(data).__name__}: {data!r}")])
+    try:
+        return _PLUGIN.validate_python(data)
+    except pydantic.ValidationError as exc:
+        problems = translate(exc, PluginConfig, "config")
+        if all(err["loc"] for err in exc.errors()):
+            # a section failed, so the checks across sections did not run: those that need only the
+            # sections' presence still can
+            problems += section_dependencies(_present_sections(data))
+        raise ConfigError(problems) from None
+
+
+def _present_sections(data: Any) -> set[str]:
+    return {k for k, v in data.items() if v is not None} if isinstance(data, dict) else set()
+
+
+def load_config(path: str | Path) -> PluginConfig:
+    """Read a YAML file into a ``PluginConfig``; every error names the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    try:
+        return parse_config(data)
+    except ConfigError as exc:
+        raise exc.in_file(str(path)) from None
