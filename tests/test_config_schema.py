@@ -62,14 +62,48 @@ def violations(value, schema: dict, root: dict, path: str = "config") -> list[st
     return problems
 
 
+def _contract(schema: dict) -> dict:
+    """What the schema promises, however pydantic lays it out: per section and key, the default, the
+    description and every type, choice and bound found under the key."""
+    promised = {}
+    for section, where in [("PluginConfig", schema), *schema["$defs"].items()]:
+        for key, spec in where.get("properties", {}).items():
+            found = set()
+            pending = [spec]
+            while pending:
+                node = pending.pop()
+                if isinstance(node, dict):
+                    found |= {(k, json.dumps(v, sort_keys=True)) for k, v in node.items()
+                              if k in ("type", "enum", "const", "$ref", *_BOUNDS)}
+                    pending += [v for k, v in node.items() if k not in ("default", "description")]
+                elif isinstance(node, list):
+                    pending += node
+            promised[f"{section}.{key}"] = (json.dumps(spec.get("default")), spec.get("description"), sorted(found))
+    return promised
+
+
 def test_the_committed_schema_is_what_the_command_writes(tmp_path, monkeypatch):
     out = tmp_path / "schema.json"
     monkeypatch.setattr(sys, "argv", ["python -m hf_kvcache_plugin.config", "--schema", str(out)])
     runpy.run_module("hf_kvcache_plugin.config", run_name="__main__")
-    assert out.read_text() == SCHEMA.read_text(), (
-        "configs/schema.json is stale: python -m hf_kvcache_plugin.config --schema configs/schema.json"
-    )
-    assert json.loads(out.read_text()) == config_json_schema()
+    written, committed = json.loads(out.read_text()), json.loads(SCHEMA.read_text())
+    stale = "configs/schema.json is stale: python -m hf_kvcache_plugin.config --schema configs/schema.json"
+    assert _contract(written) == _contract(committed), stale
+    if written["$comment"] == committed["$comment"]:  # the same pydantic writes the same bytes
+        assert out.read_text() == SCHEMA.read_text(), stale
+    assert written == config_json_schema()
+
+
+def test_the_contract_sees_a_changed_default_bound_or_key():
+    schema = config_json_schema()
+    for change in (
+        lambda s: s["$defs"]["CacheConfig"]["properties"]["residual_length"].update(default=64),
+        lambda s: s["$defs"]["BreakerConfig"]["properties"]["fail_max"].update(minimum=0),
+        lambda s: s["$defs"]["CacheConfig"]["properties"].pop("sink_tokens"),
+    ):
+        changed = json.loads(json.dumps(schema))
+        change(changed)
+        assert _contract(changed) != _contract(schema)
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)

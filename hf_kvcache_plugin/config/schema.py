@@ -23,7 +23,9 @@ def config_json_schema() -> dict[str, Any]:
         for f in dataclasses.fields(cls):
             if f.default_factory is not dataclasses.MISSING:
                 where["properties"][f.name]["default"] = to_jsonable_python(f.default_factory())
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+    # the generator's version: another pydantic may lay out the same schema differently
+    comment = f"written by `python -m hf_kvcache_plugin.config --schema PATH` with pydantic {pydantic.VERSION}"
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$comment": comment, **schema}
 
 
 def write_json_schema(path: str | Path) -> None:
