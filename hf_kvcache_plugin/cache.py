@@ -164,7 +164,7 @@ class QuantizedKVCache(Cache):
             isinstance(layer, QuantizedKVLayer) and layer.holds_tokens and isinstance(attention_kwargs, dict)
             and self.uses_fused_attention
         ):  # fmt: skip
-            return self.fused_update(key_states, value_states, layer_idx, attention_kwargs)
+            return _fused_step(layer, key_states, value_states, attention_kwargs)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def fused_update(
@@ -177,9 +177,7 @@ class QuantizedKVCache(Cache):
         layer = self.layers[layer_idx]
         if not isinstance(layer, QuantizedKVLayer) or not layer.holds_tokens:
             raise ValueError(f"layer {layer_idx} holds no quantized history to attend to; call `update` for a prefill")
-        layer.append(key_states, value_states, defer_flush=True)
-        hand_over(attention_kwargs, FusedStep(history=layer, finish=layer.flush_deferred))
-        return key_states, value_states
+        return _fused_step(layer, key_states, value_states, attention_kwargs)
 
     @property
     def uses_fused_attention(self) -> bool:
@@ -311,6 +309,15 @@ class QuantizedKVCache(Cache):
             check_same_layout(str(path), cache.layers, layers)
         cache.layers = layers
         return cache
+
+
+def _fused_step(
+    layer: QuantizedKVLayer, key_states: torch.Tensor, value_states: torch.Tensor, attention_kwargs: dict
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # per token and layer: `update` has checked the index and the layer already
+    layer.append(key_states, value_states, defer_flush=True)
+    hand_over(attention_kwargs, FusedStep(history=layer, finish=layer.flush_deferred))
+    return key_states, value_states
 
 
 def create_quantized_kv_cache(
