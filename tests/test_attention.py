@@ -38,7 +38,7 @@ BF16_OUTPUT_ROUNDING = 2**-8
     batch=st.integers(1, 3),
     kv_heads=st.integers(1, 3),
     n_rep=st.sampled_from([1, 2, 4]),
-    head_dim=st.sampled_from([8, 16, 32]),
+    head_dim=st.sampled_from([8, 16, 32, 48]),
     group=st.sampled_from([4, 8]),
     residual_blocks=st.integers(0, 2),
     sinks=st.integers(0, 5),
@@ -47,11 +47,12 @@ BF16_OUTPUT_ROUNDING = 2**-8
     chunk_tokens=st.sampled_from([8, 32, 512]),
     pad=st.integers(0, 6),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    cpu_kernel=st.booleans(),
     seed=st.integers(0, 10_000),
 )
 def test_fused_equals_dequantize_then_sdpa(
     quant_type, axes, symmetric, batch, kv_heads, n_rep, head_dim, group, residual_blocks, sinks, prefill, q_len,
-    chunk_tokens, pad, dtype, seed,
+    chunk_tokens, pad, dtype, cpu_kernel, seed,
 ):
     torch.manual_seed(seed)
     cache = create_quantized_kv_cache(
@@ -70,7 +71,7 @@ def test_fused_equals_dequantize_then_sdpa(
     mask = torch.ones(total, total, dtype=torch.bool).tril()[-q_len:][None, None].repeat(batch, 1, 1, 1)
     mask[-1, :, :, : min(pad, prefill)] = False
     scaling = head_dim**-0.5
-    out = attention_from_layer(query, layer, mask, scaling, chunk_tokens=chunk_tokens)
+    out = attention_from_layer(query, layer, mask, scaling, chunk_tokens=chunk_tokens, cpu_kernel=cpu_kernel)
     assert out.dtype == dtype
     if dtype == torch.float32:
         assert rel_err(out, reference(query, layer, mask, scaling)) <= 1e-5

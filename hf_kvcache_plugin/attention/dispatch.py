@@ -4,7 +4,8 @@ Registered with ``transformers.AttentionInterface`` (``register_quantized_attent
 For a decode step of a ``QuantizedKVCache`` whose model runs it, the cache
 hands the layer over (``history.FusedStep``) instead of dequantizing its
 history; this function then runs the fused path: the Triton kernels for CUDA
-tensors when triton is installed (``triton_attention``), else the PyTorch
+tensors when triton is installed (``triton_attention``), the C++ kernel for
+CPU tensors (``cpu_kernel``, built once per machine), else the PyTorch
 reference (``reference``). Everything else -- prefill, any other cache -- is
 plain SDPA, and so is anything the fused path does not support (attention
 weights output, softcapping, sliding windows, dropout, position bias), with
@@ -24,6 +25,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .cpu_kernel import cpu_kernel_unsupported
 from .history import QuantizedHistory, take_over
 from .masks import keep_mask
 from .reference import attention_from_layer
@@ -107,7 +109,7 @@ def quantized_attention_forward(
     if _use_triton(query, history):
         out = triton_attention_from_layer(query, history, attention_mask, scaling)
     else:
-        out = attention_from_layer(query, history, attention_mask, scaling)
+        out = attention_from_layer(query, history, attention_mask, scaling, cpu_kernel=_use_cpu_kernel(query))
     step.finish()
     return out.transpose(1, 2).contiguous(), None
 
@@ -119,6 +121,17 @@ def _use_triton(query: torch.Tensor, history: QuantizedHistory) -> bool:
     reason = triton_unsupported(query, history)
     if reason:
         _log_once(logging.INFO, f"{QUANTIZED_ATTENTION}: Triton kernels do not support this case ({reason}); "
+                                "using the PyTorch fused path")
+        return False
+    return True
+
+
+def _use_cpu_kernel(query: torch.Tensor) -> bool:
+    if query.device.type != "cpu" or (query.requires_grad and torch.is_grad_enabled()):
+        return False  # the kernel has no backward: a pass that needs gradients runs the PyTorch path
+    reason = cpu_kernel_unsupported(query)
+    if reason:
+        _log_once(logging.INFO, f"{QUANTIZED_ATTENTION}: the CPU kernel does not apply ({reason}); "
                                 "using the PyTorch fused path")
         return False
     return True

@@ -15,7 +15,9 @@ The score row of a decode step holds ``n_rep * q_len`` floats per key token
 CPU that is cheaper than an online softmax's rescaling, and only the code
 chunks (``chunk_tokens`` tokens at a time, sized to stay in cache) are ever
 converted to floats. This is the reference of the Triton kernels
-(``triton_attention``) and the path wherever they do not apply.
+(``triton_attention``) and of the CPU kernel (``cpu_kernel``), which reads
+the codes of a tier in one pass instead (``cpu_kernel=True``): the score
+row, the mask, the softmax and the dense segments are the same code either way.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from ..quantization import QuantizedTensor, dequantize
+from .cpu_kernel import kernel_key_scores, kernel_value_output
 from .history import QuantizedHistory
 from .masks import keep_mask
 
@@ -38,10 +41,13 @@ def attention_from_layer(
     attention_mask: torch.Tensor | None,
     scaling: float,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    cpu_kernel: bool = False,
 ) -> torch.Tensor:
     """softmax(q K^T * scaling + mask) V over the layer's [sinks | blocks | residual].
 
     query: [B, Hq, q, D]; returns [B, Hq, q, Dv] in the query's dtype.
+    ``cpu_kernel``: quantized tiers are read by the C++ kernel (CPU tensors,
+    ``cpu_kernel.cpu_kernel_available()``) instead of chunk by chunk.
     """
     b, hq, q, d = query.shape
     hkv = layer.num_heads
@@ -56,7 +62,9 @@ def attention_from_layer(
     start = 0
     for keys, _, length in segments:
         target = scores[..., start : start + length]
-        if isinstance(keys, QuantizedTensor):
+        if isinstance(keys, QuantizedTensor) and cpu_kernel and keys.axis == 3:
+            kernel_key_scores(qf, keys, scores, start)
+        elif isinstance(keys, QuantizedTensor):
             _quantized_key_scores(qf, keys, target, chunk_tokens)
         else:
             torch.matmul(qf, keys.float().transpose(-1, -2), out=target)
@@ -76,7 +84,9 @@ def attention_from_layer(
     start = 0
     for _, values, length in segments:
         p = probs[..., start : start + length]
-        if isinstance(values, QuantizedTensor):
+        if isinstance(values, QuantizedTensor) and cpu_kernel and values.axis == 4:
+            kernel_value_output(probs, start, values, out)
+        elif isinstance(values, QuantizedTensor):
             _quantized_value_output(p, values, out, chunk_tokens)
         else:
             out += torch.matmul(p, values.float())

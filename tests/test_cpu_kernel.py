@@ -1,0 +1,106 @@
+"""The C++ CPU decode kernel: the same sums as the PyTorch reference, a logged fallback when it cannot be built."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from hf_kvcache_plugin import QuantizedKVCache
+from hf_kvcache_plugin.attention import cpu_kernel
+from hf_kvcache_plugin.attention.reference import _quantized_key_scores, _quantized_value_output
+from hf_kvcache_plugin.blocks import BlockCodec
+
+from .attention_reference import rel_err
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    # the kernel ships with the package: a machine that runs this suite has to be able to build it
+    assert cpu_kernel.cpu_kernel_available(), cpu_kernel._state.get("reason")
+
+
+SCALE_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("scale_dtype", SCALE_DTYPES)
+@pytest.mark.parametrize(
+    "rows, head_dim, group",
+    [(1, 128, 64), (1, 128, 32), (4, 128, 64), (1, 40, 8), (3, 8, 8), (2, 48, 16)],
+    ids=["decode", "decode-g32", "gqa", "tail-d40", "small", "gqa-d48"],
+)
+def test_kernel_equals_reference(bits, symmetric, scale_dtype, rows, head_dim, group):
+    torch.manual_seed(bits * 100 + head_dim + rows)
+    b, h, n = 2, 3, 5
+    keys = BlockCodec(bits, group, "channel", symmetric, scale_dtype).encode(torch.randn(b, h, n * group, head_dim) * 3)
+    values = BlockCodec(bits, group, "token", symmetric, scale_dtype).encode(torch.randn(b, h, n * group, head_dim))
+    query = torch.randn(b, h, rows, head_dim)
+    total, offset = n * group + 11, 5  # the tier sits inside a longer score row, as between sinks and residual
+    expected = torch.full((b, h, rows, total), 7.0)
+    _quantized_key_scores(query, keys, expected[..., offset : offset + n * group], chunk_tokens=64)
+    scores = torch.full((b, h, rows, total), 7.0)
+    cpu_kernel.kernel_key_scores(query, keys, scores, offset)
+    _assert_same_sums(scores, expected)
+
+    probs = torch.softmax(torch.randn(b, h, rows, total), dim=-1)
+    expected_out = torch.randn(b, h, rows, head_dim)
+    out = expected_out.clone()
+    _quantized_value_output(probs[..., offset : offset + n * group], values, expected_out, chunk_tokens=64)
+    cpu_kernel.kernel_value_output(probs, offset, values, out)
+    _assert_same_sums(out, expected_out)
+
+
+def _assert_same_sums(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """float32 sums of the same terms in another order: off by a few ulps of the largest magnitude."""
+    scale = expected.abs().max().item()
+    assert (got - expected).abs().max().item() <= 1e-5 * scale
+    assert rel_err(got, expected) <= 1e-5  # a wrong code, scale or token would be ~1e-1
+
+
+def test_kernel_refuses_what_does_not_fit():
+    keys = BlockCodec(4, 8, "channel").encode(torch.randn(1, 2, 16, 16))
+    scores = torch.zeros(1, 2, 1, 10)  # 16 tokens do not fit in 10
+    with pytest.raises(RuntimeError, match="cannot hold 16 tokens at offset 0"):
+        cpu_kernel.kernel_key_scores(torch.randn(1, 2, 1, 16), keys, scores, 0)
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        cpu_kernel.kernel_key_scores(torch.randn(1, 2, 1, 16).double(), keys, torch.zeros(1, 2, 1, 16), 0)
+
+
+def _generate(model, cache, prompt, new_tokens=24):
+    with torch.no_grad():
+        out = model.generate(prompt, past_key_values=cache, max_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=0)
+    return out[0, prompt.shape[1]:].tolist()
+
+
+def test_generate_through_the_kernel_equals_the_reference_path(realistic_model, monkeypatch):
+    model = realistic_model  # head_dim 64, two query heads per KV head
+    prompt = torch.randint(3, model.config.vocab_size, (1, 70), generator=torch.Generator().manual_seed(0))
+    options = dict(group_size=16, residual_length=16)
+    with_kernel = _generate(model, QuantizedKVCache(model.config, "int4", **options), prompt)
+    monkeypatch.setitem(cpu_kernel._state, "ok", False)
+    monkeypatch.setitem(cpu_kernel._state, "reason", "disabled by the test")
+    reference = _generate(model, QuantizedKVCache(model.config, "int4", **options), prompt)
+    assert with_kernel == reference
+
+
+def test_without_a_compiler_the_reference_runs_and_says_why(monkeypatch, caplog):
+    monkeypatch.setattr(cpu_kernel, "_state", {})
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    monkeypatch.setattr(cpu_kernel, "_build_name", lambda: "hf_kvcache_cpu_test_missing_compiler")
+    with caplog.at_level(logging.WARNING, logger=cpu_kernel.__name__):
+        assert not cpu_kernel.cpu_kernel_available()
+        assert not cpu_kernel.cpu_kernel_available()  # tried once per process
+    warnings = [r.getMessage() for r in caplog.records if "CPU decode kernel is unavailable" in r.getMessage()]
+    assert len(warnings) == 1 and "the C++ build failed" in warnings[0]
+    assert cpu_kernel.cpu_kernel_unsupported(torch.zeros(1)) == cpu_kernel._state["reason"]
+
+
+def test_environment_switch_turns_the_kernel_off(monkeypatch):
+    monkeypatch.setattr(cpu_kernel, "_state", {})
+    monkeypatch.setenv("HF_KVCACHE_CPU_KERNEL", "0")
+    assert not cpu_kernel.cpu_kernel_available()
+    assert cpu_kernel._state["reason"] == "HF_KVCACHE_CPU_KERNEL=0"
