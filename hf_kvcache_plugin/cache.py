@@ -158,21 +158,21 @@ class QuantizedKVCache(Cache):
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         self._check_layer_idx(layer_idx)
         layer = self.layers[layer_idx]
-        # Models pass their attention kwargs as `kwargs=`; the same dict reaches the attention function.
-        attention_kwargs = kwargs.get("kwargs")
-        if (
-            isinstance(layer, QuantizedKVLayer) and layer.holds_tokens and isinstance(attention_kwargs, dict)
-            and self.uses_fused_attention
-        ):  # fmt: skip
+        if isinstance(layer, QuantizedKVLayer) and layer.holds_tokens and self.uses_fused_attention:
+            # transformers >= 5.24 passes the attention kwargs as `kwargs=` (the same dict reaches the attention
+            # function); older models pass nothing, and the step then rides on the returned keys
+            attention_kwargs = kwargs.get("kwargs")
+            attention_kwargs = attention_kwargs if isinstance(attention_kwargs, dict) else None
             return _fused_step(layer, key_states, value_states, attention_kwargs)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def fused_update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, attention_kwargs: dict
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, attention_kwargs: dict | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A decode step for fused attention: append without materialising the history, and hand the layer to
         ``kvquant_sdpa`` through ``attention_kwargs`` (``attention.history``). Its full blocks are flushed once
-        attention has read this step's window, so both paths see the same exact tokens."""
+        attention has read this step's window, so both paths see the same exact tokens. With
+        ``attention_kwargs=None`` the step rides on the returned keys instead."""
         self._check_layer_idx(layer_idx)
         layer = self.layers[layer_idx]
         if not isinstance(layer, QuantizedKVLayer) or not layer.holds_tokens:
@@ -312,11 +312,19 @@ class QuantizedKVCache(Cache):
 
 
 def _fused_step(
-    layer: QuantizedKVLayer, key_states: torch.Tensor, value_states: torch.Tensor, attention_kwargs: dict
+    layer: QuantizedKVLayer, key_states: torch.Tensor, value_states: torch.Tensor, attention_kwargs: dict | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # per token and layer: `update` has checked the index and the layer already
+    if layer.flush_pending:
+        # the previous step's keys went to an attention function that did not read the layer: its output
+        # attended to that step's tokens alone. Say so rather than go on computing wrong tokens.
+        raise RuntimeError(
+            f"{layer._name()}: the model's attention did not read the quantized history handed to it on the last "
+            f"decode step (it runs {QUANTIZED_ATTENTION!r} for the cache, yet the step was not taken); build the cache "
+            "with attention='dequantize' for this model"
+        )
     layer.append(key_states, value_states, defer_flush=True)
-    hand_over(attention_kwargs, FusedStep(history=layer, finish=layer.flush_deferred))
+    hand_over(FusedStep(history=layer, finish=layer.flush_deferred), attention_kwargs, key_states)
     return key_states, value_states
 
 

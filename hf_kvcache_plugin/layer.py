@@ -244,6 +244,11 @@ class QuantizedKVLayer(CacheLayerMixin):
         if not defer_flush:
             self.flush_deferred()
 
+    @property
+    def flush_pending(self) -> bool:
+        """True between ``append(defer_flush=True)`` and ``flush_deferred()``: a reader has not finished."""
+        return self._flush_deferred
+
     def flush_deferred(self) -> None:
         """Quantize the full blocks an ``append(defer_flush=True)`` left in the window."""
         if self._flush_deferred:

@@ -201,3 +201,60 @@ def test_unsupported_features_fall_back_once_with_a_log(caplog):
     ref = (torch.softmax(scores, -1) @ values).transpose(1, 2)
     assert rel_err(out, ref) < 1e-5
     assert layer.get_seq_length() == 41
+
+
+def _fused_cache_after_prefill(model):
+    enable_quantized_attention(model)
+    cache = QuantizedKVCache(model.config, "int4", group_size=8, residual_length=8)
+    cfg = model.config
+    shape = (1, cfg.num_key_value_heads, 40, cfg.head_dim)
+    k, v = torch.randn(shape), torch.randn(shape)
+    for idx in range(cfg.num_hidden_layers):
+        cache.update(k, v, idx)
+    return cache
+
+
+def test_models_that_pass_no_attention_kwargs_get_the_step_on_the_keys(model):
+    """transformers 5.23's Llama calls update(key, value, layer_idx) alone: the step rides on the returned keys."""
+    try:
+        cache = _fused_cache_after_prefill(model)
+        cfg = model.config
+        k_new, v_new = torch.randn(1, cfg.num_key_value_heads, 1, cfg.head_dim), torch.randn(1, cfg.num_key_value_heads, 1, cfg.head_dim)
+        keys, values = cache.update(k_new, v_new, 0)
+        assert keys is k_new and keys.shape[-2] == 1  # nothing materialised
+        layer = cache.layers[0]
+        q = torch.randn(1, cfg.num_attention_heads, 1, cfg.head_dim)
+        expected = reference(q, layer, None, 0.3)
+        out, _ = quantized_attention_forward(torch.nn.Module(), q, keys, values, None, scaling=0.3)
+        assert rel_err(out.transpose(1, 2), expected) < 1e-5
+        assert not layer.flush_pending and layer.get_seq_length() == 41
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+def test_a_step_the_attention_never_read_is_an_error_not_wrong_tokens(model):
+    try:
+        cache = _fused_cache_after_prefill(model)
+        cfg = model.config
+        new = torch.randn(1, cfg.num_key_value_heads, 1, cfg.head_dim)
+        cache.update(new, new, 0)  # handed over; plain SDPA would now attend to this one token only
+        with pytest.raises(RuntimeError, match="layer 0: the model's attention did not read the quantized history"):
+            cache.update(new.clone(), new.clone(), 0)
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+def test_a_model_on_eager_attention_is_told_once_why_decode_dequantizes(model, prompts, caplog):
+    model.set_attn_implementation("eager")
+    try:
+        with caplog.at_level(logging.INFO, logger="hf_kvcache_plugin.attention.dispatch"):
+            for _ in range(2):
+                cache = QuantizedKVCache(model.config, "int4", group_size=8, residual_length=8)
+                assert not cache.uses_fused_attention
+        lines = [r.getMessage() for r in caplog.records if "not SDPA" in r.getMessage()]
+        assert len(lines) <= 1  # once per process: an earlier test may have logged it already
+        from hf_kvcache_plugin.attention import dispatch
+
+        assert any("runs 'eager' attention, not SDPA" in m for m in dispatch._logged)
+    finally:
+        model.set_attn_implementation("sdpa")

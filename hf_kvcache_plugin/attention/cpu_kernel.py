@@ -91,6 +91,13 @@ def cpu_kernel_unsupported(query: torch.Tensor) -> str | None:
     return None
 
 
+def _ops():
+    """``torch.ops.hf_kvcache``, built or loaded first if this process has not yet."""
+    if not cpu_kernel_available():
+        raise RuntimeError(f"the CPU decode kernel is unavailable: {_state['reason']}")
+    return torch.ops.hf_kvcache
+
+
 def _key_layout(keys: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Keys grouped per channel as the kernel reads them: data [B, H, n, G/pb, D], scale/zero [B, H, n, D]."""
     # the grouped layout [B, H, n, D, 1, G/pb] is a permuted view of token-major memory: undo the permutation
@@ -103,7 +110,7 @@ def _key_layout(keys: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torc
 def kernel_key_scores(qf: torch.Tensor, keys: QuantizedTensor, scores: torch.Tensor, offset: int) -> None:
     """scores[..., offset : offset + n*G] = qf @ keys^T for keys grouped per channel (``axis == 3``)."""
     data, scale, zero = _key_layout(keys)
-    torch.ops.hf_kvcache.key_scores(qf, data, scale, zero, keys.bits, scores, offset)
+    _ops().key_scores(qf, data, scale, zero, keys.bits, scores, offset)
 
 
 def kernel_value_output(probs: torch.Tensor, offset: int, values: QuantizedTensor, out: torch.Tensor) -> None:
@@ -112,5 +119,5 @@ def kernel_value_output(probs: torch.Tensor, offset: int, values: QuantizedTenso
     data = values.data.reshape(b, h, n * g, *values.data.shape[-2:])
     scale = values.scale.reshape(b, h, n * g, -1)
     zero = None if values.zero is None else values.zero.reshape(b, h, n * g, -1)
-    torch.ops.hf_kvcache.value_output(probs, offset, data.contiguous(), scale.contiguous(),
-                                      None if zero is None else zero.contiguous(), values.bits, out)
+    _ops().value_output(probs, offset, data.contiguous(), scale.contiguous(),
+                        None if zero is None else zero.contiguous(), values.bits, out)

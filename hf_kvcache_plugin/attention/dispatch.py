@@ -78,7 +78,12 @@ def select_fused_attention(decoder_config) -> bool:
         logger.info("QuantizedKVCache: the model now runs %r (SDPA that reads the quantized blocks); "
                     "pass attention='dequantize' to keep plain SDPA", QUANTIZED_ATTENTION)
         return True
-    return current == QUANTIZED_ATTENTION
+    if current != QUANTIZED_ATTENTION:
+        _log_once(logging.INFO, f"QuantizedKVCache: the model runs {current!r} attention, not SDPA, so decode steps "
+                                "dequantize the history instead of reading the packed blocks (fused attention is "
+                                f"{QUANTIZED_ATTENTION!r}: load the model with attn_implementation='sdpa' to use it)")
+        return False
+    return True
 
 
 def quantized_attention_forward(
@@ -92,7 +97,7 @@ def quantized_attention_forward(
     is_causal: bool | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    step = take_over(kwargs)
+    step = take_over(kwargs, key)
     if step is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
     history = step.history

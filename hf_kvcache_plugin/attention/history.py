@@ -1,12 +1,16 @@
 """What attention reads from a quantized layer, and how the cache hands a decode step over.
 
 The model's attention function is called by transformers, not by the cache, so
-the only way from ``QuantizedKVCache.update`` to it is the attention kwargs
-dict the model passes to both. The cache puts one ``FusedStep`` there under
-``FUSED_STEP_KEY``; ``kvquant_sdpa`` takes it out, reads ``step.history``
-(anything with the ``QuantizedHistory`` shape, in practice a
-``QuantizedKVLayer``) and calls ``step.finish()`` once it has read it, so the
-layer quantizes its full blocks only after this step's exact tokens were used.
+the way from ``QuantizedKVCache.update`` to it is something the model passes to
+both. Since transformers 5.24 that is the attention kwargs dict (``update(...,
+kwargs=...)``): the cache puts one ``FusedStep`` there under ``FUSED_STEP_KEY``.
+Older models call ``update(key, value, layer_idx)`` alone, and then the step
+rides on the key tensor ``update`` returns, which is the very tensor the model
+hands its attention function (attribute ``FUSED_STEP_KEY``). ``kvquant_sdpa``
+takes the step (``take_over``), reads ``step.history`` (anything with the
+``QuantizedHistory`` shape, in practice a ``QuantizedKVLayer``) and calls
+``step.finish()`` once it has read it, so the layer quantizes its full blocks
+only after this step's exact tokens were used.
 """
 
 from __future__ import annotations
@@ -51,10 +55,17 @@ class FusedStep:
     finish: Callable[[], None]  # call once the history was read: the layer then flushes its full blocks
 
 
-def hand_over(attention_kwargs: dict, step: FusedStep) -> None:
-    attention_kwargs[FUSED_STEP_KEY] = step
+def hand_over(step: FusedStep, attention_kwargs: dict | None, key_states: torch.Tensor) -> None:
+    """Through the attention kwargs when the model passed them to ``update``, else on the returned keys."""
+    if attention_kwargs is not None:
+        attention_kwargs[FUSED_STEP_KEY] = step
+    else:
+        setattr(key_states, FUSED_STEP_KEY, step)
 
 
-def take_over(attention_kwargs: dict) -> FusedStep | None:
+def take_over(attention_kwargs: dict, key: torch.Tensor | None) -> FusedStep | None:
     """Remove and return the step the cache handed over (None: the cache is not ours, or this is a prefill)."""
-    return attention_kwargs.pop(FUSED_STEP_KEY, None)
+    step = attention_kwargs.pop(FUSED_STEP_KEY, None)
+    if step is None and key is not None:
+        step = key.__dict__.pop(FUSED_STEP_KEY, None)
+    return step
