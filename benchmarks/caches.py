@@ -38,12 +38,10 @@ class CacheSpec:
         if self.family == "dynamic":
             return DynamicCache(config=config)
         if self.family == "ours":
+            # None: the cache's own default
+            sizes = {"group_size": self.group_size, "residual_length": self.residual_length}
             return QuantizedKVCache(
-                config,
-                self.quant_type,
-                group_size=self.group_size,
-                residual_length=self.residual_length,
-                **self.options,
+                config, self.quant_type, **{k: v for k, v in sizes.items() if v is not None}, **self.options
             )
         if self.family in ("quanto", "hqq"):
             with warnings.catch_warnings():
@@ -95,33 +93,39 @@ class CacheSpec:
 
 
 def standard_specs(
-    group_size: int, residual_length: int, include: tuple[str, ...] | None = None, mixed_int8_tokens: int = 512
+    group_size: int | None, residual_length: int | None, include: tuple[str, ...] | None = None,
+    mixed_int8_tokens: int = 512,
 ) -> list[CacheSpec]:
     """Full precision, ours at every bit width and mixed, and the peers at the bits they support.
 
     Peers get the same group size and residual length as ours, so their nominal
     bits per element match; their defaults for the grouping axes are kept.
-    The ``-fused`` variants (same bytes, attention on the packed blocks) are
-    only returned when ``include`` names them: they matter for speed alone.
+    ``None`` sizes are ours' defaults for head_dim 128 (64 and 128 for the peers).
+    The ``-fused`` and ``-dequantize`` variants (same bytes, attention on the
+    packed blocks or on the dequantized history) are only returned when
+    ``include`` names them: they matter for speed alone.
     """
     g, r = group_size, residual_length
+    pg, pr = g or 64, r if r is not None else 128
     specs = [
         CacheSpec("dynamic", "dynamic"),
         CacheSpec("ours-int8", "ours", 8, g, r, "int8"),
         CacheSpec("ours-int4", "ours", 4, g, r, "int4"),
         CacheSpec("ours-int2", "ours", 2, g, r, "int2"),
         CacheSpec("ours-mixed", "ours", 8, g, r, "mixed", {"mixed_int8_tokens": mixed_int8_tokens}),
-        CacheSpec("quanto-int4", "quanto", 4, g, r),
-        CacheSpec("quanto-int2", "quanto", 2, g, r),
-        CacheSpec("hqq-int8", "hqq", 8, g, r),
-        CacheSpec("hqq-int4", "hqq", 4, g, r),
-        CacheSpec("hqq-int2", "hqq", 2, g, r),
+        CacheSpec("quanto-int4", "quanto", 4, pg, pr),
+        CacheSpec("quanto-int2", "quanto", 2, pg, pr),
+        CacheSpec("hqq-int8", "hqq", 8, pg, pr),
+        CacheSpec("hqq-int4", "hqq", 4, pg, pr),
+        CacheSpec("hqq-int2", "hqq", 2, pg, pr),
     ]
     if include is None:
         return specs
     specs += [
         CacheSpec("ours-int8-fused", "ours", 8, g, r, "int8", {"attention": "fused"}),
         CacheSpec("ours-int4-fused", "ours", 4, g, r, "int4", {"attention": "fused"}),
+        CacheSpec("ours-int8-dequantize", "ours", 8, g, r, "int8", {"attention": "dequantize"}),
+        CacheSpec("ours-int4-dequantize", "ours", 4, g, r, "int4", {"attention": "dequantize"}),
     ]
     unknown = sorted(set(include) - {s.name for s in specs})
     if unknown:

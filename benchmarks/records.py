@@ -28,6 +28,22 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# the instruction sets that decide how fast bf16 and the CPU decode kernel run
+_FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_flags() -> list[str]:
+    """Which of ``_FLAGS_OF_INTEREST`` this CPU has (from /proc/cpuinfo; empty elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                present = set(line.split(":", 1)[1].split())
+                return [f for f in _FLAGS_OF_INTEREST if f in present]
+    except OSError:
+        pass
+    return []
+
+
 def _version(dist: str) -> str | None:
     try:
         return metadata.version(dist)
@@ -39,6 +55,7 @@ def machine() -> dict[str, Any]:
     """CPU, threads, memory, library versions and the load at the time of the call."""
     return {
         "cpu_model": _cpu_model(),
+        "cpu_flags": cpu_flags(),
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),

@@ -30,8 +30,9 @@ def results(tmp_path_factory):
     run("memory.py", "--contexts", "256", "--stories-contexts", "128", "--window", "8", "--peak-context", "256",
         "--peak-steps", "4", "--peak-layers", "1", "--caches", "dynamic", "ours-int4", "quanto-int4",
         "--out", str(out))
-    run("speed.py", "--grid", "64:1", "--new-tokens", "4", "--repeats", "1", "--num-layers", "1",
-        "--caches", "dynamic", "ours-int4", "quanto-int4", "--out", str(out))
+    run("speed.py", "--grid", "64:1", "200:2", "--max-prefill", "100", "--new-tokens", "4", "--repeats", "1",
+        "--num-layers", "1", "--dtypes", "bfloat16", "--caches", "dynamic", "ours-int4", "quanto-int4",
+        "--out", str(out))
     run("throughput.py", "--tokens", "512", "--repeats", "1", "--out", str(out))
     run("fused_attention.py", "--contexts", "256", "--configs", "dynamic", "ours_int4_dequantize", "ours_int4_fused",
         "--repeats", "1", "--steps", "2", "--out", str(out / "fused_attention.json"))
@@ -58,8 +59,12 @@ def test_memory_bytes_and_peak(results):
 
 def test_speed_rows_have_ratios(results):
     speed = load(results, "speed")
-    row = by(speed["rows"], cache="ours-int4")
-    assert row["decode_tok_s"] > 0 and row["decode_vs_dynamic"] > 0
+    assert speed["machine"]["cpu_model"] and isinstance(speed["machine"]["cpu_flags"], list)
+    prefilled = by(speed["rows"], cache="ours-int4", context=64)
+    assert prefilled["generate_step_vs_dynamic"] > 0 and prefilled["generate_vs_dynamic"] > 0
+    assert prefilled["forward_step_vs_dynamic"] > 0
+    synthetic = by(speed["rows"], cache="ours-int4", context=200)
+    assert synthetic["synthetic_prefill"] and synthetic["generate_s"] is None and synthetic["generate_step_s"] > 0
 
 
 def test_throughput_has_copy_ceiling(results):
