@@ -30,6 +30,7 @@ from .config import (
 )
 from .layer import LayerSettings, QuantizedKVLayer
 from .quantization import QuantizedTensor, dequantize, quantize
+from .quantizers import GroupQuantizer, Int4Quantizer, Int8Quantizer, MixedPrecisionQuantizer, MixedQuantized
 from .reuse import (
     AdaptiveSizer,
     MemoryMonitor,
@@ -124,6 +125,7 @@ __all__ = [
     "ConsistentHashRing",
     "DistributedConfig",
     "EvictionReport",
+    "GroupQuantizer",
     "GuardedStore",
     "HealthChecker",
     "HealthConfig",
@@ -131,12 +133,16 @@ __all__ = [
     "HealthServer",
     "HealthServerConfig",
     "HealthStatus",
+    "Int4Quantizer",
+    "Int8Quantizer",
     "LayerOverride",
     "LayerSettings",
     "MemoryMonitor",
     "MemoryPressure",
     "MemoryPressureProbe",
     "MemoryReading",
+    "MixedPrecisionQuantizer",
+    "MixedQuantized",
     "NodeInfo",
     "NodeState",
     "PluginConfig",
