@@ -32,6 +32,7 @@ from .layer import LayerSettings, QuantizedKVLayer
 from .quantization import QuantizedTensor, dequantize, quantize
 from .quantizers import GroupQuantizer, Int4Quantizer, Int8Quantizer, MixedPrecisionQuantizer, MixedQuantized
 from .reuse import (
+    AdaptiveCacheSizer,
     AdaptiveSizer,
     MemoryMonitor,
     MemoryPressure,
@@ -43,6 +44,7 @@ from .reuse import (
     PrefixStore,
     RequestRecord,
     SizerDecision,
+    WorkloadAnalyzer,
     attach_prefix_cache,
     chunk_keys,
     create_adaptive_sizer,
@@ -115,6 +117,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AdaptiveCacheSizer",
     "AdaptiveSizer",
     "BreakerConfig",
     "CacheConfig",
@@ -169,6 +172,7 @@ __all__ = [
     "SizerDecision",
     "SnapshotError",
     "StoreMiss",
+    "WorkloadAnalyzer",
     "attach_coordinator",
     "attach_prefix_cache",
     "build_service",

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import math
 import threading
 
 import pytest
 
 from hf_kvcache_plugin import (
+    AdaptiveCacheSizer,
     AdaptiveSizer,
     MemoryMonitor,
     MemoryPressure,
     MemoryReading,
     PrefixStore,
     SizerConfig,
+    WorkloadAnalyzer,
     create_adaptive_sizer,
 )
 from hf_kvcache_plugin.reuse.memory import read_memory
@@ -248,3 +251,36 @@ def test_seed_compatible_api_and_errors():
 def test_config_errors_name_the_setting(options, message):
     with pytest.raises(ValueError, match=message):
         SizerConfig(**options)
+
+
+# ---------------------------------------------------------------------- memory section and workload
+def test_stats_describe_the_latest_memory_reading_with_its_pressure_level(clock):
+    memory = Memory(0.9)
+    sizer, _ = make_sizer(memory, clock)
+    memory_stats = sizer.get_stats()["memory"]  # no step yet: a reading is taken for the stats
+    assert memory_stats["pressure_level"] == "high" and memory_stats["used_fraction"] == pytest.approx(0.9)
+    assert memory_stats["system_total_bytes"] == 16 * 2**30 and memory_stats["accelerator_used_fraction"] is None
+    assert memory_stats["read_at"] == clock.now
+    memory.used = 0.97
+    clock.advance(60)
+    sizer.step()
+    stats = sizer.get_stats()
+    assert stats["memory"]["pressure_level"] == "critical" == stats["pressure"]
+    assert stats["memory"]["read_at"] == clock.now and stats["memory"]["trend_per_s"] > 0
+
+
+def test_the_sizer_keeps_its_hit_figures_in_a_workload_analyzer(clock):
+    workload = WorkloadAnalyzer(window=4)
+    sizer, _ = make_sizer(Memory(0.5), clock, workload=workload)
+    assert sizer.workload is workload and AdaptiveCacheSizer is AdaptiveSizer
+    feed(sizer, hits=1, misses=5, hit_ms=2.0, miss_ms=20.0)
+    assert workload.totals() == {"hits": 1, "misses": 5}
+    figures = workload.figures()  # the last 4 requests
+    assert figures["requests"] == 4 and figures["miss_rate"] == 1.0 and figures["mean_hit_ms"] is None
+    stats = sizer.get_stats()
+    assert stats["hits"] == 1 and stats["misses"] == 5 and stats["requests"] == 4
+    for bad in (-1, math.nan, math.inf, True):
+        with pytest.raises(ValueError, match=rf"`latency_ms` has to be a finite number >= 0 but got {bad!r}"):
+            workload.record_miss(bad)
+    with pytest.raises(ValueError, match="`window` has to be a positive integer"):
+        WorkloadAnalyzer(window=0)

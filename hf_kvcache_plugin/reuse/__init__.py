@@ -3,7 +3,8 @@
 ``prefix_store`` (chained chunk keys -> quantized blocks, LRU/LFU within a
 byte budget) <- ``hook`` (``model.generate`` looks prompts up, loads hits,
 stores new chunks; ``chunk_codec`` makes their bytes) <- ``sizer`` (the
-store's budget follows memory pressure, read by ``MemoryMonitor``).
+store's budget follows memory pressure, read by ``MemoryMonitor``, and the
+hit figures of ``WorkloadAnalyzer``).
 """
 
 from .hook import PrefixCacheHook, RequestRecord, attach_prefix_cache
@@ -17,9 +18,11 @@ from .prefix_store import (
     prefix_namespace,
 )
 from .memory import MemoryMonitor, MemoryPressure, MemoryReading
-from .sizer import AdaptiveSizer, SizerDecision, create_adaptive_sizer
+from .sizer import AdaptiveCacheSizer, AdaptiveSizer, SizerDecision, create_adaptive_sizer
+from .workload import WorkloadAnalyzer
 
 __all__ = [
+    "AdaptiveCacheSizer",
     "AdaptiveSizer",
     "MemoryMonitor",
     "MemoryPressure",
@@ -31,6 +34,7 @@ __all__ = [
     "PrefixStore",
     "RequestRecord",
     "SizerDecision",
+    "WorkloadAnalyzer",
     "attach_prefix_cache",
     "chunk_keys",
     "create_adaptive_sizer",

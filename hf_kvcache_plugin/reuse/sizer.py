@@ -17,7 +17,10 @@ CRITICAL    emergency: straight to ``min_size_mb``, cooldown or not
 Ordinary resizes are at least ``cooldown_s`` apart. The clock and the memory
 reader are injectable, so decisions can be tested without sleeping; the
 sizer runs as a background thread (``start``/``stop``, or ``with sizer:``) or
-is stepped by hand (``step``) or by the hook (``step_if_due``).
+is stepped by hand (``step``) or by the hook (``step_if_due``). The hit and
+latency figures are kept by a ``workload.WorkloadAnalyzer``.
+
+``AdaptiveCacheSizer`` (the specification's name) is ``AdaptiveSizer``.
 """
 
 from __future__ import annotations
@@ -32,12 +35,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..config import SizerConfig
-from .memory import MemoryMonitor, MemoryPressure, pressure_level
+from .memory import MemoryMonitor, MemoryPressure, MemoryReading, pressure_level
+from .workload import WorkloadAnalyzer
 
 if TYPE_CHECKING:
     from .prefix_store import PrefixStore
 
-__all__ = ["AdaptiveSizer", "SizerDecision", "create_adaptive_sizer"]
+__all__ = ["AdaptiveCacheSizer", "AdaptiveSizer", "SizerDecision", "create_adaptive_sizer"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +69,8 @@ class AdaptiveSizer:
         clock: seconds, monotonic; used for the cooldown and the step interval.
         usage_bytes: the bytes the budget currently holds, to tell whether
             growing could help (None: assume the store is full).
+        workload: where hits, misses and latencies are kept (default: a
+            ``WorkloadAnalyzer`` over ``config.request_window`` requests).
     """
 
     def __init__(
@@ -74,6 +80,7 @@ class AdaptiveSizer:
         monitor: MemoryMonitor | None = None,
         clock: Callable[[], float] = time.monotonic,
         usage_bytes: Callable[[], int] | None = None,
+        workload: WorkloadAnalyzer | None = None,
     ):
         self.config = config if config is not None else SizerConfig()
         if not isinstance(self.config, SizerConfig):
@@ -85,8 +92,8 @@ class AdaptiveSizer:
         self.usage_bytes = usage_bytes
         self.current_size_mb = cfg.initial_size_mb if cfg.initial_size_mb is not None else cfg.min_size_mb
         self.decisions: deque[SizerDecision] = deque(maxlen=1000)
-        self._requests: deque[tuple[bool, float]] = deque(maxlen=cfg.request_window)
-        self._totals = {"hits": 0, "misses": 0, "resizes": 0, "emergencies": 0}
+        self.workload = workload if workload is not None else WorkloadAnalyzer(cfg.request_window)
+        self._totals = {"resizes": 0, "emergencies": 0}
         self._last_resize: float | None = None
         self._last_step: float | None = None
         self._lock = threading.RLock()
@@ -108,30 +115,11 @@ class AdaptiveSizer:
     # ------------------------------------------------------------------ figures from the hook
     def record_hit(self, latency_ms: float) -> None:
         """A request that reused a stored prefix, and its latency (time to first token)."""
-        self._record(True, latency_ms)
+        self.workload.record_hit(latency_ms)
 
     def record_miss(self, latency_ms: float) -> None:
         """A request that found nothing stored, and its latency."""
-        self._record(False, latency_ms)
-
-    def _record(self, hit: bool, latency_ms: float) -> None:
-        if not isinstance(latency_ms, (int, float)) or isinstance(latency_ms, bool) or latency_ms < 0:
-            raise ValueError(f"`latency_ms` has to be a number >= 0 but got {latency_ms!r}")
-        with self._lock:
-            self._requests.append((hit, float(latency_ms)))
-            self._totals["hits" if hit else "misses"] += 1
-
-    def _window_figures(self) -> dict[str, float | int | None]:
-        hits = [ms for hit, ms in self._requests if hit]
-        misses = [ms for hit, ms in self._requests if not hit]
-        n = len(self._requests)
-        return {
-            "requests": n,
-            "hit_rate": len(hits) / n if n else 0.0,
-            "miss_rate": len(misses) / n if n else 0.0,
-            "mean_hit_ms": sum(hits) / len(hits) if hits else None,
-            "mean_miss_ms": sum(misses) / len(misses) if misses else None,
-        }
+        self.workload.record_miss(latency_ms)
 
     # ------------------------------------------------------------------ decisions
     def pressure_of(self, used_fraction: float) -> MemoryPressure:
@@ -182,7 +170,7 @@ class AdaptiveSizer:
 
     def _why_growth_would_not_help(self) -> str | None:
         cfg = self.config
-        figures = self._window_figures()
+        figures = self.workload.figures()
         if figures["requests"] < cfg.min_requests:
             return f"{figures['requests']} requests seen, growth needs {cfg.min_requests}"
         if figures["miss_rate"] < cfg.grow_min_miss_rate:
@@ -241,21 +229,54 @@ class AdaptiveSizer:
 
     # ------------------------------------------------------------------ reporting
     def get_stats(self) -> dict[str, Any]:
+        """Budget, decision and workload figures; ``memory`` describes the latest memory reading.
+
+        ``pressure`` / ``used_fraction`` are those of the last decision (None
+        before the first step). ``memory`` is the latest reading, taken now if
+        the monitor has none yet: ``pressure_level`` (``low`` .. ``critical``
+        against this sizer's thresholds), the used fractions, system and
+        process bytes, the accelerator's when there is one, and the trend.
+        """
         with self._lock:
             last = self.decisions[-1] if self.decisions else None
             return {
                 "current_size_mb": self.current_size_mb,
                 "min_size_mb": self.config.min_size_mb,
                 "max_size_mb": self.config.max_size_mb,
+                **self.workload.totals(),
                 **self._totals,
-                **self._window_figures(),
+                **self.workload.figures(),
                 "pressure": last.pressure.value if last else None,
                 "used_fraction": last.used_fraction if last else None,
                 "trend_per_s": self.monitor.trend(),
                 "last_action": last.action if last else None,
                 "last_reason": last.reason if last else None,
                 "running": self.running,
+                "memory": self._memory_section(),
             }
+
+    def _memory_section(self) -> dict[str, Any]:
+        reading: MemoryReading = self.monitor.readings[-1] if self.monitor.readings else self.monitor.sample()
+        return {
+            "pressure_level": self.pressure_of(reading.used_fraction).value,
+            "used_fraction": reading.used_fraction,
+            "system_used_fraction": reading.system_used_fraction,
+            "system_total_bytes": reading.system_total_bytes,
+            "system_available_bytes": reading.system_available_bytes,
+            "process_rss_bytes": reading.process_rss_bytes,
+            "accelerator_used_fraction": reading.accelerator_used_fraction,
+            "accelerator_free_bytes": reading.accelerator_free_bytes,
+            "accelerator_total_bytes": reading.accelerator_total_bytes,
+            "trend_per_s": self.monitor.trend(),
+            "read_at": reading.timestamp,
+        }
+
+
+# The specification's name for the same class.
+AdaptiveCacheSizer = AdaptiveSizer
+
+
+_RUNTIME_OPTIONS = ("monitor", "clock", "usage_bytes", "workload")
 
 
 def create_adaptive_sizer(
@@ -266,13 +287,13 @@ def create_adaptive_sizer(
     **options: Any,
 ) -> AdaptiveSizer:
     """An ``AdaptiveSizer`` from keyword settings; ``options`` are other ``SizerConfig`` fields
-    or the ``monitor``/``clock``/``usage_bytes`` arguments."""
-    runtime = {k: options.pop(k) for k in ("monitor", "clock", "usage_bytes") if k in options}
+    or the ``monitor``/``clock``/``usage_bytes``/``workload`` arguments."""
+    runtime = {k: options.pop(k) for k in _RUNTIME_OPTIONS if k in options}
     allowed = {f.name for f in dataclasses.fields(SizerConfig)} - {"min_size_mb", "max_size_mb", "initial_size_mb"}
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise ValueError(
-            f"unknown option(s) {unknown}; allowed are {sorted(allowed | {'monitor', 'clock', 'usage_bytes'})}"
+            f"unknown option(s) {unknown}; allowed are {sorted(allowed | set(_RUNTIME_OPTIONS))}"
         )
     config = SizerConfig(min_size_mb=min_size_mb, max_size_mb=max_size_mb, initial_size_mb=initial_size_mb, **options)
     return AdaptiveSizer(config, resize_callback=resize_callback, **runtime)
