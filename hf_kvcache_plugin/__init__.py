@@ -10,7 +10,8 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 from .attention import QUANTIZED_ATTENTION, enable_quantized_attention, register_quantized_attention
-from .cache import QuantizedKVCache, create_quantized_kv_cache
+from .budget import CacheBudgetExceeded
+from .cache import QuantizedKVCache, QuantizedKVCacheManager, create_quantized_kv_cache
 from .cache_io import SnapshotError
 from .config import (
     BreakerConfig,
@@ -120,6 +121,7 @@ __all__ = [
     "AdaptiveCacheSizer",
     "AdaptiveSizer",
     "BreakerConfig",
+    "CacheBudgetExceeded",
     "CacheConfig",
     "CacheCoordinator",
     "CheckResult",
@@ -158,6 +160,7 @@ __all__ = [
     "PrefixStoreConfig",
     "QUANTIZED_ATTENTION",
     "QuantizedKVCache",
+    "QuantizedKVCacheManager",
     "QuantizedKVLayer",
     "QuantizedTensor",
     "RateLimitConfig",

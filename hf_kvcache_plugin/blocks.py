@@ -64,6 +64,16 @@ class BlockCodec:
             clip_percentile=self.clip_percentile,
         )
 
+    def block_nbytes(self, batch: int, heads: int, head_dim: int, dtype: torch.dtype, bits: int | None = None) -> int:
+        """Bytes of one encoded block of ``[batch, heads, G, head_dim]`` tokens of ``dtype``: packed codes, then a
+        scale (and a zero unless symmetric) per group. Either grouping cuts a block into ``head_dim`` groups per
+        (batch, head): G tokens of a channel, or G channels of a token."""
+        bits = bits or self.bits
+        meta_itemsize = (self.scale_dtype or dtype).itemsize
+        groups = batch * heads * head_dim
+        codes = groups * self.group_size * bits // 8
+        return codes + groups * meta_itemsize * (1 if self.symmetric else 2)
+
 
 def _to_physical(q: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """data/scale/zero with the group dims back at ``q.axis``: the order ``quantize`` writes them in.
@@ -168,6 +178,20 @@ class QuantizedBlocks:
     @property
     def full_precision_nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.full_precision_blocks.values())
+
+    def nbytes_after(
+        self, new_blocks: int, batch: int, heads: int, head_dim: int, dtype: torch.dtype, repeat: int = 1
+    ) -> int:
+        """``nbytes`` once ``new_blocks`` blocks of ``[batch, heads, G, head_dim]`` ``dtype`` tokens are appended and
+        aged, predicted without touching the history (blocks that cannot be quantized, which are kept exact,
+        excepted). ``repeat``: the history's rows are repeated that many times first (a batch expanded)."""
+        block = self.codec.block_nbytes(batch, heads, head_dim, dtype)
+        grown = self.nbytes * repeat + new_blocks * block
+        if self.aged_bits is None:
+            return grown
+        recent = (0 if self.recent is None else self.recent.shape[_BLOCK_DIM]) + new_blocks
+        aging = max(0, recent - self.recent_tokens // self.codec.group_size)
+        return grown - aging * (block - self.codec.block_nbytes(batch, heads, head_dim, dtype, bits=self.aged_bits))
 
     def append(self, tokens: torch.Tensor) -> None:
         """Quantize [B, H, n*G, D] as n new blocks; only they are touched."""

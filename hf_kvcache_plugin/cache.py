@@ -6,13 +6,18 @@ quantized, sliding-window layers keep their bounded window in full precision,
 model on SDPA) a decode step hands the layer to ``kvquant_sdpa`` instead of
 materialising its history (``fused_update``). ``save(path)`` /
 ``QuantizedKVCache.load(path)`` write and read a checksummed snapshot
-(``cache_io``) that is refused whole if it is damaged.
+(``cache_io``) that is refused whole if it is damaged. ``max_size_mb`` /
+``resize(new_size_mb)`` give the cache a byte budget that every update is
+admitted against (``budget``).
+
+``QuantizedKVCacheManager`` (the specification's name) is ``QuantizedKVCache``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +25,6 @@ import torch
 from transformers import PretrainedConfig
 from transformers.cache_utils import (
     Cache,
-    CacheLayerMixin,
     DummyLayer,
     DynamicLayer,
     DynamicSlidingWindowLayer,
@@ -29,6 +33,15 @@ from transformers.cache_utils import (
 
 from .attention.dispatch import QUANTIZED_ATTENTION, select_fused_attention
 from .attention.history import FusedStep, hand_over
+from .budget import (
+    MIB,
+    CacheBudgetExceeded,
+    budget_problem,
+    check_budget,
+    layer_nbytes,
+    layer_nbytes_after,
+    layer_stats,
+)
 from .cache_io import (
     SnapshotError,
     cache_state,
@@ -39,25 +52,21 @@ from .cache_io import (
     write_snapshot,
 )
 from .config import CacheConfig, PluginConfig, parse_config
-from .layer import EMPTY_LAYER_STATS, LayerSettings, QuantizedKVLayer, tensor_nbytes
+from .layer import LayerSettings, QuantizedKVLayer
 from .quantization import QuantizedTensor
 
-__all__ = ["QuantizedKVCache", "QuantizedKVLayer", "create_quantized_kv_cache"]
+__all__ = [
+    "CacheBudgetExceeded",
+    "QuantizedKVCache",
+    "QuantizedKVCacheManager",
+    "QuantizedKVLayer",
+    "create_quantized_kv_cache",
+]
 
 _SLIDING_TYPES = ("sliding_attention", "chunked_attention")
 _SNAPSHOT_KIND = "QuantizedKVCache"
 
 logger = logging.getLogger(__name__)
-
-
-def _layer_stats(layer: Any) -> dict[str, int]:
-    """Byte accounting for our layers and for the full-precision layers we delegate to."""
-    if isinstance(layer, QuantizedKVLayer):
-        return layer.stats()
-    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
-    held = tensor_nbytes(keys) + tensor_nbytes(values) if getattr(layer, "is_initialized", False) else 0
-    seq = layer.get_seq_length() if isinstance(layer, CacheLayerMixin) else 0
-    return {**dict.fromkeys(EMPTY_LAYER_STATS, 0), "seq_length": seq, "residual_bytes": held, "fp_bytes": held}
 
 
 class QuantizedKVCache(Cache):
@@ -70,7 +79,8 @@ class QuantizedKVCache(Cache):
         cache_config: a full ``CacheConfig``; exclusive with ``quant_type``/``options``.
         num_layers: number of layers when ``config`` is ``None``.
         **options: any other ``CacheConfig`` field (``group_size``, ``residual_length``,
-            ``sink_tokens``, ``key_bits``, ``value_bits``, ``layer_overrides``, ...).
+            ``sink_tokens``, ``key_bits``, ``value_bits``, ``layer_overrides``,
+            ``max_size_mb``, ...).
 
     Full-attention layers are quantized; sliding-window layers keep their bounded
     window in full precision (``DynamicSlidingWindowLayer``); layers listed in
@@ -104,6 +114,10 @@ class QuantizedKVCache(Cache):
             for i, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs))
         ]
         super().__init__(layers=layers)
+        # a forward step updates the layers in order, from the first that stores anything
+        self._first_layer = next((i for i, layer in enumerate(layers) if not isinstance(layer, DummyLayer)), 0)
+        # the layers of the step admitted at its first layer that are still to come, and the K/V shapes admitted
+        self._admitted_step: tuple[set[int], Any] = (set(), None)
         if self.cache_config.attention == "fused" and self._attention_config is not None:
             # the default: kvquant_sdpa is plain SDPA for every other cache, so the model loses nothing
             select_fused_attention(self._attention_config)
@@ -151,12 +165,13 @@ class QuantizedKVCache(Cache):
         return cls(model_config, cache_config=cache_config, **kwargs)
 
     # ------------------------------------------------------------------ checks on Cache entry points
-    def _check_layer_idx(self, layer_idx: int) -> None:
-        if not isinstance(layer_idx, int) or not 0 <= layer_idx < len(self.layers):
-            raise ValueError(f"`layer_idx` has to be in [0, {len(self.layers) - 1}] but got {layer_idx!r}")
+    def _check_layer_idx(self, layer_idx: int, name: str = "layer_idx") -> None:
+        if not isinstance(layer_idx, int) or isinstance(layer_idx, bool) or not 0 <= layer_idx < len(self.layers):
+            raise ValueError(f"`{name}` has to be in [0, {len(self.layers) - 1}] but got {layer_idx!r}")
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         self._check_layer_idx(layer_idx)
+        self._admit_update(layer_idx, key_states, value_states)
         layer = self.layers[layer_idx]
         if isinstance(layer, QuantizedKVLayer) and layer.holds_tokens and self.uses_fused_attention:
             # transformers >= 5.24 passes the attention kwargs as `kwargs=` (the same dict reaches the attention
@@ -177,7 +192,56 @@ class QuantizedKVCache(Cache):
         layer = self.layers[layer_idx]
         if not isinstance(layer, QuantizedKVLayer) or not layer.holds_tokens:
             raise ValueError(f"layer {layer_idx} holds no quantized history to attend to; call `update` for a prefill")
+        self._admit_update(layer_idx, key_states, value_states)
         return _fused_step(layer, key_states, value_states, attention_kwargs)
+
+    # ------------------------------------------------------------------ the byte budget (module `budget`)
+    @property
+    def max_size_mb(self) -> float | None:
+        """The byte budget in MiB (2**20 bytes); None: unbounded."""
+        return self.cache_config.max_size_mb
+
+    @property
+    def budget_bytes(self) -> int | None:
+        return None if self.max_size_mb is None else int(self.max_size_mb * MIB)
+
+    def resize(self, new_size_mb: float) -> None:
+        """Set the byte budget to ``new_size_mb`` MiB (what ``create_adaptive_sizer(resize_callback=cache.resize)``
+        calls). Updates that would make the cache hold more are refused (``CacheBudgetExceeded``); the cache does
+        not shrink to fit yet, so below what it holds now the next update that adds bytes is refused."""
+        problem = budget_problem("new_size_mb", new_size_mb)
+        if problem:
+            raise ValueError(problem)
+        self.cache_config = dataclasses.replace(self.cache_config, max_size_mb=float(new_size_mb))
+        self._admitted_step = (set(), None)
+        held = sum(layer_nbytes(layer) for layer in self.layers)
+        if held > self.budget_bytes:
+            logger.warning(
+                "cache budget set to %d bytes (%.3f MiB) while the cache holds %d bytes: updates that add bytes are "
+                "refused until it is freed or the budget raised", self.budget_bytes, new_size_mb, held,
+            )  # fmt: skip
+
+    def _admit(self, after: dict[int, int], what: str) -> None:
+        # whatever is admitted now changes what an earlier admission foresaw: its remaining layers are checked again
+        self._admitted_step = (set(), None)
+        check_budget(self.layers, after, self.budget_bytes, what)
+
+    def _admit_update(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if self.max_size_mb is None:
+            return
+        shapes = (key_states.shape, value_states.shape)
+        pending, admitted_shapes = self._admitted_step
+        if layer_idx != self._first_layer and layer_idx in pending and shapes == admitted_shapes:
+            pending.discard(layer_idx)  # admitted with its step, and untouched since
+            return
+        # A forward step updates every layer in turn: it is admitted whole at its first layer, so that a refusal
+        # never leaves layers of different lengths (later layers take K/V of the first one's shape).
+        step: Iterable[int] = range(len(self.layers)) if layer_idx == self._first_layer else (layer_idx,)
+        after = {i: layer_nbytes_after(self.layers[i], key_states, value_states) for i in step}
+        what = f"layer {layer_idx}: an update of {key_states.shape[-2]} token(s)"
+        self._admit(after, what + (f" for each of the {len(after)} layers" if len(after) > 1 else ""))
+        if len(after) > 1:
+            self._admitted_step = (set(after) - {layer_idx}, shapes)
 
     @property
     def uses_fused_attention(self) -> bool:
@@ -193,6 +257,7 @@ class QuantizedKVCache(Cache):
             raise ValueError(
                 f"cannot crop {-tokens_to_remove} tokens, the cache holds only {self.get_seq_length()}"
             )
+        self._admitted_step = (set(), None)
         super().crop(tokens_to_remove)
 
     # ------------------------------------------------------------------ prefix reuse: whole-block import
@@ -214,6 +279,9 @@ class QuantizedKVCache(Cache):
                 raise ValueError(
                     f"layer {idx} is a {type(layer).__name__}; quantized blocks load into quantized layers only"
                 )
+        if self.max_size_mb is not None:
+            after = {i: self.layers[i].nbytes_after_load(keys[i], values[i], dtype) for i in range(len(self.layers))}
+            self._admit(after, f"loading {keys[0].shape[2] if keys else 0} block(s) per layer")
         for layer, k, v in zip(self.layers, keys, values):
             layer.load_blocks(k, v, dtype, device)
 
@@ -229,13 +297,29 @@ class QuantizedKVCache(Cache):
                 layer.flush_residual()
 
     # ------------------------------------------------------------------ seed-compatible helpers
-    def store(self, layer_id: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Append K/V ``[batch, heads, seq, head_dim]`` to layer ``layer_id``."""
-        self.update(key_states, value_states, layer_id)
+    def store(
+        self,
+        layer_id: int,
+        key_states: torch.Tensor | None = None,
+        value_states: torch.Tensor | None = None,
+        *,
+        k: torch.Tensor | None = None,
+        v: torch.Tensor | None = None,
+    ) -> None:
+        """Append K/V ``[batch, heads, seq, head_dim]`` to layer ``layer_id`` (``k``/``v`` are the specification's
+        names for ``key_states``/``value_states``). One layer, admitted against the budget on its own."""
+        key_states = _one_of("key_states", key_states, "k", k)
+        value_states = _one_of("value_states", value_states, "v", v)
+        self._check_layer_idx(layer_id, "layer_id")
+        if self.max_size_mb is not None:
+            after = {layer_id: layer_nbytes_after(self.layers[layer_id], key_states, value_states)}
+            self._admit(after, f"layer {layer_id}: storing {key_states.shape[-2]} token(s)")
+        # the plain path (never the fused hand-over, which expects the model's attention to read the layer)
+        super().update(key_states, value_states, layer_id)
 
     def retrieve(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """All K/V of layer ``layer_id``, dequantized to the compute dtype."""
-        self._check_layer_idx(layer_id)
+        self._check_layer_idx(layer_id, "layer_id")
         layer = self.layers[layer_id]
         if isinstance(layer, QuantizedKVLayer):
             return layer.dequantized()
@@ -245,8 +329,9 @@ class QuantizedKVCache(Cache):
 
     def get_stats(self) -> dict[str, Any]:
         """Exact bytes held (data, scales, zeros, residual, sinks, blocks kept in full precision) against a
-        full-precision cache; ``fallback_events`` counts blocks that could not be quantized."""
-        per_layer = [_layer_stats(layer) for layer in self.layers]
+        full-precision cache; ``fallback_events`` counts blocks that could not be quantized. ``max_size_mb`` /
+        ``budget_bytes`` are the byte budget (None: unbounded)."""
+        per_layer = [layer_stats(layer) for layer in self.layers]
         quantized = sum(s["quantized_bytes"] for s in per_layer)
         residual = sum(s["residual_bytes"] for s in per_layer)
         sinks = sum(s["sink_bytes"] for s in per_layer)
@@ -266,6 +351,8 @@ class QuantizedKVCache(Cache):
             "total_bytes": total,
             "fp_bytes": fp,
             "compression_ratio": fp / total if total else 1.0,
+            "max_size_mb": self.max_size_mb,
+            "budget_bytes": self.budget_bytes,
         }
 
     # ------------------------------------------------------------------ snapshot files
@@ -302,6 +389,8 @@ class QuantizedKVCache(Cache):
             differences = config_differences(saved_config, cache_config)
             if differences:
                 raise ValueError(f"snapshot {str(path)!r} was made with other cache settings: {'; '.join(differences)}")
+            # the budget bounds the live cache, not how the file's bytes were made: the caller's applies
+            saved_config = dataclasses.replace(saved_config, max_size_mb=cache_config.max_size_mb)
         if model_config is None:
             cache = cls(None, cache_config=saved_config, num_layers=len(layers))
         else:
@@ -309,6 +398,18 @@ class QuantizedKVCache(Cache):
             check_same_layout(str(path), cache.layers, layers)
         cache.layers = layers
         return cache
+
+
+# The specification's name for the same class.
+QuantizedKVCacheManager = QuantizedKVCache
+
+
+def _one_of(name: str, value: Any, alias: str, alias_value: Any) -> Any:
+    if value is not None and alias_value is not None:
+        raise ValueError(f"pass `{name}` or `{alias}`, not both")
+    if value is None and alias_value is None:
+        raise ValueError(f"`store` needs `{name}` (or `{alias}`): a tensor [batch, heads, seq, head_dim]")
+    return value if value is not None else alias_value
 
 
 def _fused_step(
@@ -335,5 +436,6 @@ def create_quantized_kv_cache(
     head_dim: int | None = None,
     **options: Any,
 ) -> QuantizedKVCache:
-    """Model-free cache: ``num_layers`` quantized layers checked against ``num_heads``/``head_dim``."""
+    """Model-free cache: ``num_layers`` quantized layers checked against ``num_heads``/``head_dim``;
+    ``options`` are other ``CacheConfig`` fields (``max_size_mb=`` for a byte budget)."""
     return QuantizedKVCache(None, quant_type, num_layers=num_layers, num_heads=num_heads, head_dim=head_dim, **options)

@@ -390,6 +390,48 @@ class QuantizedKVLayer(CacheLayerMixin):
             return 0
         return self.quantized_keys.fallback_events + self.quantized_values.fallback_events
 
+    @property
+    def nbytes(self) -> int:
+        """Every byte this layer holds: blocks (codes, scales, zeros, blocks kept exact), sinks and residual."""
+        if not self.is_initialized:
+            return 0
+        dense = (self.sink_keys, self.sink_values, self.residual_keys, self.residual_values)
+        return self.quantized_keys.nbytes + self.quantized_values.nbytes + sum(tensor_nbytes(t) for t in dense)
+
+    def nbytes_after_append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> int:
+        """``nbytes`` once ``append(key_states, value_states)`` and its flush are done, predicted without touching
+        the layer: the same path through sinks, residual window, blocks and mixed-precision aging (blocks that
+        cannot be quantized, kept exact, excepted)."""
+        _check_rank(self._name(), key_states, value_states)
+        b, h, n, d = key_states.shape
+        dv = value_states.shape[-1]
+        s = self.settings
+        held_sinks = self.sink_keys.shape[-2] if self.is_initialized else 0
+        residual = self.residual_keys.shape[-2] if self.is_initialized else 0
+        to_sinks = max(0, min(n, s.sink_tokens - held_sinks))
+        residual += n - to_sinks
+        new_blocks = max(0, residual - s.residual_length) // s.group_size
+        residual -= new_blocks * s.group_size
+        dense_tokens = held_sinks + to_sinks + residual
+        itemsize = key_states.element_size()
+        dense = b * h * dense_tokens * (d + dv) * itemsize
+        keys = self.quantized_keys if self.is_initialized else s.blocks("keys")
+        values = self.quantized_values if self.is_initialized else s.blocks("values")
+        # a caller that expands the batch for num_return_sequences repeats the history's rows first
+        repeat = b // self.batch_size if self.is_initialized and b % self.batch_size == 0 else 1
+        dtype = key_states.dtype
+        return (
+            dense
+            + keys.nbytes_after(new_blocks, b, h, d, dtype, repeat)
+            + values.nbytes_after(new_blocks, b, h, dv, dtype, repeat)
+        )
+
+    def nbytes_after_load(self, keys: QuantizedTensor, values: QuantizedTensor, dtype: torch.dtype) -> int:
+        """``nbytes`` once ``load_blocks(keys, values, dtype, ...)`` is done (blocks ``[B, H, n, G, D]``), predicted."""
+        b, h, n, _, d = keys.shape
+        streams = (("keys", d), ("values", values.shape[-1]))
+        return sum(self.settings.blocks(name).nbytes_after(n, b, h, dim, dtype) for name, dim in streams)
+
     def stats(self) -> dict[str, int]:
         if not self.is_initialized:
             return dict.fromkeys(EMPTY_LAYER_STATS, 0)

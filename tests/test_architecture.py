@@ -27,6 +27,7 @@ RANKS = {
     "blocks": 2,
     "layer": 3,
     "cache_io": 4,
+    "budget": 4,
     "attention": 5,
     "cache": 6,
     "reuse": 7,

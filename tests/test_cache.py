@@ -314,8 +314,8 @@ def test_layer_index_out_of_range():
     cache = make(layers=2)
     with pytest.raises(ValueError, match=r"`layer_idx` has to be in \[0, 1\] but got 2"):
         cache.update(*kv(4), 2)
-    with pytest.raises(ValueError, match="layer_idx"):
-        cache.retrieve(-1)
+    with pytest.raises(ValueError, match=r"`layer_id` has to be in \[0, 1\] but got -1"):
+        cache.retrieve(-1)  # named as `retrieve` names it
 
 
 def test_seed_compatible_store_and_retrieve():

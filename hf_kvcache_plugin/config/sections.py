@@ -71,6 +71,8 @@ class CacheConfig(Checked):
     G tokens per channel for ``channel`` grouping, G channels of head_dim per
     token for ``token`` grouping (then G must divide head_dim). ``None`` picks
     ``min(DEFAULT_GROUP_SIZE, head_dim)`` once the model is known.
+    ``max_size_mb`` bounds every byte the cache holds (codes, scales,
+    zeros, sinks, residual window); ``QuantizedKVCache.resize`` changes it.
     """
 
     quant_type: Annotated[Literal[QUANT_TYPES], doc("bits of keys and values; mixed: INT8, aged blocks INT4")] = "int4"
@@ -96,6 +98,11 @@ class CacheConfig(Checked):
         default_factory=list
     )
     attention: Annotated[Literal[ATTENTION_PATHS], doc("fused: attention reads the codes")] = "fused"
+    max_size_mb: Annotated[
+        PositiveFloat | None,
+        doc("byte budget of the live cache in MiB (2**20 bytes): an update that would exceed it is refused; "
+            "null: unbounded"),
+    ] = None
 
     def _problems(self) -> Iterator[Problem]:
         g = self.group_size

@@ -93,7 +93,8 @@ def prefix_namespace(fingerprint: str, cache_config: CacheConfig, dtype: torch.d
         raise ValueError("`cache_config.group_size` is unresolved; pass `cache_config.for_model(...)`")
     described = {
         "model": fingerprint,
-        "cache": dataclasses.asdict(cache_config),
+        # the budget bounds a live cache; chunks made under any budget are the same bytes
+        "cache": {k: v for k, v in dataclasses.asdict(cache_config).items() if k != "max_size_mb"},
         "dtype": str(dtype),
         "chunk_size": chunk_size,
     }
