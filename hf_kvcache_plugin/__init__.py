@@ -57,7 +57,7 @@ from .reuse import (
 _LAZY = {
     **dict.fromkeys(
         (
-            "CacheCoordinator", "ConsistentHashRing", "EvictionReport", "NodeInfo", "NodeState",
+            "CacheCoordinator", "ConsistentHash", "ConsistentHashRing", "EvictionReport", "NodeInfo", "NodeState",
             "PrefixStoreAdapter", "attach_coordinator", "create_distributed_cache_optimizer",
         ),
         ".distributed",
@@ -77,6 +77,7 @@ if TYPE_CHECKING:
     from .app import ServingService, build_service
     from .distributed import (
         CacheCoordinator,
+        ConsistentHash,
         ConsistentHashRing,
         EvictionReport,
         NodeInfo,
@@ -127,6 +128,7 @@ __all__ = [
     "CheckResult",
     "CircuitGuard",
     "ConfigError",
+    "ConsistentHash",
     "ConsistentHashRing",
     "DistributedConfig",
     "EvictionReport",

@@ -109,6 +109,46 @@ def test_seed_api_places_keys_on_registered_active_nodes_and_plans_global_evicti
         NodeInfo(5, state="gone")
 
 
+def test_seed_api_takes_node_names_and_ports():
+    coordinator = create_distributed_cache_optimizer(local_node_id="node-0", replication_factor=2, port=8000)
+    coordinator.register_node(NodeInfo(node_id="node-1", address="192.168.1.10", port=8001, capacity_mb=4096))
+    coordinator.register_node(NodeInfo(node_id=7, address="192.168.1.11", port=8002))  # a rank beside names
+    assert coordinator.node.port == 8000 and coordinator.nodes["node-1"].port == 8001
+    assert coordinator.ring.nodes == [7, "node-0", "node-1"]
+    placement = coordinator.get_placement("user:123:kv")
+    assert len(set(placement)) == 2 and set(placement) <= {7, "node-0", "node-1"}
+    coordinator.register_entry("user:123:kv", size_bytes=10 * MIB, node_ids=placement)
+    report = coordinator.trigger_global_eviction(target_reduction_mb=4)
+    assert sum(report.shares.values()) == 4 * MIB and set(report.shares) == {7, "node-0", "node-1"}
+    assert {n for n, share in report.shares.items() if share} == set(placement)
+    with pytest.raises(ValueError, match=r"unregistered nodes \['node-9'\]; registered are \[7, 'node-0', 'node-1'\]"):
+        coordinator.register_entry("k", 1, ["node-9"])
+    restored = NodeInfo.from_json(coordinator.nodes["node-1"].to_json())
+    assert restored == coordinator.nodes["node-1"]
+
+
+@pytest.mark.parametrize(
+    "build,message",
+    [
+        (lambda: NodeInfo(node_id=""), r"`node_id` has to be a process rank \(an integer >= 0\) or a node name"),
+        (lambda: NodeInfo(node_id=-2), r"but got -2"),
+        (lambda: NodeInfo("n", port=70000), r"`port` of node 'n' has to be an integer in \[1, 65535\] or None"),
+        (lambda: NodeInfo("n", address=10), r"`address` of node 'n' has to be a string but got 10"),
+    ],
+)
+def test_node_info_errors_name_the_field_and_the_value(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_with_a_transport_the_local_node_is_the_rank():
+    class Transport:  # only its rank is read before the check
+        rank = 1
+
+    with pytest.raises(ValueError, match=r"this process's rank 1 but got 'node-0'"):
+        create_distributed_cache_optimizer(local_node_id="node-0", transport=Transport())
+
+
 def test_global_eviction_frees_the_local_share_replicas_first():
     store, chains = filled_store(prompts=4)
     adapter = PrefixStoreAdapter(store)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_kvcache_plugin.distributed import ConsistentHashRing, ring_position
+from hf_kvcache_plugin.distributed import ConsistentHash, ConsistentHashRing, ring_position
 
 RING_FILE = Path(__file__).resolve().parents[1] / "hf_kvcache_plugin" / "distributed" / "hash_ring.py"
 KEYS = [hashlib.blake2b(str(i).encode(), digest_size=32).digest() for i in range(6000)]
@@ -124,3 +124,21 @@ def test_positions_are_the_same_in_a_process_with_another_hash_seed():
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == f"{ring_position(b'abc')} {[ring.get_node(bytes([i])) for i in range(50)]}"
+
+
+def test_node_names_are_ids_too_and_a_rank_is_not_its_name():
+    ring = ConsistentHashRing(nodes={"node-0": 1.0, "node-1": 1.0, 2: 1.0, "2": 1.0})
+    assert ring.nodes == [2, "2", "node-0", "node-1"]  # ranks first, then names
+    counts = Counter(ring.get_node(k) for k in KEYS)
+    assert set(counts) == {2, "2", "node-0", "node-1"}
+    assert all(abs(c / len(KEYS) - 0.25) < 0.06 for c in counts.values())
+    before = owners(ring)
+    ring.remove_node("2")
+    assert all(before[k] == ring.get_nodes(k) for k in KEYS if before[k] != ["2"])
+    assert ConsistentHash is ConsistentHashRing
+
+
+@pytest.mark.parametrize("bad", [-1, "", None, 1.5, True, b"node"])
+def test_a_node_id_is_a_rank_or_a_name(bad):
+    with pytest.raises(ValueError, match=rf"`node_id` has to be a process rank .* or a node name .* but got {bad!r}"):
+        ConsistentHashRing().add_node(bad)

@@ -16,7 +16,7 @@ seed-compatible API) -> ``launch`` (wires a hooked model in). ``migration`` and
 
 from .coordinator import CacheCoordinator, EvictionReport, create_distributed_cache_optimizer
 from .eviction import eviction_shares, plan_local_eviction
-from .hash_ring import ConsistentHashRing, ring_position
+from .hash_ring import ConsistentHash, ConsistentHashRing, NodeId, ring_position
 from .local_entries import EntryInfo, LocalEntries
 from .migration import MigrationPlan, Transfer, plan_migration, split_into_steps
 from .nodes import EntryDirectory, NodeInfo, NodeState
@@ -27,12 +27,14 @@ from .transport import StoreTransport, connect_c10d_store
 
 __all__ = [
     "CacheCoordinator",
+    "ConsistentHash",
     "ConsistentHashRing",
     "EntryDirectory",
     "EntryInfo",
     "EvictionReport",
     "LocalEntries",
     "MigrationPlan",
+    "NodeId",
     "NodeInfo",
     "NodeState",
     "PrefixStoreAdapter",

@@ -30,7 +30,7 @@ from collections.abc import Callable
 import pybreaker
 
 from ..config import DistributedConfig
-from .hash_ring import ConsistentHashRing
+from .hash_ring import ConsistentHashRing, NodeId, node_order
 from .nodes import NodeInfo, NodeState
 from .transport import StoreTransport
 
@@ -52,14 +52,14 @@ class ClusterView:
         config: DistributedConfig,
         transport: StoreTransport | None,
         counters: Counter[str],
-        on_node_gone: Callable[[int], None] | None = None,
+        on_node_gone: Callable[[NodeId], None] | None = None,
     ):
         self.node = local_node
         self.config = config
         self.transport = transport
         self.counters = counters
         self.on_node_gone = on_node_gone
-        self.nodes: dict[int, NodeInfo] = {local_node.node_id: local_node}
+        self.nodes: dict[NodeId, NodeInfo] = {local_node.node_id: local_node}
         self.ring = ConsistentHashRing(self.config.virtual_nodes)
         # set once this process announced itself (``announce``): from then on its node record, key set and
         # eviction orders go to the store
@@ -67,14 +67,14 @@ class ClusterView:
         self.refresh_ring()
 
     @property
-    def node_id(self) -> int:
+    def node_id(self) -> NodeId:
         return self.node.node_id
 
     @property
     def replication_factor(self) -> int:
         return self.config.replication_factor
 
-    def placement(self, key: bytes | str) -> list[int]:
+    def placement(self, key: bytes | str) -> list[NodeId]:
         """The processes that own ``key`` (a chain's first chunk key), primary first."""
         return self.ring.get_nodes(key, self.replication_factor)
 
@@ -93,7 +93,7 @@ class ClusterView:
         """Present peers whose breaker lets a call through: the ones whose messages are waited for."""
         return [p for p in self.present_peers() if self.transport.may_call(p)]
 
-    def reachable(self, node_id: int) -> bool:
+    def reachable(self, node_id: NodeId) -> bool:
         if node_id == self.node_id:
             return True
         if self.transport is None:
@@ -140,15 +140,15 @@ class ClusterView:
             return
         before = set(self.ring.nodes)
         ring = ConsistentHashRing(self.config.virtual_nodes)
-        for n, weight in sorted(members.items()):
-            ring.add_node(n, weight)
+        for n in sorted(members, key=node_order):
+            ring.add_node(n, members[n])
         self.ring = ring
         for gone in before - set(members):
             if not self.reachable(gone) or self.nodes[gone].state == NodeState.OFFLINE:
                 if self.on_node_gone is not None:
                     self.on_node_gone(gone)
         self.counters["ring_changes"] += 1
-        logger.info("rank %d: ring is now %s", self.node_id, sorted(members))
+        logger.info("node %r: ring is now %s", self.node_id, sorted(members, key=node_order))
 
     # ------------------------------------------------------------------ presence in the store
     def announce(self, wait_for: int | None = None) -> None:

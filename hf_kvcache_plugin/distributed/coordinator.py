@@ -51,7 +51,7 @@ from ..resilience.rate_limit import RateLimiter, RateLimitExceeded
 from .cluster_view import ClusterView
 from .entry_exchange import EntryExchange
 from .eviction import eviction_shares
-from .hash_ring import ConsistentHashRing
+from .hash_ring import ConsistentHashRing, NodeId, node_order
 from .local_entries import LocalEntries
 from .nodes import EntryDirectory, NodeInfo, NodeState
 from .round_messages import RoundMessages
@@ -75,7 +75,7 @@ class EvictionReport:
     """What ``trigger_global_eviction`` asked of each process and what this one freed."""
 
     target_bytes: int
-    shares: dict[int, int]
+    shares: dict[NodeId, int]
     freed_local_bytes: int
     announced: bool  # whether the other processes were told (distributed launch)
 
@@ -84,7 +84,8 @@ class CacheCoordinator:
     """One process's side of the shared prefix cache; see the module docstring.
 
     Args:
-        local_node: this process (``node_id`` is its rank).
+        local_node: this process. Its ``node_id`` is its rank when there is a transport; without one (the
+            bookkeeping-only API) any id, a name such as ``"node-0"`` included.
         config: ring, replication, timeout and migration settings.
         local_entries: this process's prefix entries (``PrefixStoreAdapter``); None for
             the bookkeeping-only API.
@@ -109,6 +110,11 @@ class CacheCoordinator:
         metrics: ServingMetrics | None = None,
         limiter: RateLimiter | None = None,
     ):
+        if transport is not None and local_node.node_id != transport.rank:
+            raise ValueError(
+                f"with a transport, `local_node.node_id` has to be this process's rank {transport.rank} but got "
+                f"{local_node.node_id!r}"
+            )
         self.config = config or DistributedConfig()
         self.metrics = metrics
         self.limiter = limiter
@@ -138,11 +144,11 @@ class CacheCoordinator:
         return self.cluster.node
 
     @property
-    def node_id(self) -> int:
+    def node_id(self) -> NodeId:
         return self.cluster.node_id
 
     @property
-    def nodes(self) -> dict[int, NodeInfo]:
+    def nodes(self) -> dict[NodeId, NodeInfo]:
         return self.cluster.nodes
 
     @property
@@ -168,15 +174,17 @@ class CacheCoordinator:
             self.directory.drop_node(node.node_id)
         self.cluster.refresh_ring()
 
-    def get_placement(self, key: bytes | str) -> list[int]:
+    def get_placement(self, key: bytes | str) -> list[NodeId]:
         """The processes that own ``key`` (a chain's first chunk key), primary first."""
         return self.cluster.placement(key)
 
-    def register_entry(self, key: bytes, size_bytes: int, node_ids: Sequence[int]) -> None:
+    def register_entry(self, key: bytes | str, size_bytes: int, node_ids: Sequence[NodeId]) -> None:
         """Record that ``node_ids`` hold ``key`` of ``size_bytes`` bytes."""
         unknown = [n for n in node_ids if n not in self.nodes]
         if unknown:
-            raise ValueError(f"`node_ids` names unregistered nodes {unknown}; registered are {sorted(self.nodes)}")
+            raise ValueError(
+                f"`node_ids` names unregistered nodes {unknown}; registered are {sorted(self.nodes, key=node_order)}"
+            )
         self.directory.add(key, size_bytes, node_ids)
 
     def trigger_global_eviction(self, target_reduction_mb: float) -> EvictionReport:
@@ -222,7 +230,7 @@ class CacheCoordinator:
                 break  # nobody to hand over to
             self.step()
             left = self.entry_exchange.entry_count()
-        logger.info("rank %d drained: %d entries left behind", self.node_id, left)
+        logger.info("node %r drained: %d entries left behind", self.node_id, left)
         self.close()
         return left
 
@@ -357,16 +365,19 @@ class CacheCoordinator:
 
 
 def create_distributed_cache_optimizer(
-    local_node_id: int = 0,
+    local_node_id: NodeId = 0,
     replication_factor: int = DistributedConfig.replication_factor,
     *,
     capacity_mb: float = NodeInfo.capacity_mb,
     address: str = "",
+    port: int | None = None,
     config: DistributedConfig | None = None,
     **kwargs: Any,
 ) -> CacheCoordinator:
-    """Seed-compatible constructor: a ``CacheCoordinator`` for ``local_node_id`` (no transport unless given)."""
+    """Seed-compatible constructor: a ``CacheCoordinator`` for ``local_node_id`` (a rank, or a name such as
+    ``"node-0"`` without a transport; no transport unless given)."""
     base = config or DistributedConfig()
     if replication_factor != base.replication_factor:
         base = dataclasses.replace(base, replication_factor=replication_factor)
-    return CacheCoordinator(NodeInfo(local_node_id, address, capacity_mb), base, **kwargs)
+    node = NodeInfo(local_node_id, address, capacity_mb, port=port)
+    return CacheCoordinator(node, base, **kwargs)

@@ -18,18 +18,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from .hash_ring import NodeId, node_order
 from .local_entries import EntryInfo
 
 __all__ = ["eviction_shares", "plan_local_eviction"]
 
 
-def eviction_shares(target_bytes: int, used_bytes: dict[int, int]) -> dict[int, int]:
+def eviction_shares(target_bytes: int, used_bytes: dict[NodeId, int]) -> dict[NodeId, int]:
     """Bytes each node frees so that together they free ``target_bytes`` (or all they hold)."""
     if target_bytes < 0:
         raise ValueError(f"`target_bytes` has to be >= 0 but got {target_bytes}")
     shares = dict.fromkeys(used_bytes, 0)
     remaining = min(target_bytes, sum(used_bytes.values()))
-    open_nodes = sorted(n for n, used in used_bytes.items() if used > 0)
+    open_nodes = sorted((n for n, used in used_bytes.items() if used > 0), key=node_order)
     # water-filling: proportional split, capped at what a node holds, the excess goes round again
     while remaining > 0 and open_nodes:
         held = {n: used_bytes[n] - shares[n] for n in open_nodes}
@@ -41,7 +42,7 @@ def eviction_shares(target_bytes: int, used_bytes: dict[int, int]) -> dict[int, 
             given += extra
         if given == 0:
             # integer rounding left a few bytes: the largest holders take one byte each
-            for n in sorted(open_nodes, key=lambda n: (-held[n], n))[:remaining]:
+            for n in sorted(open_nodes, key=lambda n: (-held[n], node_order(n)))[:remaining]:
                 shares[n] += 1
                 given += 1
         remaining -= given

@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from .hash_ring import ConsistentHashRing
+from .hash_ring import ConsistentHashRing, NodeId, node_order
 from .local_entries import EntryInfo, chains_parent_first
 from .nodes import EntryDirectory
 
@@ -53,12 +53,12 @@ class MigrationPlan:
         return sum(t.nbytes for t in self.transfers)
 
 
-def _source(holders: set[int], owners: list[int]) -> int:
+def _source(holders: set[NodeId], owners: list[NodeId]) -> NodeId:
     """The one holder that sends a chunk: the first owner holding it, else the lowest-ranked holder."""
     for node_id in owners:
         if node_id in holders:
             return node_id
-    return min(holders)
+    return min(holders, key=node_order)
 
 
 def plan_migration(

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 
 from ..config import PrefixStoreConfig
+from .hash_ring import NodeId, check_node_id
 
 __all__ = ["EntryDirectory", "EntryRecord", "NodeInfo", "NodeState"]
 
@@ -22,16 +23,25 @@ class NodeState(str, Enum):
 
 @dataclass
 class NodeInfo:
-    """One process: its rank, where it runs (informational), its prefix-store capacity and state."""
+    """One node: its id (a process rank, or a name such as ``"node-1"``), where it runs (``address`` and
+    ``port``, informational), its prefix-store capacity and its state."""
 
-    node_id: int
+    node_id: NodeId
     address: str = ""
     capacity_mb: float = PrefixStoreConfig.max_size_mb
     state: NodeState = NodeState.ACTIVE
+    port: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.node_id, int) or isinstance(self.node_id, bool) or self.node_id < 0:
-            raise ValueError(f"`node_id` has to be an integer >= 0 (the process rank) but got {self.node_id!r}")
+        check_node_id(self.node_id)
+        if not isinstance(self.address, str):
+            raise ValueError(f"`address` of node {self.node_id!r} has to be a string but got {self.address!r}")
+        if self.port is not None and (
+            not isinstance(self.port, int) or isinstance(self.port, bool) or not 1 <= self.port <= 65535
+        ):
+            raise ValueError(
+                f"`port` of node {self.node_id!r} has to be an integer in [1, 65535] or None but got {self.port!r}"
+            )
         if not isinstance(self.capacity_mb, (int, float)) or isinstance(self.capacity_mb, bool) or self.capacity_mb <= 0:
             raise ValueError(f"`capacity_mb` of node {self.node_id} has to be a number > 0 but got {self.capacity_mb!r}")
         try:
@@ -54,7 +64,7 @@ class EntryRecord:
     """A stored prefix chunk somewhere in the cluster."""
 
     size_bytes: int
-    holders: set[int] = field(default_factory=set)
+    holders: set[NodeId] = field(default_factory=set)
 
 
 class EntryDirectory:
@@ -66,7 +76,7 @@ class EntryDirectory:
 
     def __init__(self) -> None:
         self._records: dict[bytes, EntryRecord] = {}
-        self._keys_of: dict[int, set[bytes]] = {}
+        self._keys_of: dict[NodeId, set[bytes]] = {}
 
     def __len__(self) -> int:
         return len(self._records)
@@ -77,14 +87,14 @@ class EntryDirectory:
     def get(self, key: bytes) -> EntryRecord | None:
         return self._records.get(key)
 
-    def holders(self, key: bytes) -> set[int]:
+    def holders(self, key: bytes) -> set[NodeId]:
         record = self._records.get(key)
         return set() if record is None else set(record.holders)
 
-    def keys_of(self, node_id: int) -> set[bytes]:
+    def keys_of(self, node_id: NodeId) -> set[bytes]:
         return set(self._keys_of.get(node_id, ()))
 
-    def add(self, key: bytes, size_bytes: int, node_ids: Iterable[int]) -> None:
+    def add(self, key: bytes, size_bytes: int, node_ids: Iterable[NodeId]) -> None:
         """Record that ``node_ids`` hold ``key`` (``size_bytes`` each)."""
         if not isinstance(size_bytes, int) or isinstance(size_bytes, bool) or size_bytes < 0:
             raise ValueError(f"`size_bytes` has to be an integer >= 0 but got {size_bytes!r}")
@@ -94,7 +104,7 @@ class EntryDirectory:
             record.holders.add(node_id)
             self._keys_of.setdefault(node_id, set()).add(key)
 
-    def discard(self, key: bytes, node_id: int) -> None:
+    def discard(self, key: bytes, node_id: NodeId) -> None:
         record = self._records.get(key)
         if record is None:
             return
@@ -103,15 +113,15 @@ class EntryDirectory:
         if not record.holders:
             del self._records[key]
 
-    def replace_node(self, node_id: int, sizes: dict[bytes, int]) -> None:
+    def replace_node(self, node_id: NodeId, sizes: dict[bytes, int]) -> None:
         """Set the whole key set of ``node_id`` (its latest published state)."""
         for key in self.keys_of(node_id) - set(sizes):
             self.discard(key, node_id)
         for key, size in sizes.items():
             self.add(key, size, (node_id,))
 
-    def drop_node(self, node_id: int) -> None:
+    def drop_node(self, node_id: NodeId) -> None:
         self.replace_node(node_id, {})
 
-    def bytes_of(self, node_id: int) -> int:
+    def bytes_of(self, node_id: NodeId) -> int:
         return sum(self._records[k].size_bytes for k in self._keys_of.get(node_id, ()))
