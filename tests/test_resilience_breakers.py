@@ -10,7 +10,13 @@ import pybreaker
 import pytest
 
 from hf_kvcache_plugin import BreakerConfig
-from hf_kvcache_plugin.resilience import CircuitGuard, MonotonicClockStorage, ServingMetrics, create_breaker
+from hf_kvcache_plugin.resilience import (
+    CircuitBreaker,
+    CircuitGuard,
+    MonotonicClockStorage,
+    ServingMetrics,
+    create_breaker,
+)
 
 
 class FakeClock:
@@ -160,3 +166,33 @@ def test_guard_falls_back_counts_by_kind_and_reraises_bad_input():
 
     assert errors("ConnectionError") == 1 and errors("TimeoutError") == 1 and errors("ValueError") == 1
     assert fallbacks("error") == 2 and fallbacks("breaker_open") == 1
+
+
+def test_circuit_breaker_protect_opens_after_fail_max_and_reports_it():
+    metrics = ServingMetrics()
+    breaker = CircuitBreaker("cache-service", BreakerConfig(fail_max=2, reset_timeout_s=5), metrics=metrics,
+                             clock=FakeClock())
+    assert isinstance(breaker, pybreaker.CircuitBreaker) and breaker.name == "cache-service"
+    calls = []
+
+    @breaker.protect
+    def cache_operation(fail: bool) -> str:
+        calls.append(fail)
+        if fail:
+            raise ConnectionError("down")
+        return "value"
+
+    assert cache_operation(False) == "value" and cache_operation.__name__ == "cache_operation"
+    for _ in range(2):
+        with pytest.raises(ConnectionError):
+            cache_operation(True)
+    assert breaker.current_state == "open"
+    with pytest.raises(pybreaker.CircuitBreakerError):
+        cache_operation(False)
+    assert calls == [False, True, True]  # rejected while open, without running
+    assert metrics.value("hf_kvcache_breaker_opens_total", breaker="cache-service") == 1
+    with pytest.raises(ValueError, match="`protect` decorates a function but got int"):
+        breaker.protect(3)
+    with pytest.raises(ValueError, match="non-empty `name` but got ''"):
+        CircuitBreaker("")
+    assert isinstance(create_breaker("store"), CircuitBreaker)

@@ -118,3 +118,15 @@ def test_consistency_and_peer_checks():
     assert check().status is HealthStatus.HEALTHY
     alive["rank2"] = False
     assert check() == CheckResult.degraded("1 of 2 peer(s) unreachable ['rank2']: serving locally")
+
+
+def test_the_specification_names_register_and_aggregate_every_check():
+    checker = HealthChecker()
+    checker.register_check("cache", lambda: CheckResult.healthy("ok"))
+    assert checker.get_overall_health().status is HealthStatus.HEALTHY
+    checker.register_check("store", lambda: CheckResult.unhealthy("unreachable"))
+    health = checker.get_overall_health()
+    assert health.status is HealthStatus.UNHEALTHY and health.reasons == ["store: unreachable"]
+    assert health == checker.readiness()
+    with pytest.raises(ValueError, match="named 'cache' is registered already"):
+        checker.register_check("cache", CheckResult.healthy)

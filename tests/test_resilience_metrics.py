@@ -10,7 +10,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from hf_kvcache_plugin import create_quantized_kv_cache
-from hf_kvcache_plugin.resilience import ServingMetrics, harden_cache
+from hf_kvcache_plugin.resilience import MetricsCollector, ServingMetrics, harden_cache
 
 
 def test_instances_never_collide_and_never_touch_the_global_registry():
@@ -105,3 +105,20 @@ def test_pressure_levels_map_to_gauge_values(level, index):
     metrics = ServingMetrics()
     metrics.record_pressure(level, 0.5)
     assert metrics.value("hf_kvcache_memory_pressure_level") == index
+
+
+def test_callers_add_counters_gauges_and_histograms_of_their_own():
+    metrics = MetricsCollector()
+    assert MetricsCollector is ServingMetrics
+    retries = metrics.counter("app_retries", "Retries of the app", ["reason"])
+    retries.labels("timeout").inc(2)
+    assert metrics.counter("app_retries", labelnames=["reason"]) is retries  # the same one on second use
+    metrics.gauge("app_queue_depth").set(7)
+    metrics.histogram("app_wait_seconds", buckets=[0.1, 1.0]).observe(0.5)
+    assert metrics.value("app_retries_total", reason="timeout") == 2
+    assert metrics.value("app_queue_depth") == 7
+    assert metrics.value("app_wait_seconds_bucket", le="1.0") == 1 and metrics.value("app_wait_seconds_count") == 1
+    assert b"app_queue_depth 7.0" in metrics.exposition()
+    with pytest.raises(ValueError, match=r"metric 'app_retries' is a counter with labels \['reason'\]; it cannot be "
+                                         r"asked for as a gauge with labels \[\]"):
+        metrics.gauge("app_retries")

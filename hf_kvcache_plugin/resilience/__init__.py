@@ -9,8 +9,8 @@ request never fails because the cache did). ``app.service.build_service``
 wires them from a config.
 """
 
-from .breakers import BreakerMetricsListener, CircuitGuard, MonotonicClockStorage, create_breaker
-from .degradation import GuardedStore, StoreMiss, harden_cache
+from .breakers import BreakerMetricsListener, CircuitBreaker, CircuitGuard, MonotonicClockStorage, create_breaker
+from .degradation import GuardedStore, ProductionCacheWrapper, StoreMiss, harden_cache
 from .endpoint import ServingEndpoint, check_prompt
 from .health import (
     CheckResult,
@@ -24,13 +24,14 @@ from .health import (
     system_memory_used_fraction,
 )
 from .probe_server import HealthServer
-from .metrics import PRESSURE_LEVELS, ServingMetrics
+from .metrics import PRESSURE_LEVELS, MetricsCollector, ServingMetrics
 from .rate_limit import RateLimiter, RateLimitExceeded
 
 __all__ = [
     "PRESSURE_LEVELS",
     "BreakerMetricsListener",
     "CheckResult",
+    "CircuitBreaker",
     "CircuitGuard",
     "GuardedStore",
     "HealthChecker",
@@ -38,7 +39,9 @@ __all__ = [
     "HealthServer",
     "HealthStatus",
     "MemoryPressureProbe",
+    "MetricsCollector",
     "MonotonicClockStorage",
+    "ProductionCacheWrapper",
     "RateLimitExceeded",
     "RateLimiter",
     "ServingEndpoint",

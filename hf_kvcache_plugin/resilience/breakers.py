@@ -4,9 +4,11 @@ A breaker wraps calls that leave the process's own memory: prefix store
 lookups and inserts, coordinator calls to peers. It is never put inside the
 per-token ``update`` of the cache: that path has nothing remote to fail.
 
-- ``create_breaker`` builds a ``pybreaker.CircuitBreaker`` from a
-  ``BreakerConfig``. ``ValueError`` (configuration and validation errors) is
-  excluded: bad input is the caller's fault and must not open the circuit.
+- ``CircuitBreaker`` is a ``pybreaker.CircuitBreaker`` with a
+  ``BreakerConfig``'s thresholds and ``protect`` (a decorator);
+  ``create_breaker`` builds one. ``ValueError`` (configuration and
+  validation errors) is excluded: bad input is the caller's fault and must
+  not open the circuit.
 - ``MonotonicClockStorage`` times ``reset_timeout`` on a monotonic clock that
   can be injected (pybreaker itself reads ``datetime.now()``).
 - ``BreakerMetricsListener`` turns state changes into metrics and log lines.
@@ -27,7 +29,7 @@ import pybreaker
 from ..config import BreakerConfig
 from .metrics import ServingMetrics
 
-__all__ = ["BreakerMetricsListener", "CircuitGuard", "MonotonicClockStorage", "create_breaker"]
+__all__ = ["BreakerMetricsListener", "CircuitBreaker", "CircuitGuard", "MonotonicClockStorage", "create_breaker"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,36 +99,57 @@ class BreakerMetricsListener(pybreaker.CircuitBreakerListener):
             logger.info("circuit breaker %r closed again: calls go through", cb.name)
 
 
-def create_breaker(
-    name: str,
-    config: BreakerConfig | None = None,
-    *,
-    metrics: ServingMetrics | None = None,
-    clock: Clock = time.monotonic,
-    exclude: Iterable[type[BaseException] | Callable[[BaseException], bool]] = (ValueError,),
-    listeners: Iterable[pybreaker.CircuitBreakerListener] = (),
-) -> pybreaker.CircuitBreaker:
-    """A ``pybreaker.CircuitBreaker`` named ``name`` with ``config``'s thresholds.
+class CircuitBreaker(pybreaker.CircuitBreaker):
+    """A ``pybreaker.CircuitBreaker`` named ``name`` with ``config``'s thresholds: ``CircuitBreaker("cache-service")``.
 
+    ``fail_max`` failures in a row open it; while open, calls raise
+    ``pybreaker.CircuitBreakerError`` without running; after
+    ``reset_timeout_s`` (on ``clock``) one trial call is let through.
     ``exclude`` lists exceptions that are the caller's fault and never count
     (default: ``ValueError``). The breaker re-raises the original exception of
     the call that trips it (not ``CircuitBreakerError``), so callers can tell
-    what failed; ``CircuitBreakerError`` means "rejected while open".
+    what failed. State changes go to ``metrics`` and the log.
     """
-    config = config or BreakerConfig()
-    breaker = pybreaker.CircuitBreaker(
-        fail_max=config.fail_max,
-        reset_timeout=config.reset_timeout_s,
-        success_threshold=config.success_threshold,
-        exclude=list(exclude),
-        listeners=[BreakerMetricsListener(metrics), *listeners],
-        state_storage=MonotonicClockStorage(clock=clock),
-        name=name,
-        throw_new_error_on_trip=False,
-    )
-    if metrics is not None:
-        metrics.breaker_state.labels(name).state(pybreaker.STATE_CLOSED)
-    return breaker
+
+    def __init__(
+        self,
+        name: str,
+        config: BreakerConfig | None = None,
+        *,
+        metrics: ServingMetrics | None = None,
+        clock: Clock = time.monotonic,
+        exclude: Iterable[type[BaseException] | Callable[[BaseException], bool]] = (ValueError,),
+        listeners: Iterable[pybreaker.CircuitBreakerListener] = (),
+    ):
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a circuit breaker needs a non-empty `name` but got {name!r}")
+        if config is not None and not isinstance(config, BreakerConfig):
+            raise ValueError(f"`config` has to be a BreakerConfig but got {type(config).__name__}")
+        config = config or BreakerConfig()
+        super().__init__(
+            fail_max=config.fail_max,
+            reset_timeout=config.reset_timeout_s,
+            success_threshold=config.success_threshold,
+            exclude=list(exclude),
+            listeners=[BreakerMetricsListener(metrics), *listeners],
+            state_storage=MonotonicClockStorage(clock=clock),
+            name=name,
+            throw_new_error_on_trip=False,
+        )
+        if metrics is not None:
+            metrics.breaker_state.labels(name).state(pybreaker.STATE_CLOSED)
+
+    def protect(self, func: Callable[..., T]) -> Callable[..., T]:
+        """Decorator: each call of ``func`` goes through this breaker (``@breaker.protect``)."""
+        if not callable(func):
+            raise ValueError(f"`protect` decorates a function but got {type(func).__name__}")
+        return self(func)
+
+
+def create_breaker(name: str, config: BreakerConfig | None = None, **options: Any) -> CircuitBreaker:
+    """A ``CircuitBreaker`` named ``name`` with ``config``'s thresholds; ``options`` are its ``metrics``,
+    ``clock``, ``exclude`` and ``listeners``."""
+    return CircuitBreaker(name, config, **options)
 
 
 class CircuitGuard:

@@ -20,6 +20,9 @@ operation and reason, errors by exception class, lookup latency). ``release`` by
 breaker (an open circuit must not leak the pins of earlier lookups); other
 attributes pass through unguarded. Blocks that cannot be quantized are
 handled inside the cache itself (see ``QuantizedKVCache``).
+
+``ProductionCacheWrapper`` (the specification's "all-in-one wrapper") is
+``GuardedStore``, what ``harden_cache`` wraps a store in.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ __all__ = [
     "DEFAULT_INSERT_METHODS",
     "DEFAULT_LOOKUP_METHODS",
     "GuardedStore",
+    "ProductionCacheWrapper",
     "StoreMiss",
     "entry_problem",
     "harden_cache",
@@ -220,6 +224,10 @@ class GuardedStore:
         except Exception as exc:  # noqa: BLE001 - the request already has its answer; count and go on
             self.metrics.record_error(self.name, exc)
             logger.warning("%s: %s failed: %r", self.name, method, exc)
+
+
+# The specification's name for the same class.
+ProductionCacheWrapper = GuardedStore
 
 
 def harden_cache(

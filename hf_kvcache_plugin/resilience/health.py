@@ -13,7 +13,8 @@ UNHEALTHY      the instance should not take traffic (memory critical)
 checks registered with ``liveness=True`` (none by default: a process that can
 answer is alive), so a degraded dependency never gets the process restarted.
 A check that raises reports ``on_error`` (DEGRADED by default) with the error
-as its reason.
+as its reason. ``register_check`` and ``get_overall_health`` are the
+specification's names for ``register`` and ``readiness``.
 """
 
 from __future__ import annotations
@@ -130,6 +131,9 @@ class HealthChecker:
                 raise ValueError(f"a health check named {name!r} is registered already")
             self._checks[name] = _Registered(check, liveness, HealthStatus(on_error))
 
+    # The specification's name: ``HealthChecker().register_check("cache", fn)``.
+    register_check = register
+
     def unregister(self, name: str) -> None:
         with self._lock:
             if self._checks.pop(name, None) is None:
@@ -144,6 +148,10 @@ class HealthChecker:
 
     def liveness(self) -> HealthReport:
         return self._run(lambda reg: reg.liveness)
+
+    def get_overall_health(self) -> HealthReport:
+        """Every check, aggregated (the same as ``readiness``)."""
+        return self.readiness()
 
     def _run(self, select: Callable[[_Registered], bool]) -> HealthReport:
         with self._lock:

@@ -7,7 +7,11 @@ read at scrape time through collectors holding weak references, so they are
 never counted twice and a dropped object stops being reported.
 
 Names follow the Prometheus conventions: ``hf_kvcache_`` prefix, base units
-(``_seconds``, ``_bytes``, ``_ratio``), ``_total`` for counters.
+(``_seconds``, ``_bytes``, ``_ratio``), ``_total`` for counters. Callers add
+metrics of their own to the same registry with ``counter``, ``gauge`` and
+``histogram`` (exposed with the rest on ``/metrics``).
+
+``MetricsCollector`` (the specification's name) is ``ServingMetrics``.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, generate_latest
@@ -24,7 +28,7 @@ from prometheus_client.registry import Collector
 
 from ..reuse.memory import MemoryPressure
 
-__all__ = ["PRESSURE_LEVELS", "ServingMetrics"]
+__all__ = ["PRESSURE_LEVELS", "MetricsCollector", "ServingMetrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +104,44 @@ class ServingMetrics:
         )  # fmt: skip
         self._stores = _StoreCollector()
         r.register(self._stores)
+        self._own: dict[str, tuple[Counter | Gauge | Histogram, tuple[str, ...]]] = {}
+        self._own_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ the caller's own metrics
+    def counter(self, name: str, documentation: str = "", labelnames: Sequence[str] = ()) -> Counter:
+        """A counter of the caller's on this registry, made on first use and the same one after:
+        ``metrics.counter("app_retries").inc()`` (exposed as ``app_retries_total``)."""
+        return self._own_metric(Counter, name, documentation, labelnames)
+
+    def gauge(self, name: str, documentation: str = "", labelnames: Sequence[str] = ()) -> Gauge:
+        """A gauge of the caller's on this registry (see ``counter``)."""
+        return self._own_metric(Gauge, name, documentation, labelnames)
+
+    def histogram(
+        self,
+        name: str,
+        documentation: str = "",
+        labelnames: Sequence[str] = (),
+        buckets: Sequence[float] = Histogram.DEFAULT_BUCKETS,
+    ) -> Histogram:
+        """A histogram of the caller's on this registry (see ``counter``)."""
+        return self._own_metric(Histogram, name, documentation, labelnames, buckets=tuple(buckets))
+
+    def _own_metric(self, kind: type, name: str, documentation: str, labelnames: Sequence[str], **kwargs: Any) -> Any:
+        labelnames = tuple(labelnames)
+        with self._own_lock:
+            known = self._own.get(name)
+            if known is not None:
+                metric, labels = known
+                if type(metric) is not kind or labels != labelnames:
+                    raise ValueError(
+                        f"metric {name!r} is a {type(metric).__name__.lower()} with labels {list(labels)}; it cannot "
+                        f"be asked for as a {kind.__name__.lower()} with labels {list(labelnames)}"
+                    )
+                return metric
+            metric = kind(name, documentation or name, labelnames, registry=self.registry, **kwargs)
+            self._own[name] = (metric, labelnames)
+            return metric
 
     # ------------------------------------------------------------------ recording helpers
     def record_error(self, component: str, exc: BaseException) -> None:
@@ -180,3 +222,7 @@ class _StoreCollector(Collector):
                 if key in stats:
                     family.add_metric([component], float(stats[key]))
         yield from families.values()
+
+
+# The specification's name for the same class.
+MetricsCollector = ServingMetrics
