@@ -4,6 +4,16 @@ The cache and prefix-reuse API is imported here; the resilience, distributed
 and app layers load on first use of one of their names (PEP 562), so
 ``import hf_kvcache_plugin`` pulls in neither ``prometheus_client``,
 ``pybreaker`` nor the coordinator's ``torch.distributed`` store.
+
+The class names of the specification (``../shared/SPECIFICATION.md``) are
+here too, each a class of ours or a documented alias of one:
+``Int8Quantizer``, ``Int4Quantizer``, ``MixedPrecisionQuantizer``
+(``quantizers``), ``QuantizedKVCacheManager`` (= ``QuantizedKVCache``),
+``WorkloadAnalyzer`` (``reuse.workload``), ``AdaptiveCacheSizer``
+(= ``AdaptiveSizer``), ``ConsistentHash`` (= ``ConsistentHashRing``),
+``CircuitBreaker`` (``pybreaker``), ``MetricsCollector`` (=
+``ServingMetrics``, ``prometheus_client``) and ``ProductionCacheWrapper``
+(= ``GuardedStore``).
 """
 
 from importlib import import_module
