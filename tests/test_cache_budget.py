@@ -54,6 +54,26 @@ def test_the_prediction_is_what_the_layer_holds_after_each_append(options):
         assert stats["total_bytes"] == predicted
 
 
+@pytest.mark.parametrize("quant_type,int8_tokens", [("int4", 512), ("mixed", 16)])
+def test_loading_blocks_is_predicted_exactly_and_refused_over_the_budget(quant_type, int8_tokens):
+    settings = {"quant_type": quant_type, "group_size": 8, "residual_length": 0, "mixed_int8_tokens": int8_tokens}
+    source = QuantizedKVCache(None, num_layers=2, **{**settings, "mixed_int8_tokens": 512})
+    for i in range(2):
+        source.store(i, *tokens(32, seed=i))
+    keys = [layer.quantized_keys.take_blocks(0, 4) for layer in source.layers]
+    values = [layer.quantized_values.take_blocks(0, 4) for layer in source.layers]
+    target = QuantizedKVCache(None, num_layers=2, **settings)
+    predicted = sum(layer.nbytes_after_load(k, v, torch.float32) for layer, k, v in zip(target.layers, keys, values))
+    target.resize((predicted - 1) / MIB)
+    refusal = rf"loading 4 block\(s\) per layer is refused: the cache would hold {predicted} bytes"
+    with pytest.raises(CacheBudgetExceeded, match=refusal):
+        target.load_blocks(keys, values, torch.float32, "cpu")
+    assert target.get_seq_length() == 0
+    target.resize(predicted / MIB)
+    target.load_blocks(keys, values, torch.float32, "cpu")
+    assert target.get_stats()["total_bytes"] == predicted and target.get_seq_length() == 32
+
+
 def test_a_store_over_the_budget_is_refused_with_the_exact_bytes_and_nothing_is_appended():
     # int8, asymmetric, fp16 scales, float32 K/V, 2 heads, head_dim 16, group 8, window 8: 16 tokens leave one
     # block per stream (8*2*16 codes + 2*16 groups * 2 bytes * (scale, zero) = 384 bytes) and 8 exact tokens
