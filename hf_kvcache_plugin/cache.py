@@ -27,7 +27,7 @@ from transformers.cache_utils import (
     get_layer_types_and_kwargs,
 )
 
-from .attention.dispatch import QUANTIZED_ATTENTION, select_fused_attention
+from .attention.dispatch import QUANTIZED_ATTENTION, prepare_fused_attention, select_fused_attention
 from .attention.history import FusedStep, hand_over
 from .cache_io import (
     SnapshotError,
@@ -106,7 +106,8 @@ class QuantizedKVCache(Cache):
         super().__init__(layers=layers)
         if self.cache_config.attention == "fused" and self._attention_config is not None:
             # the default: kvquant_sdpa is plain SDPA for every other cache, so the model loses nothing
-            select_fused_attention(self._attention_config)
+            if select_fused_attention(self._attention_config):
+                prepare_fused_attention()
 
     @staticmethod
     def _model_layout(config, num_layers, num_heads=None, head_dim=None):
