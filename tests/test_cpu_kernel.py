@@ -110,25 +110,27 @@ def _decode_step(model, cache, token):
     return model(input_ids=token, past_key_values=cache, use_cache=True).logits
 
 
-def test_a_decode_step_compiles_whole_and_equals_eager(realistic_model):
-    """torch.compile traces a decode step through the cache and the kernel (its ops have fake versions) in one
-    graph. Steps that flush a block still break at the finite check (data-dependent), so this is a step
-    without a flush; the compiled step is run with the eager backend and must give the eager logits."""
+def test_decode_steps_compile_whole_and_equal_eager(realistic_model):
+    """torch.compile traces every decode step, flushes included, through the cache and the kernel (its ops have
+    fake versions; the finite check of a flush is deferred inside traces) in one graph, and the compiled step,
+    run with the eager backend, gives the eager logits."""
     model = realistic_model
     prompt = torch.randint(3, model.config.vocab_size, (1, 70), generator=torch.Generator().manual_seed(1))
     caches = [QuantizedKVCache(model.config, "int4", group_size=16, residual_length=16) for _ in range(2)]
     assert caches[0].uses_fused_attention
     token = prompt[:, -1:]
+    torch._dynamo.reset()
     with torch.no_grad():
         for cache in caches:
             model(input_ids=prompt, past_key_values=cache, use_cache=True)
-        # 70 tokens leave 22 in the window: the next step appends one and flushes nothing
-        explained = torch._dynamo.explain(_decode_step)(model, caches[0], token)
-        assert explained.graph_break_count == 0 and explained.graph_count == 1
+        # 70 tokens leave 22 in the window; it reaches 32 and flushes a block on the tenth step
+        for _ in range(12):
+            explained = torch._dynamo.explain(_decode_step)(model, caches[0], token)
+            assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+            _decode_step(model, caches[1], token)
+        assert caches[0].layers[0].quantized_keys.num_blocks == 4  # the flush happened inside the traces
         compiled = torch.compile(_decode_step, backend="eager", fullgraph=True)
-        torch._dynamo.reset()
-        _decode_step(model, caches[1], token)  # caches[0] took that step under explain: catch up
-        eager_logits = _decode_step(model, caches[1], token)
         compiled_logits = compiled(model, caches[0], token)
-    assert caches[0].get_seq_length() == caches[1].get_seq_length() == 72
+        eager_logits = _decode_step(model, caches[1], token)
+    assert caches[0].get_seq_length() == caches[1].get_seq_length() == 83
     torch.testing.assert_close(compiled_logits, eager_logits, rtol=0, atol=0)
