@@ -106,7 +106,7 @@ class QuantizedKVCache(Cache):
         super().__init__(layers=layers)
         if self.cache_config.attention == "fused" and self._attention_config is not None:
             # the default: kvquant_sdpa is plain SDPA for every other cache, so the model loses nothing
-            if select_fused_attention(self._attention_config):
+            if select_fused_attention(self._attention_config) and self.cache_config.cpu_kernel == "auto":
                 prepare_fused_attention()
 
     @staticmethod
@@ -164,7 +164,7 @@ class QuantizedKVCache(Cache):
             # function); older models pass nothing, and the step then rides on the returned keys
             attention_kwargs = kwargs.get("kwargs")
             attention_kwargs = attention_kwargs if isinstance(attention_kwargs, dict) else None
-            return _fused_step(layer, key_states, value_states, attention_kwargs)
+            return self._fused_step(layer, key_states, value_states, attention_kwargs)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def fused_update(
@@ -178,7 +178,25 @@ class QuantizedKVCache(Cache):
         layer = self.layers[layer_idx]
         if not isinstance(layer, QuantizedKVLayer) or not layer.holds_tokens:
             raise ValueError(f"layer {layer_idx} holds no quantized history to attend to; call `update` for a prefill")
-        return _fused_step(layer, key_states, value_states, attention_kwargs)
+        return self._fused_step(layer, key_states, value_states, attention_kwargs)
+
+    def _fused_step(
+        self, layer: QuantizedKVLayer, key_states: torch.Tensor, value_states: torch.Tensor,
+        attention_kwargs: dict | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # per token and layer: the caller has checked the index and the layer already
+        if layer.flush_pending:
+            # the previous step's keys went to an attention function that did not read the layer: its output
+            # attended to that step's tokens alone. Say so rather than go on computing wrong tokens.
+            raise RuntimeError(
+                f"{layer._name()}: the model's attention did not read the quantized history handed to it on the "
+                f"last decode step (it runs {QUANTIZED_ATTENTION!r} for the cache, yet the step was not taken); "
+                "build the cache with attention='dequantize' for this model"
+            )
+        layer.append(key_states, value_states, defer_flush=True)
+        step = FusedStep(history=layer, finish=layer.flush_deferred, cpu_kernel=self.cache_config.cpu_kernel == "auto")
+        hand_over(step, attention_kwargs, key_states)
+        return key_states, value_states
 
     @property
     def uses_fused_attention(self) -> bool:
@@ -310,23 +328,6 @@ class QuantizedKVCache(Cache):
             check_same_layout(str(path), cache.layers, layers)
         cache.layers = layers
         return cache
-
-
-def _fused_step(
-    layer: QuantizedKVLayer, key_states: torch.Tensor, value_states: torch.Tensor, attention_kwargs: dict | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    # per token and layer: `update` has checked the index and the layer already
-    if layer.flush_pending:
-        # the previous step's keys went to an attention function that did not read the layer: its output
-        # attended to that step's tokens alone. Say so rather than go on computing wrong tokens.
-        raise RuntimeError(
-            f"{layer._name()}: the model's attention did not read the quantized history handed to it on the last "
-            f"decode step (it runs {QUANTIZED_ATTENTION!r} for the cache, yet the step was not taken); build the cache "
-            "with attention='dequantize' for this model"
-        )
-    layer.append(key_states, value_states, defer_flush=True)
-    hand_over(FusedStep(history=layer, finish=layer.flush_deferred), attention_kwargs, key_states)
-    return key_states, value_states
 
 
 def create_quantized_kv_cache(

@@ -87,6 +87,24 @@ def test_generate_through_the_kernel_equals_the_reference_path(realistic_model, 
     assert with_kernel == reference
 
 
+def test_cpu_kernel_off_in_the_config_keeps_the_reference_path(realistic_model, monkeypatch):
+    model = realistic_model
+    prompt = torch.randint(3, model.config.vocab_size, (1, 70), generator=torch.Generator().manual_seed(0))
+    options = dict(group_size=16, residual_length=16)
+    with_kernel = _generate(model, QuantizedKVCache(model.config, "int4", **options), prompt)
+
+    def refuse(*args):
+        raise AssertionError("the kernel ran with cpu_kernel: off")
+
+    from hf_kvcache_plugin.attention import reference
+
+    monkeypatch.setattr(reference, "kernel_key_scores", refuse)
+    monkeypatch.setattr(reference, "kernel_value_output", refuse)
+    off = QuantizedKVCache(model.config, "int4", cpu_kernel="off", **options)
+    assert off.uses_fused_attention
+    assert _generate(model, off, prompt) == with_kernel
+
+
 def test_without_a_compiler_the_reference_runs_and_says_why(monkeypatch, caplog):
     monkeypatch.setattr(cpu_kernel, "_state", {})
     monkeypatch.setenv("CXX", "/nonexistent/c++")

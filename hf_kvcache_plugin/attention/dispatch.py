@@ -120,7 +120,8 @@ def quantized_attention_forward(
     if _use_triton(query, history):
         out = triton_attention_from_layer(query, history, attention_mask, scaling)
     else:
-        out = attention_from_layer(query, history, attention_mask, scaling, cpu_kernel=_use_cpu_kernel(query))
+        use_kernel = step.cpu_kernel and _use_cpu_kernel(query)
+        out = attention_from_layer(query, history, attention_mask, scaling, cpu_kernel=use_kernel)
     step.finish()
     return out.transpose(1, 2).contiguous(), None
 
