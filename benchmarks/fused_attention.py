@@ -21,7 +21,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,10 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, QuantizedC
 
 from hf_kvcache_plugin import QuantizedKVCache, register_quantized_attention
 from hf_kvcache_plugin._compat import GENERATE_CACHE_KWARG
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from records import machine  # noqa: E402
 
 warnings.filterwarnings("ignore")
 RESULTS = Path(__file__).parent / "results"
@@ -158,18 +161,6 @@ def memory_probe(name: str, context: int, dtype_name: str, steps: int) -> dict:
             "peak_over_stored": (stored + peak - before) / stored}
 
 
-def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small contexts and few steps (smoke run)")
@@ -178,7 +169,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="default: the machine's")
     parser.add_argument("--out", default=str(RESULTS / "fused_attention.json"), help="JSON file to write")
     parser.add_argument("--memory-probe", nargs=2, metavar=("CONFIG", "CONTEXT"), help=argparse.SUPPRESS)
     args = parser.parse_args()

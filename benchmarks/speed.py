@@ -24,6 +24,7 @@ AMX) are printed and recorded with every run.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import sys
 import time
@@ -35,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from caches import CacheSpec, standard_specs  # noqa: E402
 from models import FORWARD_CACHE_KWARG, realistic_config, realistic_model  # noqa: E402
-from records import Recorder, cpu_flags, format_table, machine  # noqa: E402
+from records import Recorder, format_table, machine  # noqa: E402
 
 DEFAULT_GRID = ["2048:1", "8192:1", "2048:8", "32768:1"]
 DEFAULT_CACHES = ["dynamic", "ours-int4", "ours-int8"]
@@ -56,6 +57,19 @@ class StepClock:
     def step_times(self) -> list[float]:
         # stamps[1] is the first generated token (prefill included); decode steps are the gaps after it
         return [b - a for a, b in zip(self.stamps[1:], self.stamps[2:])]
+
+
+def _spin() -> None:
+    while True:
+        pass
+
+
+def start_busy(count: int) -> list[multiprocessing.Process]:
+    """``count`` processes that keep a core busy: the contention of a shared machine, made reproducible."""
+    procs = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(count)]
+    for proc in procs:
+        proc.start()
+    return procs
 
 
 def fill_synthetic(cache, config, batch: int, context: int, dtype: torch.dtype, gen: torch.Generator) -> None:
@@ -115,6 +129,27 @@ def add_ratios(rows: list[dict]) -> None:
                     r[f"{key.removesuffix('_s')}_vs_dynamic"] = ref[key] / r[key]
 
 
+def measure(args, specs, base, config, grid, new_tokens: int, repeats: int, gen, runs: dict) -> None:
+    """Every dtype, point and repeat, the caches interleaved; each run appended to ``runs``."""
+    for dtype_name in args.dtypes:
+        model = base.to(getattr(torch, dtype_name))
+        # warm-up: lazy initialisation, the CPU kernel's build or load, first-touch page faults
+        for spec in specs:
+            run_once(model, spec, torch.randint(3, config.vocab_size, (1, 300), generator=gen), 4, synthetic=False)
+        for context, batch in grid:
+            prompt = torch.randint(3, config.vocab_size, (batch, context), generator=gen)
+            synthetic = context > args.max_prefill
+            for repeat in range(repeats):
+                shift = repeat % len(specs)
+                for spec in specs[shift:] + specs[:shift]:
+                    r = run_once(model, spec, prompt, new_tokens, synthetic)
+                    runs.setdefault((dtype_name, context, batch, spec.name), []).append(r)
+                    whole = "-" if r["generate_s"] is None else f"{r['generate_s']:.2f}s"
+                    print(f"{dtype_name} ctx {context} x {batch} {spec.name}: generate {whole}, step "
+                          f"{r['generate_step_s'] * 1e3:.1f} ms (forward loop {r['forward_step_s'] * 1e3:.1f} ms)",
+                          flush=True)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="2048:1 only, 16 new tokens, 2 repeats")
@@ -132,6 +167,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--hidden-size", type=int, default=1024)
     p.add_argument("--vocab-size", type=int, default=32000)
     p.add_argument("--threads", type=int, help="torch threads (default: the machine's default)")
+    p.add_argument("--busy", type=int, default=0,
+                   help="processes spinning on a core during the run (contention, as on a shared machine)")
     p.add_argument("--out")
     p.add_argument("--name", default="speed", help="results/<name>.json (has to start with 'speed')")
     args = p.parse_args(argv)
@@ -156,6 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
         "new_tokens": new_tokens,
         "repeats": repeats,
         "max_prefill": args.max_prefill,
+        "busy_processes": args.busy,
         "model": {"layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
                   "heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
                   "head_dim": config.head_dim, "intermediate_size": config.intermediate_size,
@@ -166,23 +204,12 @@ def main(argv: list[str] | None = None) -> dict:
     rec = Recorder(args.name, settings, args.out)
     gen = torch.Generator().manual_seed(0)
     runs: dict[tuple, list[dict]] = {}
-    for dtype_name in args.dtypes:
-        model = base.to(getattr(torch, dtype_name))
-        # warm-up: lazy initialisation, the CPU kernel's build or load, first-touch page faults
-        for spec in specs:
-            run_once(model, spec, torch.randint(3, config.vocab_size, (1, 300), generator=gen), 4, synthetic=False)
-        for context, batch in grid:
-            prompt = torch.randint(3, config.vocab_size, (batch, context), generator=gen)
-            synthetic = context > args.max_prefill
-            for repeat in range(repeats):
-                shift = repeat % len(specs)
-                for spec in specs[shift:] + specs[:shift]:
-                    r = run_once(model, spec, prompt, new_tokens, synthetic)
-                    runs.setdefault((dtype_name, context, batch, spec.name), []).append(r)
-                    whole = "-" if r["generate_s"] is None else f"{r['generate_s']:.2f}s"
-                    print(f"{dtype_name} ctx {context} x {batch} {spec.name}: generate {whole}, step "
-                          f"{r['generate_step_s'] * 1e3:.1f} ms (forward loop {r['forward_step_s'] * 1e3:.1f} ms)",
-                          flush=True)
+    busy = start_busy(args.busy)
+    try:
+        measure(args, specs, base, config, grid, new_tokens, repeats, gen, runs)
+    finally:
+        for proc in busy:
+            proc.terminate()
     for (dtype_name, context, batch, name), rs in runs.items():
         row = {"cache": name, "dtype": dtype_name, "context": context, "batch": batch, "new_tokens": new_tokens,
                "synthetic_prefill": context > args.max_prefill, "repeats": len(rs), "runs": rs}

@@ -16,6 +16,14 @@ overflows the scale dtype) is kept in full precision instead: the packed tier
 holds a zero placeholder for it, so every block keeps its position, and its
 exact tokens live in ``full_precision_blocks``, which ``dequantize_into``
 writes over the placeholder. Both count in ``nbytes``.
+
+Inside a ``torch.compile`` trace the check cannot branch on the data (that
+would break the graph at every flush), so there it is deferred: the blocks
+that cannot be quantized get the placeholder codes branch-free
+(``torch.where``), the flushed tokens are kept aside, and the first eager
+read of the stream (``full_precision_blocks``, ``fallback_events``) moves the
+exact ones into place and logs them. Until then a compiled decode step reads
+such a block as the placeholder (zeros), as the eager path's tiers hold it.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import logging
+
 import torch
 
 from .quantization import QuantizedTensor, dequantize, dequantize_into, quantize
@@ -31,6 +41,8 @@ from .quantization import QuantizedTensor, dequantize, dequantize_into, quantize
 __all__ = ["BlockCodec", "QuantizedBlocks", "concat_blocks", "unquantizable_blocks"]
 
 _BLOCK_DIM = 2
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -102,6 +114,15 @@ def _from_physical(q: QuantizedTensor, data, scale, zero, n_blocks: int) -> Quan
     )
 
 
+def _unquantizable_mask(q: QuantizedTensor) -> torch.Tensor:
+    """Bool [n]: blocks (along dim 2) whose scale or zero is not finite in some batch row or head."""
+    n = q.shape[_BLOCK_DIM]
+    finite = torch.isfinite(q.scale).reshape(*q.scale.shape[:3], -1).all(-1)  # [B, H, n]
+    if q.zero is not None:
+        finite &= torch.isfinite(q.zero).reshape(*q.zero.shape[:3], -1).all(-1)
+    return ~finite.reshape(-1, n).all(0)
+
+
 def unquantizable_blocks(q: QuantizedTensor) -> list[int]:
     """Indices (along dim 2) of blocks whose scale or zero is not finite: their codes mean nothing.
 
@@ -109,12 +130,35 @@ def unquantizable_blocks(q: QuantizedTensor) -> list[int]:
     wide for the scale dtype (fp16 tops out at 65504) overflows to Inf once
     stored, so checking the stored metadata catches both.
     """
-    n = q.shape[_BLOCK_DIM]
-    finite = torch.isfinite(q.scale).reshape(*q.scale.shape[:3], -1).all(-1)  # [B, H, n]
-    if q.zero is not None:
-        finite &= torch.isfinite(q.zero).reshape(*q.zero.shape[:3], -1).all(-1)
     # one device sync per flushed batch of blocks, not per token
-    return torch.nonzero(~finite.reshape(-1, n).all(0)).flatten().tolist()
+    return torch.nonzero(_unquantizable_mask(q)).flatten().tolist()
+
+
+def _as_placeholders(q: QuantizedTensor, bad: torch.Tensor) -> QuantizedTensor:
+    """``q`` with the blocks flagged in ``bad`` [n] replaced, branch-free, by the encoding of zeros.
+
+    That is what quantizing a zero block stores: codes 0 (asymmetric) or the offset 2**(bits-1) (symmetric),
+    the smallest normal scale, zero offset 0.
+    """
+
+    def flagged(t: torch.Tensor) -> torch.Tensor:  # [1, 1, n, 1, ...] against dims 0-2
+        return bad.view(1, 1, -1, *([1] * (t.dim() - 3)))
+
+    per_byte = 8 // q.bits
+    code = 0 if q.zero is not None else 2 ** (q.bits - 1)
+    zero_byte = sum(code << (i * q.bits) for i in range(per_byte))
+    tiny = torch.finfo(q.scale.dtype).tiny
+    return QuantizedTensor(
+        data=torch.where(flagged(q.data), torch.full((), zero_byte, dtype=torch.uint8, device=q.data.device), q.data),
+        scale=torch.where(flagged(q.scale), torch.full((), tiny, dtype=q.scale.dtype, device=q.scale.device), q.scale),
+        zero=None if q.zero is None else torch.where(flagged(q.zero), torch.zeros((), dtype=q.zero.dtype,
+                                                                                 device=q.zero.device), q.zero),
+        bits=q.bits,
+        group_size=q.group_size,
+        axis=q.axis,
+        shape=q.shape,
+        dtype=q.dtype,
+    )
 
 
 def _cat(parts: list[QuantizedTensor]) -> QuantizedTensor:
@@ -156,8 +200,45 @@ class QuantizedBlocks:
         self.aged: QuantizedTensor | None = None
         self.recent: QuantizedTensor | None = None
         # block index (aged first, then recent) -> exact tokens [B, H, G, D] of a block that could not be quantized
-        self.full_precision_blocks: dict[int, torch.Tensor] = {}
-        self.fallback_events = 0  # blocks ever kept in full precision (not decremented by crop)
+        self._full_precision_blocks: dict[int, torch.Tensor] = {}
+        self._fallback_events = 0  # blocks ever kept in full precision (not decremented by crop)
+        # flushes encoded inside a torch.compile trace, not yet checked: (first block, bad mask [n], tokens)
+        self._unchecked: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    @property
+    def full_precision_blocks(self) -> dict[int, torch.Tensor]:
+        self._check_deferred()
+        return self._full_precision_blocks
+
+    @full_precision_blocks.setter
+    def full_precision_blocks(self, blocks: dict[int, torch.Tensor]) -> None:
+        self._full_precision_blocks = blocks
+
+    @property
+    def fallback_events(self) -> int:
+        self._check_deferred()
+        return self._fallback_events
+
+    @fallback_events.setter
+    def fallback_events(self, count: int) -> None:
+        self._fallback_events = count
+
+    def _check_deferred(self) -> None:
+        """Keep the exact tokens of the blocks a compiled flush could not quantize (eager only: it branches)."""
+        if not self._unchecked or torch.compiler.is_compiling():
+            return
+        unchecked, self._unchecked = self._unchecked, []
+        g = self.codec.group_size
+        found = 0
+        for first, bad, tokens in unchecked:
+            for i in torch.nonzero(bad).flatten().tolist():
+                if first + i not in self._full_precision_blocks:
+                    self._full_precision_blocks[first + i] = tokens[:, :, i * g : (i + 1) * g].clone()
+                    self._fallback_events += 1
+                    found += 1
+        if found:
+            logger.warning("%d block(s) flushed inside torch.compile could not be quantized (NaN/Inf or out of the "
+                           "scale range); kept in full precision from now on", found)
 
     @property
     def tiers(self) -> list[QuantizedTensor]:
@@ -203,6 +284,11 @@ class QuantizedBlocks:
     def _encode_or_keep(self, tokens: torch.Tensor, first_block: int, bits: int | None = None) -> QuantizedTensor:
         """Encode [B, H, n*G, D]; blocks that cannot be quantized are kept exact and encoded as zeros."""
         encoded = self.codec.encode(tokens, bits=bits)
+        if torch.compiler.is_compiling():
+            # no data-dependent branch in a trace: placeholders now, exact tokens at the next eager read
+            bad_mask = _unquantizable_mask(encoded)
+            self._unchecked.append((first_block, bad_mask, tokens))
+            return _as_placeholders(encoded, bad_mask)
         bad = unquantizable_blocks(encoded)
         if not bad:
             return encoded
@@ -309,11 +395,12 @@ class QuantizedBlocks:
 
     def map_tensors(self, fn) -> None:
         """Apply ``fn`` to every stored tensor (batch reorder / selection, device moves)."""
+        self._unchecked = [(first, bad, fn(tokens)) for first, bad, tokens in self._unchecked]
         for name in ("aged", "recent"):
             tier = getattr(self, name)
             if tier is not None:
                 setattr(self, name, tier.map_tensors(fn))
-        self.full_precision_blocks = {i: fn(t) for i, t in self.full_precision_blocks.items()}
+        self._full_precision_blocks = {i: fn(t) for i, t in self._full_precision_blocks.items()}
 
     # ------------------------------------------------------------------ snapshot state (plain tensors and numbers)
     def snapshot_state(self) -> dict[str, Any]:

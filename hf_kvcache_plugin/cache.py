@@ -31,7 +31,7 @@ from transformers.cache_utils import (
     get_layer_types_and_kwargs,
 )
 
-from .attention.dispatch import QUANTIZED_ATTENTION, select_fused_attention
+from .attention.dispatch import QUANTIZED_ATTENTION, prepare_fused_attention, select_fused_attention
 from .attention.history import FusedStep, hand_over
 from .budget import (
     MIB,
@@ -120,7 +120,8 @@ class QuantizedKVCache(Cache):
         self._admitted_step: tuple[set[int], Any] = (set(), None)
         if self.cache_config.attention == "fused" and self._attention_config is not None:
             # the default: kvquant_sdpa is plain SDPA for every other cache, so the model loses nothing
-            select_fused_attention(self._attention_config)
+            if select_fused_attention(self._attention_config) and self.cache_config.cpu_kernel == "auto":
+                prepare_fused_attention()
 
     @staticmethod
     def _model_layout(config, num_layers, num_heads=None, head_dim=None):
@@ -178,7 +179,7 @@ class QuantizedKVCache(Cache):
             # function); older models pass nothing, and the step then rides on the returned keys
             attention_kwargs = kwargs.get("kwargs")
             attention_kwargs = attention_kwargs if isinstance(attention_kwargs, dict) else None
-            return _fused_step(layer, key_states, value_states, attention_kwargs)
+            return self._fused_step(layer, key_states, value_states, attention_kwargs)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def fused_update(
@@ -193,7 +194,25 @@ class QuantizedKVCache(Cache):
         if not isinstance(layer, QuantizedKVLayer) or not layer.holds_tokens:
             raise ValueError(f"layer {layer_idx} holds no quantized history to attend to; call `update` for a prefill")
         self._admit_update(layer_idx, key_states, value_states)
-        return _fused_step(layer, key_states, value_states, attention_kwargs)
+        return self._fused_step(layer, key_states, value_states, attention_kwargs)
+
+    def _fused_step(
+        self, layer: QuantizedKVLayer, key_states: torch.Tensor, value_states: torch.Tensor,
+        attention_kwargs: dict | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # per token and layer: the caller has checked the index and the layer already
+        if layer.flush_pending:
+            # the previous step's keys went to an attention function that did not read the layer: its output
+            # attended to that step's tokens alone. Say so rather than go on computing wrong tokens.
+            raise RuntimeError(
+                f"{layer._name()}: the model's attention did not read the quantized history handed to it on the "
+                f"last decode step (it runs {QUANTIZED_ATTENTION!r} for the cache, yet the step was not taken); "
+                "build the cache with attention='dequantize' for this model"
+            )
+        layer.append(key_states, value_states, defer_flush=True)
+        step = FusedStep(history=layer, finish=layer.flush_deferred, cpu_kernel=self.cache_config.cpu_kernel == "auto")
+        hand_over(step, attention_kwargs, key_states)
+        return key_states, value_states
 
     # ------------------------------------------------------------------ the byte budget (module `budget`)
     @property
@@ -410,23 +429,6 @@ def _one_of(name: str, value: Any, alias: str, alias_value: Any) -> Any:
     if value is None and alias_value is None:
         raise ValueError(f"`store` needs `{name}` (or `{alias}`): a tensor [batch, heads, seq, head_dim]")
     return value if value is not None else alias_value
-
-
-def _fused_step(
-    layer: QuantizedKVLayer, key_states: torch.Tensor, value_states: torch.Tensor, attention_kwargs: dict | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    # per token and layer: `update` has checked the index and the layer already
-    if layer.flush_pending:
-        # the previous step's keys went to an attention function that did not read the layer: its output
-        # attended to that step's tokens alone. Say so rather than go on computing wrong tokens.
-        raise RuntimeError(
-            f"{layer._name()}: the model's attention did not read the quantized history handed to it on the last "
-            f"decode step (it runs {QUANTIZED_ATTENTION!r} for the cache, yet the step was not taken); build the cache "
-            "with attention='dequantize' for this model"
-        )
-    layer.append(key_states, value_states, defer_flush=True)
-    hand_over(FusedStep(history=layer, finish=layer.flush_deferred), attention_kwargs, key_states)
-    return key_states, value_states
 
 
 def create_quantized_kv_cache(

@@ -225,3 +225,36 @@ def test_save_is_atomic_and_leaves_no_temporary(tmp_path, monkeypatch):
         make().save(path)
     assert path.read_bytes() == before  # the old snapshot is untouched
     assert [p.name for p in tmp_path.iterdir()] == ["c"]
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("quant_type", ["int8", "int4", "int2", "mixed"])
+def test_a_flush_inside_torch_compile_defers_the_check_and_ends_like_eager(quant_type, symmetric, caplog):
+    """Traced code cannot branch on the data: the unquantizable block gets its placeholder codes branch-free and
+    its exact tokens move into place at the first eager read. The result equals the eager path's, bit for bit."""
+    k, v = kv(64)
+    k[0, 1, 19, 3] = float("nan")  # block 2 (tokens 16-23)
+    k[1, 0, 40:48].mul_(1e7)  # block 5: a range fp16 scales cannot hold
+    eager, traced = (make(quant_type, symmetric=symmetric, mixed_int8_tokens=16) for _ in range(2))
+    eager.update(k, v, 0)
+
+    def prefill(cache, k, v):
+        cache.layers[0].update(k, v)
+
+    torch._dynamo.reset()
+    with caplog.at_level("WARNING", logger="hf_kvcache_plugin.blocks"):
+        torch.compile(prefill, backend="eager", fullgraph=True)(traced, k, v)  # fullgraph: a break would raise
+        assert traced.layers[0].quantized_keys._unchecked  # nothing resolved inside the trace
+        stats = traced.get_stats()  # an eager read
+    assert "2 block(s) flushed inside torch.compile could not be quantized" in caplog.text
+    assert stats["fallback_blocks"] == eager.get_stats()["fallback_blocks"] == 2
+    assert stats["fallback_events"] == 2
+    for stream in ("quantized_keys", "quantized_values"):
+        a, b = getattr(eager.layers[0], stream), getattr(traced.layers[0], stream)
+        assert sorted(a.full_precision_blocks) == sorted(b.full_precision_blocks)
+        for tier_a, tier_b in zip(a.tiers, b.tiers):
+            assert torch.equal(tier_a.data, tier_b.data) and torch.equal(tier_a.scale, tier_b.scale)
+            assert (tier_a.zero is None) == (tier_b.zero is None)
+            assert tier_a.zero is None or torch.equal(tier_a.zero, tier_b.zero)
+    for x, y in zip(eager.layers[0].dequantized(), traced.layers[0].dequantized()):
+        assert same(x, y)

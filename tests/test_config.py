@@ -156,11 +156,12 @@ def test_a_file_reports_every_problem_under_its_name(tmp_path):
 
 def test_a_section_built_directly_reports_every_problem():
     with pytest.raises(ConfigError) as info:
-        CacheConfig(quant_type="int5", residual_length=True, attention="eager", unknown=1)
+        CacheConfig(quant_type="int5", residual_length=True, attention="eager", cpu_kernel="on", unknown=1)
     assert info.value.errors == [
         "`quant_type` has to be one of ['int8', 'int4', 'int2', 'mixed'] but got 'int5'",
         "`residual_length` has to be of type int but got bool: True",
         "`attention` has to be one of ['fused', 'dequantize'] but got 'eager'",
+        "`cpu_kernel` has to be one of ['auto', 'off'] but got 'on'",
         f"unknown key(s) ['unknown'] in `CacheConfig`; allowed keys are {sorted(f.name for f in fields(CacheConfig))}",
     ]
 

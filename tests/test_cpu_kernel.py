@@ -87,6 +87,24 @@ def test_generate_through_the_kernel_equals_the_reference_path(realistic_model, 
     assert with_kernel == reference
 
 
+def test_cpu_kernel_off_in_the_config_keeps_the_reference_path(realistic_model, monkeypatch):
+    model = realistic_model
+    prompt = torch.randint(3, model.config.vocab_size, (1, 70), generator=torch.Generator().manual_seed(0))
+    options = dict(group_size=16, residual_length=16)
+    with_kernel = _generate(model, QuantizedKVCache(model.config, "int4", **options), prompt)
+
+    def refuse(*args):
+        raise AssertionError("the kernel ran with cpu_kernel: off")
+
+    from hf_kvcache_plugin.attention import reference
+
+    monkeypatch.setattr(reference, "kernel_key_scores", refuse)
+    monkeypatch.setattr(reference, "kernel_value_output", refuse)
+    off = QuantizedKVCache(model.config, "int4", cpu_kernel="off", **options)
+    assert off.uses_fused_attention
+    assert _generate(model, off, prompt) == with_kernel
+
+
 def test_without_a_compiler_the_reference_runs_and_says_why(monkeypatch, caplog):
     monkeypatch.setattr(cpu_kernel, "_state", {})
     monkeypatch.setenv("CXX", "/nonexistent/c++")
@@ -104,3 +122,33 @@ def test_environment_switch_turns_the_kernel_off(monkeypatch):
     monkeypatch.setenv("HF_KVCACHE_CPU_KERNEL", "0")
     assert not cpu_kernel.cpu_kernel_available()
     assert cpu_kernel._state["reason"] == "HF_KVCACHE_CPU_KERNEL=0"
+
+
+def _decode_step(model, cache, token):
+    return model(input_ids=token, past_key_values=cache, use_cache=True).logits
+
+
+def test_decode_steps_compile_whole_and_equal_eager(realistic_model):
+    """torch.compile traces every decode step, flushes included, through the cache and the kernel (its ops have
+    fake versions; the finite check of a flush is deferred inside traces) in one graph, and the compiled step,
+    run with the eager backend, gives the eager logits."""
+    model = realistic_model
+    prompt = torch.randint(3, model.config.vocab_size, (1, 70), generator=torch.Generator().manual_seed(1))
+    caches = [QuantizedKVCache(model.config, "int4", group_size=16, residual_length=16) for _ in range(2)]
+    assert caches[0].uses_fused_attention
+    token = prompt[:, -1:]
+    torch._dynamo.reset()
+    with torch.no_grad():
+        for cache in caches:
+            model(input_ids=prompt, past_key_values=cache, use_cache=True)
+        # 70 tokens leave 22 in the window; it reaches 32 and flushes a block on the tenth step
+        for _ in range(12):
+            explained = torch._dynamo.explain(_decode_step)(model, caches[0], token)
+            assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+            _decode_step(model, caches[1], token)
+        assert caches[0].layers[0].quantized_keys.num_blocks == 4  # the flush happened inside the traces
+        compiled = torch.compile(_decode_step, backend="eager", fullgraph=True)
+        compiled_logits = compiled(model, caches[0], token)
+        eager_logits = _decode_step(model, caches[1], token)
+    assert caches[0].get_seq_length() == caches[1].get_seq_length() == 83
+    torch.testing.assert_close(compiled_logits, eager_logits, rtol=0, atol=0)

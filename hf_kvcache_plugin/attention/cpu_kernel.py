@@ -61,15 +61,30 @@ def _build() -> tuple[bool, str]:
         from torch.utils.cpp_extension import load
 
         logger.info("hf_kvcache: building the CPU decode kernel (once per machine; cached)")
-        load(name=_build_name(), sources=[str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        load(name=_build_name(), sources=[str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
+             is_python_module=False, verbose=False)
+        _register_fakes()
     except Exception as exc:  # no compiler, no headers, a failed build: the reference path still works
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return False, f"the C++ build failed ({first_line})"
     return True, ""
 
 
+def _register_fakes() -> None:
+    """Shape-only versions of the ops, so that ``torch.compile`` traces them as ops instead of breaking the graph.
+
+    Both ops write into a tensor they are given and return nothing: their fake does nothing.
+    """
+    for op in ("hf_kvcache::key_scores", "hf_kvcache::value_output"):
+        torch.library.register_fake(op)(lambda *args: None)
+
+
 def cpu_kernel_available() -> bool:
-    """Build (or load the cached build of) the kernel once per process; False when it cannot be built."""
+    """Build (or load the cached build of) the kernel once per process; False when it cannot be built.
+
+    ``QuantizedKVCache`` calls this when it selects fused attention, so the build happens eagerly, before any
+    ``torch.compile`` trace reaches the attention function (where the lock below would break the graph).
+    """
     if "ok" not in _state:
         with _lock:
             if "ok" not in _state:
@@ -77,7 +92,7 @@ def cpu_kernel_available() -> bool:
                 _state["reason"] = reason
                 _state["ok"] = ok
                 if not ok:
-                    logger.warning("hf_kvcache: the CPU decode kernel is unavailable (%s); fused attention runs "
+                    logger.warning("hf_kvcache: the CPU decode kernel is unavailable (%s); fused attention on CPU runs "
                                    "the PyTorch reference path, which is slower", reason)
     return bool(_state["ok"])
 

@@ -25,7 +25,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .cpu_kernel import cpu_kernel_unsupported
+from .cpu_kernel import cpu_kernel_available, cpu_kernel_unsupported
 from .history import QuantizedHistory, take_over
 from .masks import keep_mask
 from .reference import attention_from_layer
@@ -34,6 +34,7 @@ from .triton_attention import triton_attention_from_layer, triton_available, tri
 __all__ = [
     "QUANTIZED_ATTENTION",
     "enable_quantized_attention",
+    "prepare_fused_attention",
     "quantized_attention_forward",
     "register_quantized_attention",
     "select_fused_attention",
@@ -86,6 +87,11 @@ def select_fused_attention(decoder_config) -> bool:
     return True
 
 
+def prepare_fused_attention() -> None:
+    """Build or load the CPU kernel now (once per process), outside any decode step or compiled region."""
+    cpu_kernel_available()
+
+
 def quantized_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -114,7 +120,8 @@ def quantized_attention_forward(
     if _use_triton(query, history):
         out = triton_attention_from_layer(query, history, attention_mask, scaling)
     else:
-        out = attention_from_layer(query, history, attention_mask, scaling, cpu_kernel=_use_cpu_kernel(query))
+        use_kernel = step.cpu_kernel and _use_cpu_kernel(query)
+        out = attention_from_layer(query, history, attention_mask, scaling, cpu_kernel=use_kernel)
     step.finish()
     return out.transpose(1, 2).contiguous(), None
 

@@ -53,6 +53,7 @@ class FusedStep:
 
     history: QuantizedHistory
     finish: Callable[[], None]  # call once the history was read: the layer then flushes its full blocks
+    cpu_kernel: bool = True  # CPU tensors may go through the C++ kernel (the cache's `cpu_kernel: auto`)
 
 
 def hand_over(step: FusedStep, attention_kwargs: dict | None, key_states: torch.Tensor) -> None:

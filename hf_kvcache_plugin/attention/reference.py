@@ -67,7 +67,7 @@ def attention_from_layer(
         elif isinstance(keys, QuantizedTensor):
             _quantized_key_scores(qf, keys, target, chunk_tokens)
         else:
-            torch.matmul(qf, keys.float().transpose(-1, -2), out=target)
+            target.copy_(torch.matmul(qf, keys.float().transpose(-1, -2)))  # out= into a strided view: no compile
         start += length
 
     keep = keep_mask(attention_mask, b, q, total, query.device)

@@ -32,7 +32,7 @@ from .validation import (
 )
 
 __all__ = [
-    "ATTENTION_PATHS", "BITS_OF_QUANT_TYPE", "BreakerConfig", "CacheConfig", "DEFAULT_GROUP_SIZE",
+    "ATTENTION_PATHS", "BITS_OF_QUANT_TYPE", "CPU_KERNEL_MODES", "BreakerConfig", "CacheConfig", "DEFAULT_GROUP_SIZE",
     "DistributedConfig", "EVICTION_POLICIES", "GROUP_AXES", "HealthConfig", "HealthServerConfig", "LayerOverride",
     "MIXED_AGED_BITS", "PluginConfig", "PrefixStoreConfig", "QUANT_TYPES", "RATE_LIMIT_ACTIONS", "RateLimitConfig",
     "SCALE_DTYPES", "ServingConfig", "SizerConfig", "check_prefix_reuse_settings", "section_dependencies",
@@ -41,6 +41,7 @@ __all__ = [
 QUANT_TYPES = ("int8", "int4", "int2", "mixed")
 GROUP_AXES = ("channel", "token")
 ATTENTION_PATHS = ("fused", "dequantize")
+CPU_KERNEL_MODES = ("auto", "off")
 SCALE_DTYPES = ("float16", "bfloat16", "float32", "compute")
 BITS_OF_QUANT_TYPE = {"int8": 8, "int4": 4, "int2": 2, "mixed": 8}
 EVICTION_POLICIES = ("lru", "lfu")
@@ -98,6 +99,10 @@ class CacheConfig(Checked):
         default_factory=list
     )
     attention: Annotated[Literal[ATTENTION_PATHS], doc("fused: attention reads the codes")] = "fused"
+    cpu_kernel: Annotated[
+        Literal[CPU_KERNEL_MODES],
+        doc("fused attention on CPU: auto = the C++ kernel where it builds, off = the PyTorch reference path"),
+    ] = "auto"
     max_size_mb: Annotated[
         PositiveFloat | None,
         doc("byte budget of the live cache in MiB (2**20 bytes): an update that would exceed it is refused; "

@@ -1,0 +1,88 @@
+"""Where a decode step's time goes: ``torch.profiler`` over forward-loop decode steps, per cache.
+
+For DynamicCache, ours through the C++ CPU kernel, and ours through the
+PyTorch reference path (the kernel switched off), it prints the operator
+calls per step and the operators that take the most time. The call count is
+what contention punishes: every parallel operator waits for all of torch's
+threads, so on a machine where another process holds a core each call can
+cost a scheduler time slice.
+
+    python benchmarks/decode_profile.py                    # 2k context, bf16
+    python benchmarks/decode_profile.py --context 8192 --dtype float32
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from hf_kvcache_plugin import QuantizedKVCache
+from hf_kvcache_plugin.attention import cpu_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from models import FORWARD_CACHE_KWARG, realistic_config, realistic_model  # noqa: E402
+from records import Recorder, format_table, machine  # noqa: E402
+
+VARIANTS = ("dynamic", "ours-int4-kernel", "ours-int4-reference")
+
+
+@torch.inference_mode()
+def profile(model, variant: str, prompt: torch.Tensor, steps: int, top: int) -> dict:
+    # the reference variant runs with the kernel marked unavailable, as on a machine without a compiler
+    saved = dict(cpu_kernel._state)
+    if variant.endswith("reference"):
+        cpu_kernel._state.update(ok=False, reason="switched off by decode_profile.py")
+    try:
+        model.set_attn_implementation("sdpa")
+        cache = DynamicCache(config=model.config) if variant == "dynamic" else QuantizedKVCache(model.config, "int4")
+        kwargs = {FORWARD_CACHE_KWARG: cache, "use_cache": True, "logits_to_keep": 1}
+        token = model(input_ids=prompt, **kwargs).logits[:, -1:].argmax(-1)
+        for _ in range(2):  # warm-up steps
+            token = model(input_ids=token, **kwargs).logits[:, -1:].argmax(-1)
+        with torch.profiler.profile() as prof:
+            for _ in range(steps):
+                token = model(input_ids=token, **kwargs).logits[:, -1:].argmax(-1)
+    finally:
+        cpu_kernel._state.clear()
+        cpu_kernel._state.update(saved)
+    events = prof.key_averages()
+    busiest = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return {
+        "variant": variant,
+        "op_calls_per_step": sum(e.count for e in events) / steps,
+        "self_cpu_ms_per_step": sum(e.self_cpu_time_total for e in events) / steps / 1e3,
+        "top": [{"op": e.key, "calls_per_step": e.count / steps, "self_cpu_ms_per_step": e.self_cpu_time_total
+                 / steps / 1e3} for e in busiest],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--context", type=int, default=2048)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--top", type=int, default=6)
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+    config = realistic_config()
+    model = realistic_model(config).to(getattr(torch, args.dtype))
+    host = machine()
+    print(f"CPU: {host['cpu_model']}; flags: {' '.join(host['cpu_flags'])}; torch threads: {host['torch_threads']}")
+    prompt = torch.randint(3, config.vocab_size, (1, args.context), generator=torch.Generator().manual_seed(0))
+    rec = Recorder("decode_profile", {"context": args.context, "dtype": args.dtype, "steps": args.steps}, args.out)
+    for variant in VARIANTS:
+        row = rec.add(**profile(model, variant, prompt, args.steps, args.top))
+        print(f"\n{variant}: {row['op_calls_per_step']:.0f} operator calls per decode step, "
+              f"{row['self_cpu_ms_per_step']:.1f} ms CPU")
+        print(format_table(row["top"], ["op", "calls_per_step", "self_cpu_ms_per_step"]))
+    rec.write()
+    return {"rows": rec.rows}
+
+
+if __name__ == "__main__":
+    main()
