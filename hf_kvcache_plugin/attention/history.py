@@ -68,5 +68,8 @@ def take_over(attention_kwargs: dict, key: torch.Tensor | None) -> FusedStep | N
     """Remove and return the step the cache handed over (None: the cache is not ours, or this is a prefill)."""
     step = attention_kwargs.pop(FUSED_STEP_KEY, None)
     if step is None and key is not None:
-        step = key.__dict__.pop(FUSED_STEP_KEY, None)
+        step = getattr(key, FUSED_STEP_KEY, None)
+        if step is not None:
+            # taken once: cleared with setattr, which torch.compile traces on tensors (delattr it does not)
+            setattr(key, FUSED_STEP_KEY, None)
     return step
