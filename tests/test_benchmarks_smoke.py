@@ -39,6 +39,7 @@ def results(tmp_path_factory):
     if HAVE_REAL:
         run("quality.py", "--windows", "1", "--prompts", "2", "--batch", "2", "--new-tokens", "8",
             "--caches", "dynamic", "ours-int4", "quanto-int4", "--out", str(out))
+    run("spec_table.py", "--tokens", "64", "--repeats", "1", "--out", str(out))
     run("report.py", "--results", str(out))
     return out
 
@@ -65,6 +66,16 @@ def test_speed_rows_have_ratios(results):
     assert prefilled["forward_step_vs_dynamic"] > 0
     synthetic = by(speed["rows"], cache="ours-int4", context=200)
     assert synthetic["synthetic_prefill"] and synthetic["generate_s"] is None and synthetic["generate_step_s"] > 0
+
+
+def test_spec_table_has_every_claim_next_to_ours(results):
+    rows = load(results, "spec_table")["rows"]
+    assert {r["operation"].split(",")[0].split(" (")[0] for r in rows} >= {
+        "INT8 quantize", "INT8 dequantize", "INT4 quantize", "INT4 dequantize", "consistent hash lookup",
+        "circuit breaker check", "health check"}
+    int4 = by(rows, operation="INT4 quantize")
+    assert int4["ns_per_token"] > 0 and int4["meta_bytes_per_element"] == 4 / 64  # fp16 scale + zero per 64
+    assert all(r["spec_latency"] and r["ours"] for r in rows)
 
 
 def test_throughput_has_copy_ceiling(results):
