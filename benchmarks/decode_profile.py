@@ -21,7 +21,6 @@ import torch
 from transformers import DynamicCache
 
 from hf_kvcache_plugin import QuantizedKVCache
-from hf_kvcache_plugin.attention import cpu_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -33,23 +32,19 @@ VARIANTS = ("dynamic", "ours-int4-kernel", "ours-int4-reference")
 
 @torch.inference_mode()
 def profile(model, variant: str, prompt: torch.Tensor, steps: int, top: int) -> dict:
-    # the reference variant runs with the kernel marked unavailable, as on a machine without a compiler
-    saved = dict(cpu_kernel._state)
-    if variant.endswith("reference"):
-        cpu_kernel._state.update(ok=False, reason="switched off by decode_profile.py")
-    try:
-        model.set_attn_implementation("sdpa")
-        cache = DynamicCache(config=model.config) if variant == "dynamic" else QuantizedKVCache(model.config, "int4")
-        kwargs = {FORWARD_CACHE_KWARG: cache, "use_cache": True, "logits_to_keep": 1}
-        token = model(input_ids=prompt, **kwargs).logits[:, -1:].argmax(-1)
-        for _ in range(2):  # warm-up steps
+    model.set_attn_implementation("sdpa")
+    if variant == "dynamic":
+        cache = DynamicCache(config=model.config)
+    else:
+        # the reference variant is the path a machine without a compiler runs
+        cache = QuantizedKVCache(model.config, "int4", cpu_kernel="off" if variant.endswith("reference") else "auto")
+    kwargs = {FORWARD_CACHE_KWARG: cache, "use_cache": True, "logits_to_keep": 1}
+    token = model(input_ids=prompt, **kwargs).logits[:, -1:].argmax(-1)
+    for _ in range(2):  # warm-up steps
+        token = model(input_ids=token, **kwargs).logits[:, -1:].argmax(-1)
+    with torch.profiler.profile() as prof:
+        for _ in range(steps):
             token = model(input_ids=token, **kwargs).logits[:, -1:].argmax(-1)
-        with torch.profiler.profile() as prof:
-            for _ in range(steps):
-                token = model(input_ids=token, **kwargs).logits[:, -1:].argmax(-1)
-    finally:
-        cpu_kernel._state.clear()
-        cpu_kernel._state.update(saved)
     events = prof.key_averages()
     busiest = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
     return {
