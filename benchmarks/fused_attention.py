@@ -7,9 +7,11 @@ Model: a randomly initialised Llama of realistic head shape (head_dim 128, 8 KV 
 random K/V for the context length, then N single-token decode steps run through the
 model. Speed: configurations interleaved, several repeats, median step time.
 Peak memory: each configuration in a fresh subprocess (glibc's mmap threshold fixed at
-128 KiB so freed blocks leave RSS at once); RSS sampled every ~0.5 ms by a psutil thread
-during the decode steps; reported as the peak RSS above the RSS before decoding (the
-transient a step needs) next to the cache's stored bytes.
+128 KiB so freed blocks leave RSS at once); after --memory-steps warm-up steps, RSS sampled
+every ~0.5 ms by a psutil thread during --memory-steps more decode steps (the default, 80,
+includes a flush of the 64-token blocks); reported as the peak RSS above the RSS before
+them (the transient the steps need, and the growth of the cache) next to the cache's
+stored bytes at the end.
 
     python benchmarks/fused_attention.py --quick
     python benchmarks/fused_attention.py --contexts 2048 8192 --repeats 5
@@ -138,7 +140,9 @@ def memory_probe(name: str, context: int, dtype_name: str, steps: int) -> dict:
     model = make_model(dtype, context)
     model.set_attn_implementation(CONFIGS[name][0])
     cache = filled_cache(name, model, context, dtype)
-    decode_steps(model, cache, 1)
+    # warm up through a flush (the allocator's and the kernels' one-time growth is not the cache's), then
+    # measure over enough steps to include another: a flush quantizes a block and grows the history
+    decode_steps(model, cache, steps)
     gc.collect()
     proc = psutil.Process()
     before = proc.memory_info().rss
@@ -168,6 +172,7 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--memory-steps", type=int, default=80, help="decode steps of the peak-memory probe")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="default: the machine's")
     parser.add_argument("--out", default=str(RESULTS / "fused_attention.json"), help="JSON file to write")
@@ -175,10 +180,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory_probe:
-        print(json.dumps(memory_probe(args.memory_probe[0], int(args.memory_probe[1]), args.dtype, args.steps)))
+        print(json.dumps(memory_probe(args.memory_probe[0], int(args.memory_probe[1]), args.dtype, args.memory_steps)))
         return
     if args.quick:
-        args.contexts, args.repeats, args.steps = [512], 1, 3
+        args.contexts, args.repeats, args.steps, args.memory_steps = [512], 1, 3, 8
     dtype = getattr(torch, args.dtype)
 
     speed = measure_speed(args, dtype)
@@ -186,7 +191,7 @@ def main() -> None:
     for context in args.contexts:
         for name in args.configs:
             cmd = [sys.executable, __file__, "--memory-probe", name, str(context), "--dtype", args.dtype,
-                   "--steps", str(args.steps), "--threads", str(args.threads)]
+                   "--memory-steps", str(args.memory_steps), "--threads", str(args.threads)]
             # A fixed glibc mmap threshold hands every large block back to the OS when freed, so RSS
             # follows the live bytes (by default glibc keeps freed blocks and RSS hides transients).
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}

@@ -138,6 +138,8 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.keys = self.values = None  # unused by this layer; kept for the mixin's contract
         self.sink_keys = self.sink_values = None
         self.residual_keys = self.residual_values = None
+        # backing tensors of [residual_length + G] tokens that decode steps write the window into, in place
+        self._window_buffers: tuple[torch.Tensor, torch.Tensor] | None = None
         self.quantized_keys: QuantizedBlocks | None = None
         self.quantized_values: QuantizedBlocks | None = None
         self._length = 0
@@ -232,17 +234,71 @@ class QuantizedKVLayer(CacheLayerMixin):
         else:
             self.check_matches(key_states, value_states)
         self.flush_deferred()
+        had_history = self._length > 0
         self._length += key_states.shape[-2]
         n_sink = min(key_states.shape[-2], self.settings.sink_tokens - self.sink_keys.shape[-2])
         if n_sink > 0:
             self.sink_keys = torch.cat([self.sink_keys, key_states[:, :, :n_sink]], dim=-2)
             self.sink_values = torch.cat([self.sink_values, value_states[:, :, :n_sink]], dim=-2)
             key_states, value_states = key_states[:, :, n_sink:], value_states[:, :, n_sink:]
-        self.residual_keys = torch.cat([self.residual_keys, key_states], dim=-2)
-        self.residual_values = torch.cat([self.residual_values, value_states], dim=-2)
+        self._append_to_window(key_states, value_states, had_history)
         self._flush_deferred = True
         if not defer_flush:
             self.flush_deferred()
+
+    @property
+    def window_capacity(self) -> int:
+        """Tokens the window can hold between flushes: the kept ``residual_length`` plus one block being filled."""
+        return self.residual_length + self.group_size
+
+    def _writes_window_in_place(self, held: int, new: int, had_history: bool) -> bool:
+        """Whether an append of ``new`` tokens to a window of ``held`` goes into the capacity buffers.
+
+        Decode-sized appends (after the first) do: concatenating would copy the whole window every token, a
+        transient as large as the window per step. The first append (the prompt) and appends too large for
+        the capacity concatenate, so a cache after prefill holds no spare capacity."""
+        return had_history and held + new <= self.window_capacity
+
+    def _append_to_window(self, key_states: torch.Tensor, value_states: torch.Tensor, had_history: bool) -> None:
+        held, new = self.residual_keys.shape[-2], key_states.shape[-2]
+        if new == 0:
+            return
+        if not self._writes_window_in_place(held, new, had_history):
+            self._window_buffers = None
+            self.residual_keys = torch.cat([self.residual_keys, key_states], dim=-2)
+            self.residual_values = torch.cat([self.residual_values, value_states], dim=-2)
+            return
+        if self._window_buffers is None:
+            # once per sequence (and after a crop or a batch reorder): the window moves into buffers of
+            # `window_capacity` tokens; nbytes counts them whole from then on
+            buffers = []
+            for held_states in (self.residual_keys, self.residual_values):
+                b, h, _, d = held_states.shape
+                buffer = held_states.new_empty(b, h, self.window_capacity, d)
+                buffer[:, :, :held] = held_states
+                buffers.append(buffer)
+            self._window_buffers = (buffers[0], buffers[1])
+        key_buffer, value_buffer = self._window_buffers
+        key_buffer[:, :, held : held + new] = key_states
+        value_buffer[:, :, held : held + new] = value_states
+        self.residual_keys = key_buffer[:, :, : held + new]
+        self.residual_values = value_buffer[:, :, : held + new]
+
+    def _drop_window_head(self, n_tokens: int) -> None:
+        """Remove the window's oldest ``n_tokens`` (just quantized)."""
+        if self._window_buffers is None:
+            # clone: a slice would keep the whole old window alive
+            self.residual_keys = self.residual_keys[:, :, n_tokens:].clone()
+            self.residual_values = self.residual_values[:, :, n_tokens:].clone()
+            return
+        kept = self.residual_keys.shape[-2] - n_tokens
+        for buffer in self._window_buffers:
+            # shift left in pieces of at most n_tokens: source and destination of a copy never overlap
+            for start in range(0, kept, n_tokens):
+                length = min(n_tokens, kept - start)
+                buffer[:, :, start : start + length] = buffer[:, :, n_tokens + start : n_tokens + start + length]
+        self.residual_keys = self._window_buffers[0][:, :, :kept]
+        self.residual_values = self._window_buffers[1][:, :, :kept]
 
     @property
     def flush_pending(self) -> bool:
@@ -269,9 +325,7 @@ class QuantizedKVLayer(CacheLayerMixin):
                 "%s: %d block(s) could not be quantized (NaN/Inf or out of the scale range); kept in full precision",
                 self._name(), self.fallback_events - events,
             )
-        # clone: a slice would keep the whole old window alive
-        self.residual_keys = self.residual_keys[:, :, n_tokens:].clone()
-        self.residual_values = self.residual_values[:, :, n_tokens:].clone()
+        self._drop_window_head(n_tokens)
 
     def flush_residual(self) -> None:
         """Quantize every whole block of G tokens in the residual window now, leaving fewer than G exact.
@@ -395,8 +449,15 @@ class QuantizedKVLayer(CacheLayerMixin):
         """Every byte this layer holds: blocks (codes, scales, zeros, blocks kept exact), sinks and residual."""
         if not self.is_initialized:
             return 0
-        dense = (self.sink_keys, self.sink_values, self.residual_keys, self.residual_values)
-        return self.quantized_keys.nbytes + self.quantized_values.nbytes + sum(tensor_nbytes(t) for t in dense)
+        dense = tensor_nbytes(self.sink_keys) + tensor_nbytes(self.sink_values) + self._window_nbytes
+        return self.quantized_keys.nbytes + self.quantized_values.nbytes + dense
+
+    @property
+    def _window_nbytes(self) -> int:
+        """The window's bytes: its capacity buffers whole while decode writes into them, else its tokens."""
+        if self._window_buffers is not None:
+            return sum(tensor_nbytes(t) for t in self._window_buffers)
+        return tensor_nbytes(self.residual_keys) + tensor_nbytes(self.residual_values)
 
     def nbytes_after_append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> int:
         """``nbytes`` once ``append(key_states, value_states)`` and its flush are done, predicted without touching
@@ -407,14 +468,17 @@ class QuantizedKVLayer(CacheLayerMixin):
         dv = value_states.shape[-1]
         s = self.settings
         held_sinks = self.sink_keys.shape[-2] if self.is_initialized else 0
-        residual = self.residual_keys.shape[-2] if self.is_initialized else 0
+        held = self.residual_keys.shape[-2] if self.is_initialized else 0
         to_sinks = max(0, min(n, s.sink_tokens - held_sinks))
-        residual += n - to_sinks
+        residual = held + n - to_sinks
         new_blocks = max(0, residual - s.residual_length) // s.group_size
         residual -= new_blocks * s.group_size
-        dense_tokens = held_sinks + to_sinks + residual
-        itemsize = key_states.element_size()
-        dense = b * h * dense_tokens * (d + dv) * itemsize
+        if n == to_sinks:  # the window is not touched
+            in_buffers = self.is_initialized and self._window_buffers is not None
+        else:
+            in_buffers = self._writes_window_in_place(held, n - to_sinks, had_history=self._length > 0)
+        window_tokens = self.window_capacity if in_buffers else residual
+        dense = b * h * (held_sinks + to_sinks + window_tokens) * (d + dv) * key_states.element_size()
         keys = self.quantized_keys if self.is_initialized else s.blocks("keys")
         values = self.quantized_values if self.is_initialized else s.blocks("values")
         # a caller that expands the batch for num_return_sequences repeats the history's rows first
@@ -441,7 +505,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         return {
             "seq_length": self._length,
             "quantized_bytes": sum(s.nbytes for s in streams) - fallback_bytes,
-            "residual_bytes": tensor_nbytes(self.residual_keys) + tensor_nbytes(self.residual_values),
+            "residual_bytes": self._window_nbytes,
             "sink_bytes": tensor_nbytes(self.sink_keys) + tensor_nbytes(self.sink_values),
             "fallback_bytes": fallback_bytes,
             "fallback_blocks": sum(len(s.full_precision_blocks) for s in streams),
@@ -462,6 +526,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         if count > self._length:
             raise ValueError(f"{self._name()}: cannot crop {count} tokens, the cache holds only {self._length}")
         self._length -= count
+        self._window_buffers = None
         r = self.residual_keys.shape[-2]
         from_residual = min(count, r)
         self.residual_keys = self.residual_keys[:, :, : r - from_residual].clone()
@@ -482,6 +547,7 @@ class QuantizedKVLayer(CacheLayerMixin):
             self.sink_values = self.sink_values[:, :, : s - count].clone()
 
     def _map_all(self, fn) -> None:
+        self._window_buffers = None
         for name in ("sink_keys", "sink_values", "residual_keys", "residual_values"):
             setattr(self, name, fn(getattr(self, name)))
         self.quantized_keys.map_tensors(fn)

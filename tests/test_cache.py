@@ -119,6 +119,35 @@ def test_history_is_never_requantized():
     assert torch.equal(now.zero[:, :, :n_first], snapshot[2])
 
 
+def test_decode_writes_the_window_in_place_and_counts_its_capacity():
+    """A decode step writes its token into the window's buffers (no copy of the window per token); the
+    buffers, residual_length + G tokens, count whole; the history read back is exact."""
+    cache = make("int4")  # G 8, residual 16: capacity 24 tokens
+    layer = cache.layers[0]
+    k, v = kv(120)
+    cache.update(k[:, :, :37], v[:, :, :37], 0)
+    per_token_fp = 2 * B * H * D * 4
+    assert cache.get_stats()["residual_bytes"] == layer.residual_keys.shape[-2] * per_token_fp  # the prompt: tight
+    buffer = None
+    for t in range(37, 120):
+        ko, vo = cache.update(k[:, :, t : t + 1], v[:, :, t : t + 1], 0)
+        window = layer.residual_keys.shape[-2]
+        assert torch.equal(ko[:, :, -window:], k[:, :, t + 1 - window : t + 1])
+        if buffer is None:
+            buffer = layer.residual_keys.untyped_storage().data_ptr()
+        assert layer.residual_keys.untyped_storage().data_ptr() == buffer  # the same buffer every step
+        assert cache.get_stats()["residual_bytes"] == 24 * per_token_fp
+        held = layer.quantized_keys.num_tokens
+        assert held + layer.residual_keys.shape[-2] == t + 1 and 16 <= layer.residual_keys.shape[-2] < 24
+    # quantized history equal to quantizing the same tokens in one go, then the exact window
+    qk, _ = encode_blocks(layer, k[:, :, :held], v[:, :, :held])
+    assert torch.equal(layer.quantized_keys.recent.data, qk.data)
+    assert torch.equal(layer.residual_keys, k[:, :, held:120])
+    # a crop or a batch selection leaves a tight window again
+    cache.crop(-3)
+    assert cache.get_stats()["residual_bytes"] == layer.residual_keys.shape[-2] * per_token_fp
+
+
 @pytest.mark.parametrize("bits,quant_type", [(8, "int8"), (4, "int4"), (2, "int2")])
 @pytest.mark.parametrize("tokens", [24, 100, 257])
 def test_exact_byte_accounting(bits, quant_type, tokens):

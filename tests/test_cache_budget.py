@@ -131,8 +131,10 @@ def test_a_model_step_is_refused_whole_so_every_layer_keeps_the_same_length(smal
     # room for the whole generation (a state just before a flush holds more than the last one): nothing changes
     roomy = QuantizedKVCache(small_model.config, max_size_mb=2 * held / MIB, **settings)
     assert torch.equal(_generate(small_model, roomy, prompt, 24), expected)
-    # room for the prompt and a few tokens only
-    tight = QuantizedKVCache(small_model.config, max_size_mb=held * 0.8 / MIB, **settings)
+    # room for the prompt and a few tokens only: what a cache holds a few decode steps in
+    few = QuantizedKVCache(small_model.config, **settings)
+    _generate(small_model, few, prompt, 4)
+    tight = QuantizedKVCache(small_model.config, max_size_mb=few.get_stats()["total_bytes"] / MIB, **settings)
     with pytest.raises(CacheBudgetExceeded, match=r"layer 0: an update of 1 token\(s\) for each of the 3 layers"):
         _generate(small_model, tight, prompt, 24)
     lengths = {layer.get_seq_length() for layer in tight.layers}

@@ -49,7 +49,11 @@ def _cpu_signature() -> str:
 
 def _build_name() -> str:
     digest = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), torch.__version__.encode(), " ".join(_FLAGS).encode(), _cpu_signature().encode()):
+    # the source's path too: the build folder's ninja file names it, so copies of the package at other paths
+    # (clones, worktrees, installed wheels) would otherwise rebuild each other's build in turn
+    parts = (_SOURCE.read_bytes(), str(_SOURCE.resolve()).encode(), torch.__version__.encode(),
+             " ".join(_FLAGS).encode(), _cpu_signature().encode())
+    for part in parts:
         digest.update(part)
     return f"hf_kvcache_cpu_{digest.hexdigest()[:16]}"
 
