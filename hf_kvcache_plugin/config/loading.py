@@ -41,7 +41,11 @@ def load_config(path: str | Path) -> PluginConfig:
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"config file {str(path)!r} is not UTF-8 text: {exc}") from None
+    except OSError as exc:
+        raise ValueError(f"config file {str(path)!r} cannot be read: {exc}") from None
     except yaml.YAMLError as exc:
         raise ValueError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
     try:
