@@ -213,12 +213,16 @@ class HealthConfig(Checked):
 
     From ``memory_high`` the service reports DEGRADED; from
     ``memory_critical`` UNHEALTHY (not ready), and new store entries are not
-    stored. The levels and defaults are those of the adaptive sizer.
+    stored. The levels and defaults are those of the adaptive sizer. A request
+    in flight for longer than ``stall_after_s`` makes liveness UNHEALTHY.
     """
 
     memory_moderate: Pressure = 0.70
     memory_high: Pressure = 0.85
     memory_critical: Pressure = 0.95
+    stall_after_s: Annotated[
+        Seconds, doc("a request in flight this long makes /healthz (liveness) UNHEALTHY: the loop is stuck")
+    ] = 300.0
 
     def _problems(self) -> Iterator[Problem]:
         if not self.memory_moderate < self.memory_high < self.memory_critical:
