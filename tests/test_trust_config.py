@@ -65,6 +65,20 @@ def test_model_dependent_checks_report_every_problem_at_once():
     assert [e.split(" ", 1)[0] for e in info.value.errors] == ["`group_size`", "`layer_overrides`", "`skip_layers`"]
 
 
+def test_checks_across_keys_run_beside_a_refused_key_of_the_same_section():
+    data = {"cache": {"quant_type": "int5", "group_size": 4, "residual_length": 7, "typo": 1},
+            "serving": {"health": {"memory_moderate": "a", "memory_high": 0.5}}}  # fmt: skip
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    assert info.value.errors[-2:] == [
+        "`cache.residual_length` has to be a multiple of `group_size` (4) but got 7 (checked with ['quant_type'] at "
+        "their defaults)",
+        "memory thresholds have to satisfy 0 < memory_moderate < memory_high < memory_critical <= 1 but got 0.7, 0.5, "
+        "0.95 (checked with ['memory_moderate'] at their defaults) (in `serving.health`)",
+    ]
+    assert len(info.value.errors) == 5  # and the three refused keys themselves
+
+
 # ---------------------------------------------------------------------- fuzzing: only ConfigError / ValueError
 _SCALARS = st.one_of(
     st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True),
