@@ -52,7 +52,7 @@ from .cache_io import (
     write_snapshot,
 )
 from .config import CacheConfig, PluginConfig, parse_config
-from .layer import LayerSettings, QuantizedKVLayer
+from .layer import LayerSettings, QuantizedKVLayer, batch_indices, tracks_grad
 from .quantization import QuantizedTensor
 
 __all__ = [
@@ -174,7 +174,10 @@ class QuantizedKVCache(Cache):
         self._check_layer_idx(layer_idx)
         self._admit_update(layer_idx, key_states, value_states)
         layer = self.layers[layer_idx]
-        if isinstance(layer, QuantizedKVLayer) and layer.holds_tokens and self.uses_fused_attention:
+        if (
+            isinstance(layer, QuantizedKVLayer) and layer.holds_tokens and self.uses_fused_attention
+            and not tracks_grad(key_states, value_states)  # the fused kernels have no backward: dense K/V then
+        ):  # fmt: skip
             # transformers >= 5.24 passes the attention kwargs as `kwargs=` (the same dict reaches the attention
             # function); older models pass nothing, and the step then rides on the returned keys
             attention_kwargs = kwargs.get("kwargs")
@@ -270,6 +273,16 @@ class QuantizedKVCache(Cache):
             and self._attention_config is not None
             and getattr(self._attention_config, "_attn_implementation", None) == QUANTIZED_ATTENTION
         )
+
+    def batch_select_indices(self, indices: torch.Tensor | Sequence[int]) -> None:
+        """Keep the batch rows ``indices`` in every layer (a tuple ``(0, 2)`` selects rows 0 and 2)."""
+        batch = next((layer.batch_size for layer in self.layers if getattr(layer, "is_initialized", False)
+                      and isinstance(layer, QuantizedKVLayer)), None)  # fmt: skip
+        if batch is None:
+            batch = next((layer.keys.shape[0] for layer in self.layers if getattr(layer, "is_initialized", False)
+                          and getattr(layer, "keys", None) is not None), 0)  # fmt: skip
+        super().batch_select_indices(batch_indices(indices, batch, torch.device("cpu")))
+        self._admitted_step = (set(), None)
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove < 0 and -tokens_to_remove > self.get_seq_length():
