@@ -209,7 +209,7 @@ def test_build_service_with_a_distributed_section_wires_the_coordinator(model, m
     with build_service(model, config, memory_reader=lambda: 0.5, generate_kwargs=kwargs) as svc:
         coordinator = svc.coordinator
         assert coordinator is not None and coordinator.transport is None  # one process: serves locally
-        assert svc.checker.names == ["memory", "breakers", "prefix_store", "peers"]
+        assert svc.checker.names == ["memory", "serving_progress", "breakers", "prefix_store", "peers"]
         report = svc.checker.readiness()
         assert report.status is HealthStatus.HEALTHY and report.checks["peers"].reason == "0 peer(s) reachable"
         assert coordinator.local_entries.prefix_store is svc.store.wrapped  # entries move in and out of the hook's store
