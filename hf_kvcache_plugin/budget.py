@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import CacheLayerMixin, DynamicSlidingWindowLayer
 
+from .config.validation import MAX_SIZE_MB
 from .layer import EMPTY_LAYER_STATS, QuantizedKVLayer, tensor_nbytes
 
 __all__ = [
@@ -56,9 +57,11 @@ class CacheBudgetExceeded(RuntimeError):
 
 
 def budget_problem(name: str, value: Any) -> str | None:
-    """Why ``value`` is no budget in MiB (a positive finite number), or None."""
+    """Why ``value`` is no budget in MiB (a positive finite number up to ``MAX_SIZE_MB``), or None."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         return f"`{name}` has to be a positive finite number of MiB (2**20 bytes) but got {value!r}"
+    if value > MAX_SIZE_MB:
+        return f"`{name}` has to be at most {MAX_SIZE_MB:g} MiB (1 PiB) but got {value!r}"
     return None
 
 

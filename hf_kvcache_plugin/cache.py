@@ -52,7 +52,7 @@ from .cache_io import (
     write_snapshot,
 )
 from .config import CacheConfig, PluginConfig, parse_config
-from .layer import LayerSettings, QuantizedKVLayer
+from .layer import LayerSettings, QuantizedKVLayer, batch_indices, tracks_grad
 from .quantization import QuantizedTensor
 
 __all__ = [
@@ -174,7 +174,10 @@ class QuantizedKVCache(Cache):
         self._check_layer_idx(layer_idx)
         self._admit_update(layer_idx, key_states, value_states)
         layer = self.layers[layer_idx]
-        if isinstance(layer, QuantizedKVLayer) and layer.holds_tokens and self.uses_fused_attention:
+        if (
+            isinstance(layer, QuantizedKVLayer) and layer.holds_tokens and self.uses_fused_attention
+            and not tracks_grad(key_states, value_states)  # the fused kernels have no backward: dense K/V then
+        ):  # fmt: skip
             # transformers >= 5.24 passes the attention kwargs as `kwargs=` (the same dict reaches the attention
             # function); older models pass nothing, and the step then rides on the returned keys
             attention_kwargs = kwargs.get("kwargs")
@@ -270,6 +273,16 @@ class QuantizedKVCache(Cache):
             and self._attention_config is not None
             and getattr(self._attention_config, "_attn_implementation", None) == QUANTIZED_ATTENTION
         )
+
+    def batch_select_indices(self, indices: torch.Tensor | Sequence[int]) -> None:
+        """Keep the batch rows ``indices`` in every layer (a tuple ``(0, 2)`` selects rows 0 and 2)."""
+        batch = next((layer.batch_size for layer in self.layers if getattr(layer, "is_initialized", False)
+                      and isinstance(layer, QuantizedKVLayer)), None)  # fmt: skip
+        if batch is None:
+            batch = next((layer.keys.shape[0] for layer in self.layers if getattr(layer, "is_initialized", False)
+                          and getattr(layer, "keys", None) is not None), 0)  # fmt: skip
+        super().batch_select_indices(batch_indices(indices, batch, torch.device("cpu")))
+        self._admitted_step = (set(), None)
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove < 0 and -tokens_to_remove > self.get_seq_length():
@@ -394,27 +407,43 @@ class QuantizedKVCache(Cache):
         With ``model_config`` the snapshot must fit that model (layers, kinds,
         key/value heads, head_dim); with ``cache_config`` it must have been made
         with those settings. A damaged file raises ``SnapshotError``, a
-        mismatch ``ValueError``; either way no cache is returned.
+        mismatch or an inconsistent content a ``SnapshotError`` (a ``ValueError``) too; either way no cache is
+        returned.
         """
         state, _ = read_snapshot(path, _SNAPSHOT_KIND)
         try:
-            saved_config = parse_config({"cache": state["cache_config"]}).cache
-            layers = layers_from_state(state, device)
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            return cls._from_state(state, model_config, cache_config, device)
+        except SnapshotError as exc:
+            raise SnapshotError(f"snapshot {str(path)!r} is refused: {exc}; nothing was loaded") from None
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, ArithmeticError, RuntimeError) as exc:
+            # a file that passed its checksum but was crafted or written by a buggy build
             raise SnapshotError(
-                f"snapshot {str(path)!r} is refused: its contents are inconsistent ({exc}); nothing was loaded"
+                f"snapshot {str(path)!r} is refused: its contents are inconsistent ({type(exc).__name__}: {exc}); "
+                "nothing was loaded"
             ) from None
+
+    @classmethod
+    def _from_state(
+        cls, state: Any, model_config: PretrainedConfig | None, cache_config: CacheConfig | None,
+        device: torch.device | str,
+    ) -> "QuantizedKVCache":
+        if not isinstance(state, dict):
+            raise SnapshotError(f"its state is a {type(state).__name__}, not a mapping")
+        saved_config = parse_config({"cache": state["cache_config"]}).cache
+        if saved_config.group_size is None:
+            raise SnapshotError("its cache_config has no resolved group_size")
+        layers = layers_from_state(state, device, saved_config)
         if cache_config is not None:
             differences = config_differences(saved_config, cache_config)
             if differences:
-                raise ValueError(f"snapshot {str(path)!r} was made with other cache settings: {'; '.join(differences)}")
+                raise SnapshotError(f"it was made with other cache settings: {'; '.join(differences)}")
             # the budget bounds the live cache, not how the file's bytes were made: the caller's applies
             saved_config = dataclasses.replace(saved_config, max_size_mb=cache_config.max_size_mb)
         if model_config is None:
             cache = cls(None, cache_config=saved_config, num_layers=len(layers))
         else:
             cache = cls(model_config, cache_config=saved_config)
-            check_same_layout(str(path), cache.layers, layers)
+            check_same_layout(cache.layers, layers)
         cache.layers = layers
         return cache
 

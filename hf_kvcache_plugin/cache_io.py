@@ -1,33 +1,21 @@
-"""Snapshots: a cache's layers to a file and back, refused whole when anything is off.
+"""Snapshots: a cache's layers to plain tensors and numbers and back, every part checked on the way in.
 
 ``cache_state`` / ``layers_from_state`` turn the layers (ours, transformers'
 dynamic, sliding and dummy ones) into plain tensors and numbers and back;
-``QuantizedKVCache.save`` / ``load`` use them. The file is a checked envelope
-around a ``torch.save`` payload::
-
-    b"HFKVSNAP" | u32 format version | u32 header length | header (JSON) | payload
-
-The header names the snapshot ``kind``, the payload's exact length and its
-SHA-256, plus free-form ``meta``. ``read_snapshot`` verifies all of that
-before it unpickles anything, and unpickles with ``weights_only=True``
-(tensors and plain containers only, no code), so a truncated, padded,
-corrupted or foreign file is refused as a whole with a ``SnapshotError``
-instead of being half-loaded. ``write_snapshot`` writes to a temporary file
-in the same directory and renames it over the target, so a crash while saving
-leaves the old file or none, never a torn one.
+``QuantizedKVCache.save`` / ``load`` write and read them with
+``snapshot_file`` (safetensors, checksummed). A file that passed the
+checksum may still be crafted or written by a buggy build, so
+``layers_from_state`` checks what it builds from: each quantized layer's
+settings against the file's ``cache_config``, dtypes, shapes against the
+recorded ``[batch, heads, head_dim, value_head_dim]``, every block tier's
+codes, scales and zeros (finite), token counts against the recorded length,
+and one length for every full-attention layer. Any fault is a
+``SnapshotError`` naming the layer.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import io
-import json
-import os
-import pickle
-import struct
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,7 +23,8 @@ from transformers.cache_utils import DummyLayer, DynamicLayer, DynamicSlidingWin
 
 from .config import CacheConfig
 from .layer import LayerSettings, QuantizedKVLayer
-from .quantization import dtype_from_name, dtype_name
+from .quantization import dtype_from_name, dtype_name, quantized_tensor_problem
+from .snapshot_file import SNAPSHOT_FORMAT_VERSION, SnapshotError, read_snapshot, write_snapshot
 
 __all__ = [
     "SNAPSHOT_FORMAT_VERSION",
@@ -48,87 +37,9 @@ __all__ = [
     "write_snapshot",
 ]
 
-SNAPSHOT_FORMAT_VERSION = 1
-_MAGIC = b"HFKVSNAP"
-_PREAMBLE = struct.Struct("<8sII")  # magic, format version, header length
-_MAX_HEADER_BYTES = 1 << 20
+# settings that depend on how the cache was built (with a model or without), not on how its bytes were made
+_BUILD_SETTINGS = ("expected_num_heads", "expected_head_dim")
 
-
-class SnapshotError(ValueError):
-    """A snapshot file that cannot be trusted: truncated, corrupted, of another kind or version."""
-
-
-def write_snapshot(path: str | Path, kind: str, state: Any, meta: dict[str, Any] | None = None) -> int:
-    """Write ``state`` (tensors, numbers, strings, lists, tuples, dicts) atomically; returns the file size."""
-    path = Path(path)
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    payload = buffer.getvalue()
-    header = json.dumps(
-        {
-            "kind": kind,
-            "payload_bytes": len(payload),
-            "payload_sha256": hashlib.sha256(payload).hexdigest(),
-            "meta": meta or {},
-        },
-        sort_keys=True,
-    ).encode()
-    blob = _PREAMBLE.pack(_MAGIC, SNAPSHOT_FORMAT_VERSION, len(header)) + header + payload
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as tmp:
-            tmp.write(blob)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        # leave no temporary behind, whatever interrupted the write; the error itself propagates
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return len(blob)
-
-
-def read_snapshot(path: str | Path, kind: str) -> tuple[Any, dict[str, Any]]:
-    """Verified ``(state, meta)`` of a snapshot of ``kind``; raises ``SnapshotError`` naming the file and the fault."""
-    path = Path(path)
-    if not path.is_file():
-        raise SnapshotError(f"snapshot {str(path)!r} does not exist")
-    blob = path.read_bytes()
-
-    def refuse(why: str) -> SnapshotError:
-        return SnapshotError(f"snapshot {str(path)!r} is refused: {why}; nothing was loaded")
-
-    if len(blob) < _PREAMBLE.size:
-        raise refuse(f"it is truncated ({len(blob)} bytes, shorter than the {_PREAMBLE.size}-byte preamble)")
-    magic, version, header_len = _PREAMBLE.unpack_from(blob)
-    if magic != _MAGIC:
-        raise refuse(f"it does not start with {_MAGIC!r} (not a hf_kvcache_plugin snapshot)")
-    if version != SNAPSHOT_FORMAT_VERSION:
-        raise refuse(f"format version {version} is not supported (this version reads {SNAPSHOT_FORMAT_VERSION})")
-    header_end = _PREAMBLE.size + header_len
-    if header_len > _MAX_HEADER_BYTES or header_end > len(blob):
-        raise refuse(f"it is truncated or corrupted (header of {header_len} bytes, file of {len(blob)})")
-    try:
-        header = json.loads(blob[_PREAMBLE.size : header_end])
-        payload_bytes, digest = int(header["payload_bytes"]), str(header["payload_sha256"])
-        found_kind, meta = header["kind"], dict(header["meta"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise refuse(f"its header is corrupted ({exc})") from None
-    if found_kind != kind:
-        raise refuse(f"it holds a {found_kind!r}, not a {kind!r}")
-    payload = blob[header_end:]
-    if len(payload) != payload_bytes:
-        state = "truncated" if len(payload) < payload_bytes else "longer than written"
-        raise refuse(f"it is {state} (payload of {len(payload)} bytes, {payload_bytes} written)")
-    if hashlib.sha256(payload).hexdigest() != digest:
-        raise refuse("its payload checksum does not match (corrupted)")
-    try:
-        state = torch.load(io.BytesIO(payload), weights_only=True, map_location="cpu")
-    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError) as exc:
-        # only reachable for a payload written with a matching checksum by something else
-        raise refuse(f"its payload does not unpickle as plain tensors ({exc})") from None
-    return state, meta
 
 def cache_state(layers: list, cache_config: CacheConfig, seq_length: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """(state, meta) of a cache's layers: what ``write_snapshot`` takes."""
@@ -142,8 +53,20 @@ def cache_state(layers: list, cache_config: CacheConfig, seq_length: int) -> tup
     return state, meta
 
 
-def layers_from_state(state: dict[str, Any], device: torch.device | str) -> list:
-    return [_layer_from_state(layer_state, device) for layer_state in state["layers"]]
+def layers_from_state(state: dict[str, Any], device: torch.device | str, cache_config: CacheConfig) -> list:
+    """The layers a ``cache_state`` describes, each checked (see the module docstring); ``SnapshotError`` if not."""
+    layer_states = state["layers"]
+    if not isinstance(layer_states, list) or not layer_states:
+        raise SnapshotError(f"`layers` has to be a non-empty list but got {type(layer_states).__name__}")
+    layers = [_layer_from_state(idx, s, device, cache_config) for idx, s in enumerate(layer_states)]
+    full = {
+        idx: layer.get_seq_length() for idx, layer in enumerate(layers)
+        if isinstance(layer, (QuantizedKVLayer, DynamicLayer)) and not isinstance(layer, DynamicSlidingWindowLayer)
+        and layer.is_initialized
+    }  # fmt: skip
+    if len(set(full.values())) > 1:
+        raise SnapshotError(f"the full-attention layers hold different numbers of tokens: {full}")
+    return layers
 
 
 def _quantized_layer_state(layer: QuantizedKVLayer) -> dict[str, Any]:
@@ -161,13 +84,33 @@ def _quantized_layer_state(layer: QuantizedKVLayer) -> dict[str, Any]:
     return state
 
 
-def _quantized_layer_from_state(state: dict[str, Any], device: torch.device | str) -> QuantizedKVLayer:
-    layer = QuantizedKVLayer(LayerSettings(**state["settings"]))
-    if not state["initialized"]:
+def _quantized_layer_from_state(
+    idx: int, state: dict[str, Any], device: torch.device | str, cache_config: CacheConfig
+) -> QuantizedKVLayer:
+    settings = LayerSettings(**state["settings"])
+    expected = LayerSettings.for_layer(cache_config, idx)
+    differences = [
+        f"{f.name} {getattr(settings, f.name)!r} (the cache_config gives {getattr(expected, f.name)!r})"
+        for f in dataclasses.fields(LayerSettings)
+        if f.name not in _BUILD_SETTINGS and getattr(settings, f.name) != getattr(expected, f.name)
+    ]
+    if differences:
+        raise SnapshotError(f"layer {idx} was saved with other settings than the file's cache_config: {differences}")
+    layer = QuantizedKVLayer(settings)
+    if state["initialized"] is False:
         return layer
+    if state["initialized"] is not True:
+        raise SnapshotError(f"layer {idx}: `initialized` has to be true or false but got {state['initialized']!r}")
     device = torch.device(device)
     dtype = dtype_from_name(state["dtype"])
-    b, h, d, dv = state["shape"]
+    if not dtype.is_floating_point:
+        raise SnapshotError(f"layer {idx}: dtype {dtype} is not a floating point dtype")
+    shape = state["shape"]
+    if not (isinstance(shape, list) and len(shape) == 4 and all(type(n) is int and n >= 1 for n in shape)):
+        raise SnapshotError(f"layer {idx}: `shape` has to be 4 positive integers [batch, heads, d, dv] but got {shape!r}")
+    b, h, d, dv = shape
+    for name, width in (("sink_keys", d), ("sink_values", dv), ("residual_keys", d), ("residual_values", dv)):
+        _check_tokens(f"layer {idx} {name}", state[name], dtype, b, h, width)
     layer.lazy_initialization(
         torch.empty(b, h, 0, d, dtype=dtype, device=device), torch.empty(b, h, 0, dv, dtype=dtype, device=device)
     )
@@ -175,18 +118,44 @@ def _quantized_layer_from_state(state: dict[str, Any], device: torch.device | st
         setattr(layer, name, state[name].to(device))
     layer.quantized_keys.restore_snapshot_state(state["keys"], device)
     layer.quantized_values.restore_snapshot_state(state["values"], device)
-    layer._length = int(state["length"])
-    for name, (sink, blocks, residual) in {
-        "keys": (layer.sink_keys, layer.quantized_keys, layer.residual_keys),
-        "values": (layer.sink_values, layer.quantized_values, layer.residual_values),
+    length = state["length"]
+    if type(length) is not int or length < 0:
+        raise SnapshotError(f"layer {idx}: `length` has to be an integer >= 0 but got {length!r}")
+    layer._length = length
+    for name, (sink, blocks, residual, width) in {
+        "keys": (layer.sink_keys, layer.quantized_keys, layer.residual_keys, d),
+        "values": (layer.sink_values, layer.quantized_values, layer.residual_values, dv),
     }.items():
+        g = blocks.codec.group_size
+        for tier in blocks.tiers:
+            problem = quantized_tensor_problem(tier)
+            if problem is None and (tier.shape[:2], tier.shape[3:], tier.dtype) != ((b, h), (g, width), dtype):
+                problem = f"logical shape {list(tier.shape)} / {tier.dtype} is not [{b}, {h}, n, {g}, {width}] / {dtype}"
+            if problem:
+                raise SnapshotError(f"layer {idx} {name} blocks: {problem}")
+        for block, exact in blocks.full_precision_blocks.items():
+            _check_tokens(f"layer {idx} {name} exact block {block}", exact, dtype, b, h, width, tokens=g)
         held = sink.shape[-2] + blocks.num_tokens + residual.shape[-2]
-        if held != layer._length or sink.shape[:2] != (b, h) or residual.shape[:2] != (b, h):
-            raise ValueError(
-                f"{layer._name()}: the saved {name} hold {held} tokens of shape {tuple(residual.shape)} but the "
-                f"layer records {layer._length} tokens of [batch {b}, heads {h}]"
-            )
+        if held != length:
+            raise SnapshotError(f"layer {idx}: the saved {name} hold {held} tokens but the layer records {length}")
+    if layer.sink_keys.shape[-2] != layer.sink_values.shape[-2] or (
+        layer.residual_keys.shape[-2] != layer.residual_values.shape[-2]
+    ):
+        raise SnapshotError(f"layer {idx}: keys and values hold different numbers of sink or residual tokens")
+    if layer.sink_keys.shape[-2] > settings.sink_tokens:
+        raise SnapshotError(f"layer {idx}: {layer.sink_keys.shape[-2]} sink tokens, the settings keep {settings.sink_tokens}")
     return layer
+
+
+def _check_tokens(
+    what: str, t: Any, dtype: torch.dtype, b: int, h: int, width: int, tokens: int | None = None
+) -> None:
+    """``t`` is [b, h, tokens (any when None), width] of ``dtype``."""
+    if not isinstance(t, torch.Tensor) or t.dim() != 4:
+        raise SnapshotError(f"{what} has to be a 4-d tensor but got {getattr(t, 'shape', type(t).__name__)}")
+    n = t.shape[2] if tokens is None else tokens
+    if tuple(t.shape) != (b, h, n, width) or t.dtype != dtype:
+        raise SnapshotError(f"{what} is {list(t.shape)} of {t.dtype}, not [{b}, {h}, {n}, {width}] of {dtype}")
 
 
 def _layer_state(idx: int, layer: Any) -> dict[str, Any]:
@@ -202,24 +171,41 @@ def _layer_state(idx: int, layer: Any) -> dict[str, Any]:
     raise ValueError(f"layer {idx} is a {type(layer).__name__}, which `save` does not know how to write")
 
 
-def _layer_from_state(state: dict[str, Any], device: torch.device | str) -> Any:
+def _layer_from_state(idx: int, state: dict[str, Any], device: torch.device | str, cache_config: CacheConfig) -> Any:
     kind = state["kind"]
     if kind == "quantized":
-        return _quantized_layer_from_state(state, device)
+        return _quantized_layer_from_state(idx, state, device, cache_config)
     if kind == "dummy":
         return DummyLayer()
     if kind not in ("dynamic", "sliding"):
-        raise ValueError(f"unknown layer kind {kind!r}")
+        raise SnapshotError(f"layer {idx} is of unknown kind {kind!r}")
     if kind == "sliding":
-        layer = DynamicSlidingWindowLayer(sliding_window=int(state["sliding_window"]))
+        window = state["sliding_window"]
+        if type(window) is not int or window < 1:
+            raise SnapshotError(f"layer {idx}: `sliding_window` has to be a positive integer but got {window!r}")
+        layer = DynamicSlidingWindowLayer(sliding_window=window)
     else:
         layer = DynamicLayer()
-    if state["initialized"]:
-        keys, values = state["keys"].to(device), state["values"].to(device)
+    if state["initialized"] is True:
+        keys, values = state["keys"], state["values"]
+        if not (
+            isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor) and keys.dim() == values.dim() == 4
+            and keys.dtype.is_floating_point and values.dtype == keys.dtype and values.shape[:3] == keys.shape[:3]
+        ):  # fmt: skip
+            raise SnapshotError(
+                f"layer {idx}: keys and values have to be 4-d tensors holding the same tokens in one floating point "
+                f"dtype but got {getattr(keys, 'shape', keys)!r} and {getattr(values, 'shape', values)!r}"
+            )
+        keys, values = keys.to(device), values.to(device)
         layer.lazy_initialization(keys, values)
         layer.keys, layer.values = keys, values
         if kind == "sliding":
-            layer.cumulative_length = int(state["cumulative_length"])
+            cumulative = state["cumulative_length"]
+            if type(cumulative) is not int or cumulative < keys.shape[-2]:
+                raise SnapshotError(f"layer {idx}: `cumulative_length` {cumulative!r} is below the {keys.shape[-2]} held")
+            layer.cumulative_length = cumulative
+    elif state["initialized"] is not False:
+        raise SnapshotError(f"layer {idx}: `initialized` has to be true or false but got {state['initialized']!r}")
     return layer
 
 
@@ -235,14 +221,15 @@ def _layout_of(layer: Any) -> tuple:
     return (type(layer).__name__,)
 
 
-def check_same_layout(path: str, expected: list, loaded: list) -> None:
+def check_same_layout(expected: list, loaded: list) -> None:
+    """The loaded layers have the kinds and shapes of the layers this model and config make."""
     if len(expected) != len(loaded):
-        raise ValueError(f"snapshot {path!r} holds {len(loaded)} layers but this model has {len(expected)}")
+        raise SnapshotError(f"it holds {len(loaded)} layers but this model has {len(expected)}")
     for idx, (want, got) in enumerate(zip(expected, loaded)):
         a, b = _layout_of(want), _layout_of(got)
         if len(a) != len(b) or any(x is not None and y is not None and x != y for x, y in zip(a, b)):
-            raise ValueError(
-                f"snapshot {path!r} is from another model or setting: layer {idx} was saved as {b} "
+            raise SnapshotError(
+                f"it is from another model or setting: layer {idx} was saved as {b} "
                 "(kind, kv heads, head_dim, key bits, value bits) but this model and config give " + str(a)
             )
 

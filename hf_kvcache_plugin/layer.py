@@ -23,6 +23,7 @@ counted (``fallback_blocks`` / ``fallback_events`` in ``stats``).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -192,6 +193,12 @@ class QuantizedKVLayer(CacheLayerMixin):
                     f"but this layer holds {held}"
                 )
             return
+        if key_states.device != self.device or value_states.device != self.device:
+            raise ValueError(
+                f"{self._name()}: got key/value states on {key_states.device}/{value_states.device} but this layer "
+                f"holds its tokens on {self.device}; a cache stays on the device of its first step (start a new "
+                "cache after moving the model)"
+            )
         expected = (self.batch_size, self.num_heads, self.head_dim, self.value_head_dim)
         if (b, h, d, dv) != expected:
             raise ValueError(
@@ -210,7 +217,17 @@ class QuantizedKVLayer(CacheLayerMixin):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         had_history = self._length > 0
         self.append(key_states, value_states, defer_flush=True)
-        if had_history:
+        if tracks_grad(key_states, value_states):
+            # the stored history is detached (codes carry no gradient, and a cache must not keep every step's
+            # graph alive); this step's own tokens keep theirs, and the values are the no-grad path's
+            n = key_states.shape[-2]
+            if not had_history:
+                keys_out, values_out = key_states, value_states
+            else:
+                keys_out, values_out = self._materialize()
+                keys_out = torch.cat([keys_out[:, :, :-n], key_states], dim=-2)
+                values_out = torch.cat([values_out[:, :, :-n], value_states], dim=-2)
+        elif had_history:
             keys_out, values_out = self._materialize()
         else:
             # Prefill: everything is in the inputs, returned exact.
@@ -233,6 +250,7 @@ class QuantizedKVLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         else:
             self.check_matches(key_states, value_states)
+        key_states, value_states = key_states.detach(), value_states.detach()  # see `update`
         self.flush_deferred()
         had_history = self._length > 0
         self._length += key_states.shape[-2]
@@ -559,9 +577,11 @@ class QuantizedKVLayer(CacheLayerMixin):
             idx = beam_idx.to(self.device)
             self._map_all(lambda t: t.index_select(0, idx))
 
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
+    def batch_select_indices(self, indices: torch.Tensor | Sequence[int]) -> None:
+        """Keep the batch rows ``indices`` (a 1-d tensor or sequence of ints, or a bool mask), in that order."""
         if self.is_initialized:
-            self._map_all(lambda t: t[indices])
+            idx = batch_indices(indices, self.batch_size, self.device)
+            self._map_all(lambda t: t.index_select(0, idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
@@ -579,6 +599,27 @@ class QuantizedKVLayer(CacheLayerMixin):
         self._clear()
 
 
+def tracks_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records operations on these tensors now."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def batch_indices(indices: Any, batch_size: int, device: torch.device) -> torch.Tensor:
+    """``indices`` as a 1-d long tensor of rows in ``[0, batch_size)``: a tuple ``(0, 2)`` indexes rows, never
+    dims 0 and 1 as ``t[(0, 2)]`` would."""
+    idx = torch.as_tensor(indices, device=device)
+    if idx.dtype == torch.bool:
+        if idx.shape != (batch_size,):
+            raise ValueError(f"a batch mask has to have {batch_size} entries but got shape {tuple(idx.shape)}")
+        idx = idx.nonzero().flatten()
+    if idx.dim() != 1 or idx.is_floating_point() or idx.is_complex():
+        raise ValueError(f"`indices` has to be a 1-d sequence of batch rows but got {indices!r}")
+    idx = idx.long()
+    if idx.numel() and (int(idx.min()) < -batch_size or int(idx.max()) >= batch_size):
+        raise ValueError(f"`indices` {idx.tolist()} are out of range for a batch of {batch_size}")
+    return idx % batch_size if idx.numel() else idx
+
+
 def _check_rank(name: str, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
     for arg, t in (("key_states", key_states), ("value_states", value_states)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -589,6 +630,8 @@ def _check_rank(name: str, key_states: torch.Tensor, value_states: torch.Tensor)
             )
         if not t.is_floating_point():
             raise ValueError(f"{name}: `{arg}` has to be floating point but got dtype {t.dtype}")
+    if key_states.shape[0] == 0:
+        raise ValueError(f"{name}: the batch is empty (key_states of shape {tuple(key_states.shape)})")
     if key_states.shape[:3] != value_states.shape[:3]:
         raise ValueError(
             f"{name}: key_states {tuple(key_states.shape)} and value_states {tuple(value_states.shape)} "

@@ -34,6 +34,7 @@ __all__ = [
     "QuantizedTensor",
     "dtype_from_name",
     "dtype_name",
+    "quantized_tensor_problem",
     "quantize",
     "dequantize",
     "dequantize_into",
@@ -132,6 +133,34 @@ class QuantizedTensor:
             shape=tuple(int(n) for n in state["shape"]),
             dtype=dtype_from_name(state["dtype"]),
         )
+
+
+def quantized_tensor_problem(q: QuantizedTensor) -> str | None:
+    """What makes ``q`` inconsistent (a tensor from a file or a peer), or None: bits, group size and axis,
+    ``data`` / ``scale`` / ``zero`` shapes and dtypes against the logical ``shape``, finite scales and zeros."""
+    if q.bits not in SUPPORTED_BITS:
+        return f"bits {q.bits!r} is not one of {list(SUPPORTED_BITS)}"
+    shape, axis, g = tuple(q.shape), q.axis, q.group_size
+    if not shape or any(n < 0 for n in shape) or not 0 <= axis < len(shape):
+        return f"axis {axis} does not fit the shape {list(shape)}"
+    if g < 1 or shape[axis] % g or g * q.bits % 8:
+        return f"group size {g} does not divide axis {axis} of the shape {list(shape)} into whole bytes"
+    if not q.dtype.is_floating_point:
+        return f"dtype {q.dtype} is not a floating point dtype"
+    groups = shape[:axis] + shape[axis + 1 :] + (shape[axis] // g,)
+    expected = {"data": groups + (g * q.bits // 8,), "scale": groups, "zero": groups}
+    for name, want in expected.items():
+        t = getattr(q, name)
+        if t is None and name == "zero":
+            continue
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != want:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            return f"`{name}` has shape {got}, the shape {list(shape)} needs {want}"
+        if name == "data" and t.dtype != torch.uint8:
+            return f"`data` has dtype {t.dtype}, packed codes are uint8"
+        if name != "data" and (not t.dtype.is_floating_point or not bool(torch.isfinite(t).all())):
+            return f"`{name}` has dtype {t.dtype} or values that are not finite"
+    return None
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:

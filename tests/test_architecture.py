@@ -24,6 +24,7 @@ RANKS = {
     "config": 1,
     "_compat": 1,
     "token_clock": 1,
+    "snapshot_file": 1,
     "blocks": 2,
     "layer": 3,
     "cache_io": 4,

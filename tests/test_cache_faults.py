@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import struct
 
 import pytest
+import safetensors.torch
 import torch
 
 from hf_kvcache_plugin import CacheConfig, QuantizedKVCache, SnapshotError, create_quantized_kv_cache
@@ -154,32 +156,36 @@ def test_save_load_with_a_model_keeps_layer_kinds(tmp_path):
     assert loaded.get_seq_length() == 20
 
 
+def _rewritten(blob: bytes, **metadata) -> bytes:
+    """The same tensors under changed metadata (a file another writer could make, checksum and all)."""
+    header = json.loads(blob[8 : 8 + struct.unpack_from("<Q", blob)[0]])
+    return safetensors.torch.save(safetensors.torch.load(blob), {**header.get("__metadata__", {}), **metadata})
+
+
 def _corruptions(blob: bytes) -> dict[str, tuple[bytes, str]]:
-    header_len = struct.unpack_from("<8sII", blob)[2]
-    payload_start = 16 + header_len
+    payload_start = 8 + struct.unpack_from("<Q", blob)[0]
     flipped = bytearray(blob)
     flipped[payload_start + (len(blob) - payload_start) // 2] ^= 0x40
     bad_header = bytearray(blob)
-    bad_header[17] ^= 0xFF
-    newer = bytearray(blob)
-    newer[8] = 99
+    bad_header[8] ^= 0xFF  # the header's opening brace
     return {
         "empty": (b"", "truncated"),
-        "cut in the preamble": (blob[:10], "truncated"),
-        "cut in the header": (blob[: payload_start - 5], "truncated or corrupted"),
-        "cut in the payload": (blob[:-100], "truncated"),
-        "one byte short": (blob[:-1], "truncated"),
-        "trailing bytes": (blob + b"\0", "longer than written"),
+        "cut in the preamble": (blob[:5], "truncated"),
+        "cut in the header": (blob[: payload_start - 5], "truncated or not a snapshot"),
+        "cut in the payload": (blob[:-100], "truncated or corrupted"),
+        "one byte short": (blob[:-1], "truncated or corrupted"),
+        "trailing bytes": (blob + b"\0", "truncated or corrupted"),
         "flipped payload bit": (bytes(flipped), "checksum does not match"),
-        "corrupted header": (bytes(bad_header), "header is corrupted"),
-        "other format version": (bytes(newer), "format version 99 is not supported"),
-        "not a snapshot": (b"PK\x03\x04" + blob[4:], "not a hf_kvcache_plugin snapshot"),
+        "corrupted header": (bytes(bad_header), "header is corrupted or foreign"),
+        "other format version": (_rewritten(blob, format_version="99"), "format version '99' is not supported"),
+        "other kind": (_rewritten(blob, kind="PrefixStore"), "it holds a 'PrefixStore', not a 'QuantizedKVCache'"),
+        "not a snapshot": (b"PK\x03\x04" + blob[4:], "truncated or not a snapshot"),
+        "another safetensors file": (safetensors.torch.save({"w": torch.ones(2)}), "not a hf_kvcache_plugin snapshot"),
+        "format 1": (b"HFKVSNAP" + struct.pack("<II", 1, 30) + b"x" * 300, "format 1 .*save it again"),
     }
 
 
-@pytest.mark.parametrize(
-    "case", list(_corruptions(b"HFKVSNAP" + struct.pack("<II", 1, 30) + b"x" * 300)), ids=lambda c: c
-)
+@pytest.mark.parametrize("case", list(_corruptions(safetensors.torch.save({"t": torch.ones(64)}))), ids=lambda c: c)
 def test_damaged_snapshots_are_refused_whole(tmp_path, case):
     path = tmp_path / "cache.kvsnap"
     _filled().save(path)
@@ -220,7 +226,7 @@ def test_save_is_atomic_and_leaves_no_temporary(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("hf_kvcache_plugin.cache_io.os.fsync", crash)
+    monkeypatch.setattr("hf_kvcache_plugin.snapshot_file.os.fsync", crash)
     with pytest.raises(OSError, match="disk full"):
         make().save(path)
     assert path.read_bytes() == before  # the old snapshot is untouched

@@ -207,7 +207,7 @@ def test_evicting_a_chunk_evicts_the_chunks_that_extend_it():
     store = store_of(10, on_evict=lambda e, why: evicted.append((e.key, why)))
     entries = chain(list(range(3 * CHUNK)), store)
     store.put_chain(entries)
-    store._remove(entries[0].key, "budget")
+    store.remove([entries[0].key], reason="budget")
     assert len(store) == 0 and store.used_bytes == 0
     assert sorted(evicted) == sorted([(entries[0].key, "budget"), (entries[1].key, "orphan"), (entries[2].key, "orphan")])
 

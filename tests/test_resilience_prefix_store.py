@@ -189,7 +189,7 @@ def test_build_service_wires_guards_health_and_critical_memory(model, prompt):
         "prefix_store": {"chunk_size": CHUNK, "max_size_mb": 4},
     })  # fmt: skip
     with build_service(model, config, memory_reader=lambda: used["fraction"], http=True, http_port=0) as svc:
-        assert svc.checker.names == ["memory", "breakers", "prefix_store"]
+        assert svc.checker.names == ["memory", "serving_progress", "breakers", "prefix_store"]
         svc.endpoint(prompt, max_new_tokens=NEW)
         assert len(svc.store) == 3 and svc.checker.readiness().status.value == "healthy"
         used["fraction"] = 0.97

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterable
+import unicodedata
+from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
 import torch
@@ -14,7 +15,10 @@ from ..resilience.rate_limit import RateLimitExceeded
 from .models import load_model, resolve_model
 from .service import ServingService, build_service
 
-__all__ = ["add_serve_parser", "serve_lines"]
+__all__ = ["MAX_LINE_BYTES", "LineTooLong", "add_serve_parser", "prompt_of", "read_lines", "serve_lines"]
+
+# a prompt line longer than this is refused unread by the model (stdin is otherwise unbounded)
+MAX_LINE_BYTES = 1 << 16
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -41,7 +45,10 @@ def _serve(args: argparse.Namespace) -> int:
     with build_service(model, config, http=wants_http, http_host=args.health_host, http_port=args.health_port) as svc:
         if svc.server is not None:
             print(f"[health] {svc.server.url}/healthz /readyz /metrics", file=sys.stderr, flush=True)
-        serve_lines(svc, tokenizer, sys.stdin, sys.stdout, sys.stderr, args.max_new_tokens, args.device)
+        # bytes, decoded line by line: a line that is not UTF-8 is refused alone instead of ending the loop
+        binary = getattr(sys.stdin, "buffer", None)
+        lines = sys.stdin if binary is None else read_lines(binary)
+        serve_lines(svc, tokenizer, lines, sys.stdout, sys.stderr, args.max_new_tokens, args.device)
         counts = svc.outcomes()
     print("[serve] requests: " + ", ".join(f"{k} {v}" for k, v in counts.items()), file=sys.stderr)
     return 0
@@ -50,21 +57,66 @@ def _serve(args: argparse.Namespace) -> int:
 def serve_lines(
     svc: ServingService,
     tokenizer: Any,
-    lines: Iterable[str],
+    lines: Iterable[str | bytes | LineTooLong],
     out: IO[str],
     err: IO[str],
     max_new_tokens: int,
     device: str = "cpu",
 ) -> None:
-    """One request per line; a refused request is reported on ``err`` and the next line is served."""
+    """One request per line; a refused or failed request is reported on ``err`` and the next line is served.
+
+    ``lines`` may be text or raw bytes (decoded here, so a line that is not UTF-8 is refused alone)."""
     for number, line in enumerate(lines, start=1):
-        prompt = line.rstrip("\n")
         try:
-            if not prompt.strip():
-                raise ValueError("the prompt is empty: give the text to continue")
-            input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
+            input_ids = tokenizer(prompt_of(line), return_tensors="pt")["input_ids"].to(device)
             output = svc.endpoint(input_ids, client="stdin", max_new_tokens=max_new_tokens, do_sample=False)
         except (ValueError, RateLimitExceeded) as exc:
             print(f"hf-kvcache: request {number} refused: {exc}", file=err, flush=True)
             continue
+        except Exception as exc:  # noqa: BLE001 - one request that failed even on the plain path; serve the next
+            print(f"hf-kvcache: request {number} failed: {type(exc).__name__}: {exc}", file=err, flush=True)
+            continue
         print(tokenizer.decode(output[0], skip_special_tokens=True), file=out, flush=True)
+
+
+class LineTooLong(ValueError):
+    """An input line over the byte limit; what was read of it is dropped."""
+
+
+def prompt_of(line: str | bytes | LineTooLong) -> str:
+    """The prompt a line holds, or a ``ValueError`` saying why the line is no prompt."""
+    if isinstance(line, LineTooLong):
+        raise line
+    if isinstance(line, bytes):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"the line is not UTF-8 text ({exc})") from None
+    prompt = line.rstrip("\r\n")
+    if not prompt.strip():
+        raise ValueError("the prompt is empty: give the text to continue")
+    control = next((i for i, c in enumerate(prompt) if unicodedata.category(c) == "Cc" and c != "\t"), None)
+    if control is not None:
+        raise ValueError(
+            f"the prompt holds the control character {prompt[control]!r} at position {control}; send plain text"
+        )
+    return prompt
+
+
+def read_lines(stream: IO[bytes], max_bytes: int = MAX_LINE_BYTES) -> Iterator[bytes | LineTooLong]:
+    """Lines of a binary stream, each at most ``max_bytes``; a longer one is read to its end, dropped and
+    given as a ``LineTooLong`` (memory stays bounded whatever arrives)."""
+    while True:
+        line = stream.readline(max_bytes + 1)
+        if not line:
+            return
+        if len(line) <= max_bytes or line.endswith(b"\n") and len(line) == max_bytes + 1:
+            yield line
+            continue
+        dropped = len(line)
+        while not line.endswith(b"\n"):
+            line = stream.readline(max_bytes + 1)
+            if not line:
+                break
+            dropped += len(line)
+        yield LineTooLong(f"the line is {dropped} bytes long, over the limit of {max_bytes}; it was dropped")

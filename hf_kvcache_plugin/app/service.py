@@ -5,7 +5,9 @@ For one model: a ``ServingMetrics`` registry, a ``MemoryPressureProbe``, a
 consistency), the cached path (the prefix hook with its store behind a
 ``GuardedStore`` when ``prefix_store:`` is configured, else ``model.generate``
 with a ``QuantizedKVCache``), the plain path to recompute on, an optional
-rate limiter, and optionally the HTTP endpoint. With a ``distributed:``
+rate limiter, and optionally the HTTP endpoint. The endpoint checks token ids
+against the model's vocabulary and marks each request in flight for the
+``serving_progress`` liveness check. With a ``distributed:``
 section also the ``CacheCoordinator`` of this process (``attach_coordinator``)
 on the same metrics: its breakers join the ``breakers`` check, its peers the
 ``peers`` check, and its ``generate`` gets a rate limiter of its own from
@@ -37,6 +39,7 @@ from ..resilience.health import (
     peers_check,
     system_memory_used_fraction,
 )
+from ..resilience.liveness import ProgressWatch
 from ..resilience.probe_server import HealthServer
 from ..resilience.metrics import ServingMetrics
 from ..resilience.rate_limit import RateLimiter
@@ -60,6 +63,7 @@ class ServingService:
     metrics: ServingMetrics
     checker: HealthChecker
     memory: MemoryPressureProbe
+    progress: ProgressWatch | None = None
     hook: PrefixCacheHook | None = None
     server: HealthServer | None = None
     coordinator: "CacheCoordinator | None" = None  # with a `distributed:` section
@@ -103,6 +107,7 @@ def build_service(
     memory_reader: Callable[[], float] = system_memory_used_fraction,
     breaker_clock: Callable[[], float] = time.monotonic,
     clock: Callable[[], float] = time.perf_counter,
+    progress_clock: Callable[[], float] = time.monotonic,
     http: bool | None = None,
     http_host: str | None = None,
     http_port: int | None = None,
@@ -121,6 +126,8 @@ def build_service(
     memory = MemoryPressureProbe(serving.health, memory_reader, metrics)
     checker = HealthChecker()
     checker.register("memory", memory.check)
+    progress = ProgressWatch(serving.health.stall_after_s, progress_clock)
+    checker.register("serving_progress", progress.check, liveness=True)
 
     def plain(input_ids: torch.Tensor, **kwargs: Any) -> Any:
         # the class's generate: never the hook installed on this instance
@@ -153,13 +160,23 @@ def build_service(
             metrics.watch_cache(cache, "request")
             return plain(input_ids, **{GENERATE_CACHE_KWARG: cache}, **kwargs)
 
-    endpoint = ServingEndpoint(cached, plain, limiter=_limiter(config), metrics=metrics, clock=clock)
+    endpoint = ServingEndpoint(
+        cached, plain, limiter=_limiter(config), metrics=metrics, clock=clock, vocab_size=_vocab_size(model),
+        progress=progress,
+    )  # fmt: skip
     server = None
     if http if http is not None else serving.http.enabled:
         host = http_host if http_host is not None else serving.http.host
         port = http_port if http_port is not None else serving.http.port
         server = HealthServer(checker, metrics, host, port).start()
-    return ServingService(endpoint, metrics, checker, memory, hook, server, coordinator)
+    return ServingService(endpoint, metrics, checker, memory, progress, hook, server, coordinator)
+
+
+def _vocab_size(model: Any) -> int | None:
+    """Rows of the input embedding: the ids a prompt may hold (None: not known, not checked)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    return int(rows) if isinstance(rows, int) else None
 
 
 def _limiter(config: PluginConfig) -> RateLimiter | None:

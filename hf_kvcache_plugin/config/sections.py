@@ -20,11 +20,15 @@ from .validation import (
     ConfigError,
     Float,
     Fraction,
+    MiB,
     NonNegativeFloat,
     NonNegativeInt,
+    NonNegativeMiB,
+    NonNegativeSeconds,
     PositiveFloat,
     PositiveInt,
     Problem,
+    Seconds,
     Str,
     doc,
     exact_choice,
@@ -104,7 +108,7 @@ class CacheConfig(Checked):
         doc("fused attention on CPU: auto = the C++ kernel where it builds, off = the PyTorch reference path"),
     ] = "auto"
     max_size_mb: Annotated[
-        PositiveFloat | None,
+        MiB | None,
         doc("byte budget of the live cache in MiB (2**20 bytes): an update that would exceed it is refused; "
             "null: unbounded"),
     ] = None
@@ -150,12 +154,14 @@ class CacheConfig(Checked):
         return resolved
 
     def validate_for_model(self, num_layers: int, head_dim: int | None) -> None:
-        """Checks that need the model's shape (``head_dim=None``: unknown until the first tensors)."""
+        """Checks that need the model's shape (``head_dim=None``: unknown until the first tensors); one
+        ``ConfigError`` lists every problem."""
         if self.group_size is None:
             raise ValueError("`group_size` is unresolved; call `for_model` first")
+        problems = []
         uses_token_axis = "token" in (self.key_axis, self.value_axis)
         if head_dim is not None and uses_token_axis and head_dim % self.group_size != 0:
-            raise ValueError(
+            problems.append(
                 f"`group_size` ({self.group_size}) has to divide head_dim ({head_dim}) when keys or values are "
                 f"grouped per token (along head_dim); use a divisor of {head_dim}, e.g. "
                 f"{[d for d in (8, 16, 32, 64, 128) if head_dim % d == 0] or [head_dim]}"
@@ -163,7 +169,9 @@ class CacheConfig(Checked):
         for name, indices in (("layer_overrides", list(self.layer_overrides)), ("skip_layers", self.skip_layers)):
             bad = [i for i in indices if i >= num_layers]
             if bad:
-                raise ValueError(f"`{name}` names layers {bad} but the model has {num_layers} layers (0..{num_layers - 1})")
+                problems.append(f"`{name}` names layers {bad} but the model has {num_layers} layers (0..{num_layers - 1})")
+        if problems:
+            raise ConfigError([Problem((), text, whole=True) for text in problems])
 
 
 # ---------------------------------------------------------------------- serving (hardening)
@@ -177,7 +185,7 @@ class BreakerConfig(Checked):
     """
 
     fail_max: PositiveInt = 5
-    reset_timeout_s: PositiveFloat = 30.0
+    reset_timeout_s: Seconds = 30.0
     success_threshold: PositiveInt = 1
 
 
@@ -195,7 +203,7 @@ class RateLimitConfig(Checked):
     rate_per_s: PositiveFloat = 10.0
     burst: PositiveInt = 20
     on_limit: Literal[RATE_LIMIT_ACTIONS] = "reject"
-    max_wait_s: NonNegativeFloat = 1.0
+    max_wait_s: NonNegativeSeconds = 1.0
     max_clients: PositiveInt = 10_000
 
 
@@ -205,12 +213,16 @@ class HealthConfig(Checked):
 
     From ``memory_high`` the service reports DEGRADED; from
     ``memory_critical`` UNHEALTHY (not ready), and new store entries are not
-    stored. The levels and defaults are those of the adaptive sizer.
+    stored. The levels and defaults are those of the adaptive sizer. A request
+    in flight for longer than ``stall_after_s`` makes liveness UNHEALTHY.
     """
 
     memory_moderate: Pressure = 0.70
     memory_high: Pressure = 0.85
     memory_critical: Pressure = 0.95
+    stall_after_s: Annotated[
+        Seconds, doc("a request in flight this long makes /healthz (liveness) UNHEALTHY: the loop is stuck")
+    ] = 300.0
 
     def _problems(self) -> Iterator[Problem]:
         if not self.memory_moderate < self.memory_high < self.memory_critical:
@@ -260,7 +272,7 @@ class PrefixStoreConfig(Checked):
     """
 
     chunk_size: PositiveInt = 256
-    max_size_mb: NonNegativeFloat = 256.0
+    max_size_mb: NonNegativeMiB = 256.0
     eviction: Literal[EVICTION_POLICIES] = "lru"
     device: Annotated[Str, doc("torch device of the stored tensors")] = "cpu"
 
@@ -282,13 +294,13 @@ class SizerConfig(Checked):
     except the emergency one.
     """
 
-    min_size_mb: NonNegativeFloat = 16.0
-    max_size_mb: NonNegativeFloat = 1024.0
+    min_size_mb: NonNegativeMiB = 16.0
+    max_size_mb: NonNegativeMiB = 1024.0
     initial_size_mb: Annotated[
-        NonNegativeFloat | None, doc("null: the store's max_size_mb, clipped to the bounds")
+        NonNegativeMiB | None, doc("null: the store's max_size_mb, clipped to the bounds")
     ] = None
-    interval_s: PositiveFloat = 5.0
-    cooldown_s: NonNegativeFloat = 30.0
+    interval_s: Seconds = 5.0
+    cooldown_s: NonNegativeSeconds = 30.0
     moderate_pressure: Pressure = 0.70
     high_pressure: Pressure = 0.85
     critical_pressure: Pressure = 0.95

@@ -20,8 +20,9 @@ from pydantic import ConfigDict, Field, Strict
 from pydantic_core import PydanticCustomError
 
 __all__ = [
-    "Bool", "Checked", "ConfigError", "Float", "Fraction", "NonNegativeFloat", "NonNegativeInt",
-    "PositiveFloat", "PositiveInt", "Problem", "Str", "doc", "exact_choice", "section", "translate",
+    "MAX_SECONDS", "MAX_SIZE_MB", "Bool", "Checked", "ConfigError", "Float", "Fraction", "MiB", "NonNegativeFloat",
+    "NonNegativeInt", "NonNegativeMiB", "NonNegativeSeconds", "PositiveFloat", "PositiveInt", "Problem", "Seconds",
+    "Str", "doc", "exact_choice", "section", "translate",
 ]  # fmt: skip
 
 # Strict scalars, as YAML gives them: `true` is no integer, "5" no number. A float
@@ -35,6 +36,15 @@ NonNegativeInt = Annotated[int, Strict(), Field(ge=0)]
 PositiveFloat = Annotated[float, Strict(), Field(gt=0)]
 NonNegativeFloat = Annotated[float, Strict(), Field(ge=0)]
 Fraction = Annotated[float, Strict(), Field(ge=0, le=1)]
+
+# Finite is not enough: a timer or lock wait of 1e300 s overflows (OverflowError) or never ends, and a budget
+# of 1e308 MiB overflows when turned into bytes. A day and a pebibyte are far beyond any real setting.
+MAX_SECONDS = 86_400.0
+MAX_SIZE_MB = float(2**30)
+Seconds = Annotated[float, Strict(), Field(gt=0, le=MAX_SECONDS)]
+NonNegativeSeconds = Annotated[float, Strict(), Field(ge=0, le=MAX_SECONDS)]
+MiB = Annotated[float, Strict(), Field(gt=0, le=MAX_SIZE_MB)]
+NonNegativeMiB = Annotated[float, Strict(), Field(ge=0, le=MAX_SIZE_MB)]
 
 _CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False)
 _TYPE_ERRORS = {"int_type", "float_type", "bool_type", "string_type", "dict_type", "list_type", "dataclass_type"}

@@ -2,7 +2,7 @@
 
 One module per concern: ``metrics`` (Prometheus, a registry per instance),
 ``breakers`` (pybreaker with an injectable clock), ``health`` (checks and
-their aggregation), ``probe_server`` (``/healthz``, ``/readyz``, ``/metrics``
+their aggregation), ``liveness`` (a stuck serving loop), ``probe_server`` (``/healthz``, ``/readyz``, ``/metrics``
 over HTTP), ``rate_limit`` (token buckets per client), ``degradation``
 (``GuardedStore``, ``harden_cache``) and ``endpoint`` (``ServingEndpoint``: a
 request never fails because the cache did). ``app.service.build_service``
@@ -23,6 +23,7 @@ from .health import (
     peers_check,
     system_memory_used_fraction,
 )
+from .liveness import ProgressWatch
 from .probe_server import HealthServer
 from .metrics import PRESSURE_LEVELS, MetricsCollector, ServingMetrics
 from .rate_limit import RateLimiter, RateLimitExceeded
@@ -42,6 +43,7 @@ __all__ = [
     "MetricsCollector",
     "MonotonicClockStorage",
     "ProductionCacheWrapper",
+    "ProgressWatch",
     "RateLimitExceeded",
     "RateLimiter",
     "ServingEndpoint",

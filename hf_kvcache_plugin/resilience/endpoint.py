@@ -21,6 +21,7 @@ from transformers.generation.stopping_criteria import StoppingCriteriaList
 
 from ..token_clock import TokenClock
 
+from .liveness import ProgressWatch
 from .metrics import ServingMetrics
 from .rate_limit import RateLimiter, RateLimitExceeded
 
@@ -29,8 +30,10 @@ __all__ = ["ServingEndpoint", "check_prompt"]
 logger = logging.getLogger(__name__)
 
 
-def check_prompt(input_ids: Any) -> None:
-    """A batch of non-empty integer prompts ``[batch, seq_len]``, or a ``ValueError`` that says what is wrong."""
+def check_prompt(input_ids: Any, vocab_size: int | None = None) -> None:
+    """A batch of non-empty integer prompts ``[batch, seq_len]`` with ids in ``[0, vocab_size)``, or a
+    ``ValueError`` that says what is wrong (before any model runs: an id out of range is an IndexError deep
+    inside the embedding otherwise)."""
     if not isinstance(input_ids, torch.Tensor):
         raise ValueError(
             f"`input_ids` has to be a tensor [batch, seq_len] of token ids but got {type(input_ids).__name__}"
@@ -43,6 +46,14 @@ def check_prompt(input_ids: Any) -> None:
         raise ValueError(
             f"the prompt is empty (`input_ids` of shape {tuple(input_ids.shape)}): give at least one token"
         )
+    if vocab_size is not None:
+        bad = (input_ids < 0) | (input_ids >= vocab_size)
+        if bool(bad.any()):
+            row, col = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(
+                f"token ids have to be in [0, {vocab_size}) (the model's vocabulary) but `input_ids` holds "
+                f"{int(input_ids[row, col])} at row {row}, position {col} ({int(bad.sum())} id(s) out of range)"
+            )
 
 
 class ServingEndpoint:
@@ -55,6 +66,8 @@ class ServingEndpoint:
         limiter: per-client rate limits; ``None`` for none.
         metrics: where requests and latencies are recorded.
         clock: seconds, for the latency histograms.
+        vocab_size: token ids are checked against it before any model runs; ``None``: not checked.
+        progress: marks each request in flight (liveness); ``None``: not watched.
     """
 
     def __init__(
@@ -66,8 +79,12 @@ class ServingEndpoint:
         limiter: RateLimiter | None = None,
         metrics: ServingMetrics | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        vocab_size: int | None = None,
+        progress: ProgressWatch | None = None,
     ):
         self.generate = generate
+        self.vocab_size = vocab_size
+        self.progress = progress
         self.fallback_generate = fallback_generate
         self.name = name
         self.limiter = limiter
@@ -82,10 +99,16 @@ class ServingEndpoint:
                 self._count("rate_limited")
                 raise
         try:
-            check_prompt(input_ids)
+            check_prompt(input_ids, self.vocab_size)
         except ValueError:
             self._count("invalid")
             raise
+        if self.progress is None:
+            return self._serve(input_ids, kwargs)
+        with self.progress.request():
+            return self._serve(input_ids, kwargs)
+
+    def _serve(self, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> Any:
         outcome = "served"
         start, tokens = self._clock(), TokenClock(self._clock)
         try:

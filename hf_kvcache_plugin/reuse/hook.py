@@ -33,6 +33,7 @@ position. The returned sequences carry the caller's own prompt ids.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -171,6 +172,7 @@ class PrefixCacheHook:
         self.store = store
         self.sizer = sizer
         self.records: deque[RequestRecord] = deque(maxlen=max_records)
+        self._totals_lock = threading.Lock()
         self._owns_sizer = owns_sizer
         self._clock = clock
         self._fingerprint = model_fingerprint(model)
@@ -406,12 +408,13 @@ class PrefixCacheHook:
                 ttft_ms=ttft_ms,
                 batch_size=len(rows),
             )
-            self.records.append(record)
-            self._totals["requests"] += 1
-            self._totals["hit_requests"] += record.hit_tokens > 0
-            self._totals["prompt_tokens"] += record.prompt_tokens
-            self._totals["hit_tokens"] += record.hit_tokens
-            self._totals["stored_chunks"] += n_stored
+            with self._totals_lock:  # requests from several threads: `+=` on a dict entry is no atomic update
+                self.records.append(record)
+                self._totals["requests"] += 1
+                self._totals["hit_requests"] += record.hit_tokens > 0
+                self._totals["prompt_tokens"] += record.prompt_tokens
+                self._totals["hit_tokens"] += record.hit_tokens
+                self._totals["stored_chunks"] += n_stored
             if self.sizer is not None:
                 if record.hit_tokens:
                     self.sizer.record_hit(ttft_ms)
@@ -423,8 +426,8 @@ class PrefixCacheHook:
     # ------------------------------------------------------------------ reporting
     def stats(self) -> dict[str, Any]:
         """Totals since attach plus the store's figures."""
-        t = self._totals
-        recent = list(self.records)
+        with self._totals_lock:
+            t, recent = dict(self._totals), list(self.records)
         mean = lambda name: sum(getattr(r, name) for r in recent) / len(recent) if recent else 0.0  # noqa: E731
         return {
             **t,

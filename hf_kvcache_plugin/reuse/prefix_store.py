@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from ..config import CacheConfig, PluginConfig, PrefixStoreConfig
+from ..config.validation import MAX_SIZE_MB
 from ..quantization import QuantizedTensor
 
 __all__ = [
@@ -235,6 +236,8 @@ class PrefixStore:
         self._used_bytes = 0
         self._tick = 0
         self._lock = threading.RLock()
+        self._depth = 0  # nesting of `_mutating` in the thread holding the lock
+        self._evicted_pending: list[tuple[PrefixEntry, str]] = []
         self._counters = dict.fromkeys(
             ("lookups", "hit_chunks", "missed_chunks", "puts", "duplicate_puts", "rejected_puts", "evictions"), 0
         )
@@ -353,7 +356,7 @@ class PrefixStore:
                 self._slots[key].pins += 1
 
     def unpin(self, keys: Iterable[bytes]) -> None:
-        with self._lock:
+        with self._mutating():
             for key in keys:
                 slot = self._slots.get(key)
                 if slot is None or slot.pins == 0:
@@ -392,7 +395,7 @@ class PrefixStore:
         nothing could reach them.
         """
         stored = 0
-        with self._lock:
+        with self._mutating():
             held: list[bytes] = []  # chunks of this chain stay pinned until the chain is in
             try:
                 for i, entry in enumerate(entries):
@@ -452,9 +455,12 @@ class PrefixStore:
         If pinned entries alone exceed the new budget the store stays above it
         until they are unpinned, and then trims itself.
         """
-        if not isinstance(new_size_mb, (int, float)) or isinstance(new_size_mb, bool) or new_size_mb < 0:
-            raise ValueError(f"`new_size_mb` has to be a number >= 0 but got {new_size_mb!r}")
-        with self._lock:
+        if (
+            not isinstance(new_size_mb, (int, float)) or isinstance(new_size_mb, bool)
+            or not 0 <= new_size_mb <= MAX_SIZE_MB  # NaN too
+        ):  # fmt: skip
+            raise ValueError(f"`new_size_mb` has to be a number in [0, {MAX_SIZE_MB:g}] but got {new_size_mb!r}")
+        with self._mutating():
             before = self._counters["evictions"]
             self._max_bytes = int(new_size_mb * MIB)
             self._evict_to(self._max_bytes)
@@ -462,8 +468,13 @@ class PrefixStore:
 
     def clear(self) -> int:
         """Drop every unpinned entry; returns how many left."""
-        with self._lock:
-            victims = [k for k, s in self._slots.items() if not s.pins and not self._pinned_below(k)]
+        with self._mutating():
+            in_use = set()  # pinned chunks and every chunk they extend, walked up once per pin
+            for key in [k for k, s in self._slots.items() if s.pins]:
+                while key is not None and key in self._slots and key not in in_use:
+                    in_use.add(key)
+                    key = self._slots[key].entry.parent
+            victims = [k for k in self._slots if k not in in_use]
             for key in victims:
                 if key in self._slots:
                     self._remove(key, "clear")
@@ -476,7 +487,7 @@ class PrefixStore:
         chunk extends (in use). ``on_evict`` hears ``reason`` for each removed
         key and ``"orphan"`` for what extended it.
         """
-        with self._lock:
+        with self._mutating():
             before = self._used_bytes
             for key in keys:
                 slot = self._slots.get(key)
@@ -511,19 +522,41 @@ class PrefixStore:
         return False
 
     def _remove(self, key: bytes, reason: str) -> None:
-        """Remove ``key`` and every chunk extending it: without it they are unreachable."""
-        slot = self._slots.pop(key)
-        for child in list(slot.children):
-            if child in self._slots:
-                self._remove(child, "orphan")
-        parent = self._slots.get(slot.entry.parent) if slot.entry.parent is not None else None
-        if parent is not None:
-            parent.children.discard(key)
-        self._used_bytes -= slot.nbytes
-        self._evicted_bytes += slot.nbytes
-        self._counters["evictions"] += 1
-        if self.on_evict is not None:
-            self.on_evict(slot.entry, reason)
+        """Remove ``key`` and every chunk extending it: without it they are unreachable.
+
+        Iterative (a chain of thousands of chunks is one long path), and leaf first, so every entry leaves
+        after the chunks extending it. ``on_evict`` is queued and run once the store's lock is released."""
+        subtree, stack = [], [key]
+        while stack:  # pre-order: each key before the chunks extending it
+            current = stack.pop()
+            subtree.append(current)
+            stack.extend(child for child in self._slots[current].children if child in self._slots)
+        parent = self._slots[key].entry.parent
+        if parent is not None and parent in self._slots:
+            self._slots[parent].children.discard(key)
+        for current in reversed(subtree):
+            slot = self._slots.pop(current)
+            self._used_bytes -= slot.nbytes
+            self._evicted_bytes += slot.nbytes
+            self._counters["evictions"] += 1
+            if self.on_evict is not None:
+                self._evicted_pending.append((slot.entry, reason if current == key else "orphan"))
+
+    @contextmanager
+    def _mutating(self) -> Iterator[None]:
+        """The store's lock for a change that may remove entries; ``on_evict`` runs after it is released,
+        so a slow or re-entrant callback never holds up (or deadlocks) other threads' lookups."""
+        with self._lock:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+                evicted = []
+                if self._depth == 0:
+                    evicted, self._evicted_pending = self._evicted_pending, []
+        for entry, why in evicted:
+            self.on_evict(entry, why)
 
     def _evict_orphans(self) -> None:
         orphans = [
