@@ -18,9 +18,9 @@ lengths behind, and the step's other layers are not checked again (about
 incoming K/V of a step pass through in full precision before their blocks
 are quantized; the budget bounds what stays.
 
-Getting smaller to fit (re-packing old blocks to fewer bits, dropping middle
-blocks) is not done here yet: a budget below what the cache holds is
-recorded, and the next update that adds bytes is refused.
+Getting smaller to fit first (re-packing old blocks to fewer bits, dropping
+middle blocks) is ``shrink``'s, by ``cache.budget_policy``; this module's
+refusal is what is left when that is not allowed or not enough.
 """
 
 from __future__ import annotations
@@ -98,10 +98,10 @@ def layer_nbytes_after(layer: Any, key_states: torch.Tensor, value_states: torch
 
 
 def check_budget(
-    layers: Sequence[Any], after: dict[int, int], budget_bytes: int | None, what: str
+    layers: Sequence[Any], after: dict[int, int], budget_bytes: int | None, what: str, detail: str = ""
 ) -> None:
     """Refuse (``CacheBudgetExceeded``) when the layers, ``after[i]`` bytes for each layer ``i`` named there and
-    what they hold now for the others, would exceed ``budget_bytes``."""
+    what they hold now for the others, would exceed ``budget_bytes``; ``detail`` says what was tried first."""
     if budget_bytes is None:
         return
     held = [layer_nbytes(layer) for layer in layers]
@@ -109,7 +109,8 @@ def check_budget(
     if needed > budget_bytes:
         raise CacheBudgetExceeded(
             f"{what} is refused: the cache would hold {needed} bytes ({needed / MIB:.3f} MiB) but its budget "
-            f"`max_size_mb` is {budget_bytes} bytes ({budget_bytes / MIB:.3f} MiB); it holds {sum(held)} bytes now. "
+            f"`max_size_mb` is {budget_bytes} bytes ({budget_bytes / MIB:.3f} MiB); it holds {sum(held)} bytes now"
+            f"{' ' + detail if detail else ''}. "
             "Raise the budget (`resize`), or free the cache (`reset`, `crop`)",
             budget_bytes=budget_bytes,
             needed_bytes=needed,

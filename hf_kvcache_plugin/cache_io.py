@@ -153,6 +153,7 @@ def _quantized_layer_state(layer: QuantizedKVLayer) -> dict[str, Any]:
         state.update(
             dtype=dtype_name(layer.dtype),
             length=layer.get_seq_length(),
+            dropped_tokens=layer.dropped_tokens,
             shape=[layer.batch_size, layer.num_heads, layer.head_dim, layer.value_head_dim],
             sink_keys=layer.sink_keys, sink_values=layer.sink_values,
             residual_keys=layer.residual_keys, residual_values=layer.residual_values,
@@ -176,11 +177,12 @@ def _quantized_layer_from_state(state: dict[str, Any], device: torch.device | st
     layer.quantized_keys.restore_snapshot_state(state["keys"], device)
     layer.quantized_values.restore_snapshot_state(state["values"], device)
     layer._length = int(state["length"])
+    layer.dropped_tokens = int(state.get("dropped_tokens", 0))
     for name, (sink, blocks, residual) in {
         "keys": (layer.sink_keys, layer.quantized_keys, layer.residual_keys),
         "values": (layer.sink_values, layer.quantized_values, layer.residual_values),
     }.items():
-        held = sink.shape[-2] + blocks.num_tokens + residual.shape[-2]
+        held = sink.shape[-2] + blocks.num_tokens + residual.shape[-2] + layer.dropped_tokens
         if held != layer._length or sink.shape[:2] != (b, h) or residual.shape[:2] != (b, h):
             raise ValueError(
                 f"{layer._name()}: the saved {name} hold {held} tokens of shape {tuple(residual.shape)} but the "

@@ -28,6 +28,7 @@ RANKS = {
     "layer": 3,
     "cache_io": 4,
     "budget": 4,
+    "shrink": 5,
     "attention": 5,
     "cache": 6,
     "reuse": 7,
