@@ -304,6 +304,11 @@ class SizerConfig(Checked):
     grow_min_miss_rate: Annotated[Fraction, doc("grow only if at least this share of recent requests missed")] = 0.1
     grow_min_utilization: Annotated[Fraction, doc("... and the store fills this share of its budget")] = 0.9
     max_rising_trend: Annotated[Float, doc("... and used memory rises slower than this fraction per second")] = 0.002
+    trend_horizon_s: Annotated[
+        NonNegativeFloat,
+        doc("proactive sizing: shrink before HIGH pressure when the memory trend projects it within this many "
+            "seconds; 0: off"),
+    ] = 60.0
     memory_window: Annotated[
         int, Strict(), Field(ge=2, description="readings the trend is fitted over (a trend needs two)")
     ] = 12
