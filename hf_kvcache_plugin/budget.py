@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import CacheLayerMixin, DynamicSlidingWindowLayer
 
+from .errors import KVCacheError
 from .layer import EMPTY_LAYER_STATS, QuantizedKVLayer, tensor_nbytes
 
 __all__ = [
@@ -41,12 +42,15 @@ __all__ = [
 MIB = 2**20
 
 
-class CacheBudgetExceeded(RuntimeError):
+class CacheBudgetExceeded(KVCacheError, RuntimeError):
     """An update would make the cache hold more than its byte budget; nothing was appended.
 
     ``budget_bytes``, ``needed_bytes`` (held after the update) and
     ``held_bytes`` (now) say by how much.
     """
+
+    code = "cache_budget_exceeded"
+    detail_fields = ("budget_bytes", "needed_bytes", "held_bytes")
 
     def __init__(self, message: str, *, budget_bytes: int, needed_bytes: int, held_bytes: int):
         super().__init__(message)

@@ -34,6 +34,7 @@ import torch
 from transformers.cache_utils import DummyLayer, DynamicLayer, DynamicSlidingWindowLayer
 
 from .config import CacheConfig
+from .errors import KVCacheError
 from .layer import LayerSettings, QuantizedKVLayer
 from .quantization import dtype_from_name, dtype_name
 
@@ -54,8 +55,10 @@ _PREAMBLE = struct.Struct("<8sII")  # magic, format version, header length
 _MAX_HEADER_BYTES = 1 << 20
 
 
-class SnapshotError(ValueError):
+class SnapshotError(KVCacheError, ValueError):
     """A snapshot file that cannot be trusted: truncated, corrupted, of another kind or version."""
+
+    code = "snapshot_invalid"
 
 
 def write_snapshot(path: str | Path, kind: str, state: Any, meta: dict[str, Any] | None = None) -> int:

@@ -19,6 +19,7 @@ NAME = PACKAGE.name
 
 # Bottom to top: a unit may import only units of a lower rank (and itself).
 RANKS = {
+    "errors": 0,
     "quantization": 0,
     "quantizers": 1,
     "config": 1,

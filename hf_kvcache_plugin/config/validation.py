@@ -19,6 +19,8 @@ import pydantic.dataclasses
 from pydantic import ConfigDict, Field, Strict
 from pydantic_core import PydanticCustomError
 
+from ..errors import KVCacheError
+
 __all__ = [
     "Bool", "Checked", "ConfigError", "Float", "Fraction", "NonNegativeFloat", "NonNegativeInt",
     "PositiveFloat", "PositiveInt", "Problem", "Str", "doc", "exact_choice", "section", "translate",
@@ -76,8 +78,11 @@ class Problem(NamedTuple):
         return f"`{where}` {self.text}"
 
 
-class ConfigError(ValueError):
+class ConfigError(KVCacheError, ValueError):
     """Every problem found in a config at once; ``errors`` holds one message per problem."""
+
+    code = "config_invalid"
+    detail_fields = ("errors", "source")
 
     def __init__(self, problems: Iterable[Problem], source: str | None = None):
         self.problems = list(problems)
