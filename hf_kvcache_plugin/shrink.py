@@ -17,6 +17,8 @@ has to, and measures each (blocks touched, bytes freed, seconds):
 - ``refuse``: none (every block keeps its bits and tokens; over the budget is refused);
 - ``repack`` (the default): 1 and 2;
 - ``repack_then_drop``: 1, 2 and 3;
+- ``repack_to_4_then_drop``: 1 and 3 (never below 4 bits: on stories260K
+  dropping old tokens costs less perplexity than INT2, benchmarks/budget_quality.py);
 - ``drop``: 3 only (the bits are fixed: an INT4 cache stays INT4).
 
 A block is re-packed the way mixed-precision aging does it: dequantized from
@@ -52,6 +54,7 @@ _STEPS_OF_POLICY = {
     "refuse": (),
     "repack": ("repack_8_to_4", "repack_4_to_2"),
     "repack_then_drop": ("repack_8_to_4", "repack_4_to_2", "drop"),
+    "repack_to_4_then_drop": ("repack_8_to_4", "drop"),
     "drop": ("drop",),
 }
 

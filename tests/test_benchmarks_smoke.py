@@ -123,7 +123,8 @@ def test_budget_quality_holds_every_cache_to_its_budget(tmp_path):
     record = json.loads((tmp_path / "budget_quality_quick.json").read_text())
     assert (tmp_path / "budget_quality_quick.png").is_file()
     assert {(r["cache"], r["budget_fraction"]) for r in record["rows"]} == {
-        (name, f) for name in ("shrink (int8, repack_then_drop)", "int4 fixed (drop)", "int2 fixed (drop)")
+        (name, f) for name in ("shrink (int8, repack_then_drop)", "shrink (int8, repack_to_4_then_drop)",
+                               "int4 fixed (drop)", "int2 fixed (drop)")
         for f in (1.0, 0.2)
     }
     for row in record["rows"]:

@@ -239,3 +239,13 @@ def test_a_shrunk_cache_saves_and_loads_whole(tmp_path):
         assert torch.equal(a, b)
     assert loaded.get_seq_length() == 72 and loaded.layers[0].get_mask_sizes(1) == (65, 8)
     assert loaded.get_stats()["budget"]["tokens_at_bits"] == cache.get_stats()["budget"]["tokens_at_bits"]
+
+
+def test_repack_to_4_then_drop_never_goes_below_4_bits():
+    cache = filled("repack_to_4_then_drop")
+    all_four = 2 * 8 * block(4) + WINDOW_BYTES
+    cache.resize((all_four - 1) / MIB)  # every block to 4 bits is not enough: the oldest is dropped, none to 2 bits
+    stats = cache.get_stats()
+    assert stats["total_bytes"] == all_four - 2 * block(4)
+    assert stats["budget"]["tokens_at_bits"]["keys"] == {4: 56} and stats["budget"]["dropped_tokens"] == 8
+    assert stats["budget"]["steps"]["repack_4_to_2"]["events"] == 0

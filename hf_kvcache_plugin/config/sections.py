@@ -42,7 +42,7 @@ QUANT_TYPES = ("int8", "int4", "int2", "mixed")
 GROUP_AXES = ("channel", "token")
 ATTENTION_PATHS = ("fused", "dequantize")
 CPU_KERNEL_MODES = ("auto", "off")
-BUDGET_POLICIES = ("refuse", "repack", "repack_then_drop", "drop")  # shrink.py says what each does
+BUDGET_POLICIES = ("refuse", "repack", "repack_then_drop", "repack_to_4_then_drop", "drop")  # shrink.py says what each does
 SCALE_DTYPES = ("float16", "bfloat16", "float32", "compute")
 BITS_OF_QUANT_TYPE = {"int8": 8, "int4": 4, "int2": 2, "mixed": 8}
 EVICTION_POLICIES = ("lru", "lfu")
@@ -112,8 +112,8 @@ class CacheConfig(Checked):
     budget_policy: Annotated[
         Literal[BUDGET_POLICIES],
         doc("over max_size_mb: refuse; repack = oldest blocks 8->4->2 bits, then refuse; repack_then_drop = "
-            "then drop the oldest blocks between sinks and residual window (StreamingLLM); drop = bits fixed, "
-            "drop only"),
+            "then drop the oldest blocks between sinks and residual window (StreamingLLM); repack_to_4_then_drop = "
+            "8->4 only, then drop; drop = bits fixed, drop only"),
     ] = "repack"
 
     def _problems(self) -> Iterator[Problem]:
