@@ -229,18 +229,28 @@ class QuantizedKVCache(Cache):
 
     def resize(self, new_size_mb: float) -> None:
         """Set the byte budget to ``new_size_mb`` MiB (what ``create_adaptive_sizer(resize_callback=cache.resize)``
-        calls). Below what the cache holds it shrinks now as ``budget_policy`` allows; an update that would make it
-        hold more shrinks it again, or is refused (``CacheBudgetExceeded``) when that is not allowed or not enough.
+        calls). Only the number changes here, so any thread may call it (the sizer's runs beside ``generate``, and
+        re-packing under a forward step would pull its history away). The next update, on the model's thread, is
+        admitted against the new budget: the cache shrinks then as ``budget_policy`` allows, or the update is refused
+        (``CacheBudgetExceeded``). ``shrink_to_budget()`` shrinks at once, between forward steps.
         """
         problem = budget_problem("new_size_mb", new_size_mb)
         if problem:
             raise ValueError(problem)
         self.cache_config = dataclasses.replace(self.cache_config, max_size_mb=float(new_size_mb))
-        try:
-            self._admit(lambda: {}, f"resizing to {new_size_mb} MiB")
-        except CacheBudgetExceeded as exc:
-            # the sizer calls this under memory pressure: keep the budget, refuse the next update that adds bytes
-            logger.warning("cache budget set, but the cache holds more: %s", exc)
+        self._admitted_step = (set(), None)
+        held = sum(layer_nbytes(layer) for layer in self.layers)
+        if held > self.budget_bytes:
+            logger.warning(
+                "cache budget set to %d bytes (%.3f MiB) while the cache holds %d bytes: the next update shrinks it "
+                "(budget_policy %r) or is refused", self.budget_bytes, new_size_mb, held,
+                self.cache_config.budget_policy,
+            )  # fmt: skip
+
+    def shrink_to_budget(self) -> None:
+        """Shrink the cache under its budget now, as ``budget_policy`` allows, or raise ``CacheBudgetExceeded``
+        (what was shrunk stays shrunk). Call it between forward steps, on the thread that runs the model."""
+        self._admit(lambda: {}, f"holding the cache under {self.max_size_mb} MiB")
 
     def _admit(self, after: Callable[[], dict[int, int]], what: str) -> None:
         """Make room for what ``after()`` predicts (bytes per layer about to change), shrinking as the policy

@@ -32,6 +32,11 @@ def tokens(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(1, HEADS, n, DIM, generator=g), torch.randn(1, HEADS, n, DIM, generator=g)
 
 
+def shrink_to(cache: QuantizedKVCache, budget_mb: float) -> None:
+    cache.resize(budget_mb)
+    cache.shrink_to_budget()
+
+
 def filled(policy: str, quant_type: str = "int8", **options) -> QuantizedKVCache:
     """One layer, 72 tokens: 8 blocks quantized, the newest 8 tokens exact."""
     cache = create_quantized_kv_cache(
@@ -49,7 +54,7 @@ def test_each_shrink_step_frees_exact_bytes_oldest_blocks_first():
     before = cache.retrieve(0)
 
     # 8 -> 4 on the 3 oldest blocks: each frees block(8) - block(4) per stream
-    cache.resize((held - 2 * 2 * (block(8) - block(4)) - 1) / MIB)
+    shrink_to(cache, (held - 2 * 2 * (block(8) - block(4)) - 1) / MIB)
     held -= 3 * 2 * (block(8) - block(4))
     stats = cache.get_stats()
     assert stats["total_bytes"] == held
@@ -65,7 +70,7 @@ def test_each_shrink_step_frees_exact_bytes_oldest_blocks_first():
 
     # every block to 4 bits, then 4 -> 2 on the 2 oldest
     all_four = 2 * 8 * block(4) + WINDOW_BYTES
-    cache.resize((all_four - 2 * (block(4) - block(2)) - 1) / MIB)
+    shrink_to(cache, (all_four - 2 * (block(4) - block(2)) - 1) / MIB)
     held = all_four - 2 * 2 * (block(4) - block(2))
     stats = cache.get_stats()
     assert stats["total_bytes"] == held
@@ -74,7 +79,7 @@ def test_each_shrink_step_frees_exact_bytes_oldest_blocks_first():
 
     # below every block at 2 bits: the oldest blocks are dropped; the sequence length still counts them
     all_two = 2 * 8 * block(2) + WINDOW_BYTES
-    cache.resize((all_two - 1) / MIB)
+    shrink_to(cache, (all_two - 1) / MIB)
     held = all_two - 2 * block(2)
     stats = cache.get_stats()
     assert stats["total_bytes"] == held
@@ -92,8 +97,9 @@ def test_a_store_over_the_budget_repacks_first_and_the_prediction_stays_exact():
     k, v = tokens(8, seed=1)
     layer = cache.layers[0]
     grown = layer.nbytes_after_append(k, v)
-    cache.resize((grown - 1) / MIB)
+    shrink_to(cache, (grown - 1) / MIB)
     assert cache.get_stats()["total_bytes"] == 2 * 8 * block(8) + WINDOW_BYTES  # fits now: nothing shrunk yet
+    assert cache.get_stats()["budget"]["steps"]["repack_8_to_4"]["events"] == 0
     cache.store(0, k, v)
     stats = cache.get_stats()
     assert stats["total_bytes"] == grown - 2 * (block(8) - block(4)) <= cache.budget_bytes
@@ -105,8 +111,10 @@ def test_over_what_repacking_can_free_the_policy_refuses_naming_the_budget(caplo
     all_two = 2 * 8 * block(2) + WINDOW_BYTES
     with caplog.at_level(logging.WARNING, logger="hf_kvcache_plugin.cache"):
         cache.resize((all_two - 1) / MIB)
-    assert "cache budget set, but the cache holds more" in caplog.text
-    assert cache.get_stats()["total_bytes"] == all_two  # re-packed as far as allowed, nothing dropped
+    assert f"the cache holds {2 * 8 * block(4) + WINDOW_BYTES} bytes: the next update shrinks it" in caplog.text
+    with pytest.raises(CacheBudgetExceeded, match=r"holding the cache under .* MiB is refused"):
+        cache.shrink_to_budget()
+    assert cache.get_stats()["total_bytes"] == all_two  # re-packed as far as allowed (and kept), nothing dropped
     with pytest.raises(CacheBudgetExceeded) as refused:
         cache.store(0, *tokens(1))
     message = str(refused.value)
@@ -120,7 +128,7 @@ def test_drop_keeps_the_bits_and_the_sinks():
     layer = cache.layers[0]
     sinks = layer.sink_keys.clone()
     held = cache.get_stats()["total_bytes"]
-    cache.resize((held - 1) / MIB)
+    shrink_to(cache, (held - 1) / MIB)
     stats = cache.get_stats()
     assert stats["total_bytes"] == held - 2 * block(4)
     assert stats["budget"]["tokens_at_bits"]["keys"] == {4: 48}
@@ -132,7 +140,7 @@ def test_drop_keeps_the_bits_and_the_sinks():
 
 def test_crop_into_dropped_tokens_is_refused():
     cache = filled("drop")
-    cache.resize((cache.get_stats()["total_bytes"] - 1) / MIB)
+    shrink_to(cache, (cache.get_stats()["total_bytes"] - 1) / MIB)
     with pytest.raises(ValueError, match="8 tokens before the last 64 were dropped"):
         cache.crop(-70)
     cache.crop(-10)
@@ -222,9 +230,11 @@ def test_the_sizer_drives_the_budget_and_the_cache_repacks():
         monitor=monitor, clock=lambda: 0.0, shrink_factor=0.75,
     )  # fmt: skip
     assert sizer.step().action == "hold" and cache.max_size_mb is None
-    used[0] = 0.9  # high pressure: the sizer shrinks the budget by 0.75, and the cache re-packs to fit it
+    used[0] = 0.9  # high pressure: the sizer shrinks the budget by 0.75 (from its thread: only the number changes)
     decision = sizer.step()
     assert decision.action == "shrink" and cache.max_size_mb == pytest.approx(held * 0.75 / MIB)
+    assert cache.get_stats()["total_bytes"] == held
+    cache.store(0, *tokens(1, seed=2))  # the next update, on the model's thread, re-packs to fit
     stats = cache.get_stats()
     assert stats["total_bytes"] <= cache.budget_bytes
     assert stats["budget"]["tokens_at_bits"]["keys"][4] > 0
@@ -232,7 +242,7 @@ def test_the_sizer_drives_the_budget_and_the_cache_repacks():
 
 def test_a_shrunk_cache_saves_and_loads_whole(tmp_path):
     cache = filled("repack_then_drop")
-    cache.resize((2 * 8 * block(2) + WINDOW_BYTES - 1) / MIB)  # every block at 2 bits, then one dropped
+    shrink_to(cache, (2 * 8 * block(2) + WINDOW_BYTES - 1) / MIB)  # every block at 2 bits, then one dropped
     cache.save(tmp_path / "shrunk.kvc")
     loaded = QuantizedKVCache.load(tmp_path / "shrunk.kvc")
     for a, b in zip(cache.retrieve(0), loaded.retrieve(0)):
@@ -244,7 +254,7 @@ def test_a_shrunk_cache_saves_and_loads_whole(tmp_path):
 def test_repack_to_4_then_drop_never_goes_below_4_bits():
     cache = filled("repack_to_4_then_drop")
     all_four = 2 * 8 * block(4) + WINDOW_BYTES
-    cache.resize((all_four - 1) / MIB)  # every block to 4 bits is not enough: the oldest is dropped, none to 2 bits
+    shrink_to(cache, (all_four - 1) / MIB)  # every block to 4 bits is not enough: the oldest is dropped, none to 2 bits
     stats = cache.get_stats()
     assert stats["total_bytes"] == all_four - 2 * block(4)
     assert stats["budget"]["tokens_at_bits"]["keys"] == {4: 56} and stats["budget"]["dropped_tokens"] == 8
