@@ -44,6 +44,7 @@ warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", categ
 FRACTIONS = (1.0, 0.5, 0.3, 0.2, 0.1)
 VARIANTS = {  # name: (quant_type, budget_policy)
     "shrink (int8, repack_then_drop)": ("int8", "repack_then_drop"),
+    "shrink (int8, repack_to_4_then_drop)": ("int8", "repack_to_4_then_drop"),
     "int4 fixed (drop)": ("int4", "drop"),
     "int2 fixed (drop)": ("int2", "drop"),
 }
