@@ -157,8 +157,9 @@ def test_two_bits_repacked_from_int4_codes_lose_little_against_two_bits_from_the
     via4 = dequantize(quantize(dequantize(quantize(x, bits=4, group_size=8, axis=3)), bits=2, group_size=8, axis=3))
     via8 = dequantize(quantize(dequantize(quantize(dequantize(quantize(x, bits=8, group_size=8, axis=3)), bits=4,
                                                     group_size=8, axis=3)), bits=2, group_size=8, axis=3))
-    assert sqnr_db(x, via4) > sqnr_db(x, direct) - 0.5
-    assert sqnr_db(x, via8) > sqnr_db(x, direct) - 0.5
+    # asymmetric min/max grids nest (2-bit levels are 4- and 8-bit levels, the range is kept): nothing is lost
+    assert sqnr_db(x, via4) == pytest.approx(sqnr_db(x, direct), abs=0.01)
+    assert sqnr_db(x, via8) == pytest.approx(sqnr_db(x, direct), abs=0.01)
 
 
 def test_the_policy_is_a_config_key():
