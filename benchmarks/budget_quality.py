@@ -76,7 +76,7 @@ def plot(rows: list[dict], base_ppl: float, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    for name in VARIANTS:
+    for name in dict.fromkeys(r["cache"] for r in rows):
         mine = [r for r in rows if r["cache"] == name]
         ax.plot([100 * r["budget_fraction"] for r in mine], [r["perplexity"] for r in mine], marker="o", label=name)
     ax.axhline(base_ppl, color="gray", linestyle="--", label="DynamicCache")
@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--group-size", type=int, default=8, help="must divide head_dim 8")
     p.add_argument("--residual-length", type=int, default=16)
     p.add_argument("--sink-tokens", type=int, default=4)
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out")
     args = p.parse_args(argv)
@@ -124,7 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
     rec.extra["dynamic_cache"] = {"perplexity": base_ppl, "bytes": full_bytes}
     print(f"DynamicCache: perplexity {base_ppl:.4f}, {full_bytes} bytes for {dynamic.get_seq_length()} tokens")
     for fraction in fractions:
-        for name, (quant_type, policy) in VARIANTS.items():
+        for name in args.variants:
+            quant_type, policy = VARIANTS[name]
             budget_mb = fraction * full_bytes / 2**20
 
             def make_cache(quant_type=quant_type, policy=policy, budget_mb=budget_mb):
