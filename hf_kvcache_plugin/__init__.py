@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from .attention import QUANTIZED_ATTENTION, enable_quantized_attention, register_quantized_attention
 from .budget import CacheBudgetExceeded
+from .errors import KVCacheError
 from .cache import QuantizedKVCache, QuantizedKVCacheManager, create_quantized_kv_cache
 from .cache_io import SnapshotError
 from .config import (
@@ -137,6 +138,7 @@ __all__ = [
     "AdaptiveSizer",
     "BreakerConfig",
     "CacheBudgetExceeded",
+    "KVCacheError",
     "CacheConfig",
     "CacheCoordinator",
     "CheckResult",

@@ -10,6 +10,9 @@ The block axis (dim 2) comes before either group axis, so appending blocks is
 a concatenation along dim 2 of data, scale and zero alike: history is never
 re-quantized. With mixed precision, blocks that age out of the newest
 ``int8_tokens`` are re-packed once from the ``recent`` tier to the ``aged`` one.
+A cache over its byte budget re-packs its oldest blocks to fewer bits
+(``shrink``): those tiers, oldest and fewest bits first, are ``repacked`` and
+precede ``aged``.
 
 A block that cannot be quantized (NaN/Inf values, or a range whose scale
 overflows the scale dtype) is kept in full precision instead: the packed tier
@@ -199,6 +202,8 @@ class QuantizedBlocks:
         self.recent_tokens = recent_tokens
         self.aged: QuantizedTensor | None = None
         self.recent: QuantizedTensor | None = None
+        # tiers older than `aged`, fewest bits first, made by a budget shrink (`replace_tiers`)
+        self.repacked: list[QuantizedTensor] = []
         # block index (aged first, then recent) -> exact tokens [B, H, G, D] of a block that could not be quantized
         self._full_precision_blocks: dict[int, torch.Tensor] = {}
         self._fallback_events = 0  # blocks ever kept in full precision (not decremented by crop)
@@ -242,7 +247,43 @@ class QuantizedBlocks:
 
     @property
     def tiers(self) -> list[QuantizedTensor]:
-        return [t for t in (self.aged, self.recent) if t is not None]
+        """The stored tiers, oldest blocks first (bits never fall from one tier to the next)."""
+        return [*self.repacked, *(t for t in (self.aged, self.recent) if t is not None)]
+
+    def replace_tiers(self, tiers: list[QuantizedTensor]) -> None:
+        """Store ``tiers`` (oldest first) instead: the newest at the codec's bits is ``recent``, the one before it at
+        ``aged_bits`` is ``aged`` (so aging keeps appending where it did), the rest are ``repacked``."""
+        tiers = list(tiers)
+        self.recent = tiers.pop() if tiers and tiers[-1].bits == self.codec.bits else None
+        self.aged = tiers.pop() if tiers and self.aged_bits is not None and tiers[-1].bits == self.aged_bits else None
+        self.repacked = tiers
+
+    def blocks_at_bits(self, bits: int) -> int:
+        return sum(t.shape[_BLOCK_DIM] for t in self.tiers if t.bits == bits)
+
+    def repack_oldest(self, from_bits: int, to_bits: int, count: int) -> int:
+        """Re-pack the oldest ``count`` blocks held at ``from_bits`` to ``to_bits`` (a budget shrink); returns how
+        many there were. As aging does: each block is dequantized from its codes and encoded once at fewer bits
+        (a block whose range overflows the coarser scale is kept exact)."""
+        out: list[QuantizedTensor] = []
+        left, first = count, 0
+        for tier in self.tiers:
+            n = tier.shape[_BLOCK_DIM]
+            take = min(n, left) if tier.bits == from_bits else 0
+            if take:
+                tokens = dequantize(_slice(tier, 0, take)).flatten(2, 3)
+                new = self._encode_or_keep(tokens, first_block=first, bits=to_bits)
+                # bits never fall towards newer blocks, so the re-packed blocks join the tier just before them
+                if out and out[-1].bits == to_bits:
+                    out[-1] = _cat([out[-1], new])
+                else:
+                    out.append(new)
+                left -= take
+            if take < n:
+                out.append(_slice(tier, take, n) if take else tier)
+            first += n
+        self.replace_tiers(out)
+        return count - left
 
     @property
     def num_blocks(self) -> int:
@@ -365,26 +406,41 @@ class QuantizedBlocks:
         exact_head = self.full_precision_blocks.get(first_dropped)
         self.full_precision_blocks = {i: t for i, t in self.full_precision_blocks.items() if i < first_dropped}
         dropped = []
-        for name in ("recent", "aged"):
-            tier = getattr(self, name)
-            if tier is None or n_drop == 0:
-                continue
+        kept = self.tiers
+        while kept and n_drop:
+            tier = kept.pop()
             n = tier.shape[_BLOCK_DIM]
             take = min(n, n_drop)
             dropped.insert(0, _slice(tier, n - take, n))
-            setattr(self, name, _slice(tier, 0, n - take) if take < n else None)
+            if take < n:
+                kept.append(_slice(tier, 0, n - take))
             n_drop -= take
         if n_drop:
             raise ValueError(f"cannot drop {count} tokens from {self.num_tokens + count} quantized tokens")
+        self.replace_tiers(kept)
         if exact_head is not None:
             return exact_head[:, :, :kept_tokens].to(dtype).clone()
         head = dequantize(dropped[0], dtype).flatten(2, 3)[:, :, :kept_tokens]
         return head.clone()
 
+    def drop_oldest(self, count: int) -> None:
+        """Remove the oldest ``count`` blocks (a budget dropping middle tokens); later blocks keep their order."""
+        kept, left = [], count
+        for tier in self.tiers:
+            n = tier.shape[_BLOCK_DIM]
+            take = min(n, left)
+            left -= take
+            if take < n:
+                kept.append(_slice(tier, take, n) if take else tier)
+        if left:
+            raise ValueError(f"cannot drop {count} blocks from {self.num_blocks} quantized blocks")
+        self.full_precision_blocks = {i - count: t for i, t in self.full_precision_blocks.items() if i >= count}
+        self.replace_tiers(kept)
+
     def take_blocks(self, start: int, end: int) -> QuantizedTensor:
         """Blocks [start, end) of a single-tier stream, as stored (for export)."""
-        if self.aged is not None:
-            raise ValueError("exporting blocks of a mixed-precision stream with aged blocks is not supported")
+        if self.aged is not None or self.repacked:
+            raise ValueError("exporting blocks of a stream with aged or re-packed blocks is not supported")
         exact = sorted(i for i in self.full_precision_blocks if start <= i < end)
         if exact:
             raise ValueError(
@@ -400,6 +456,7 @@ class QuantizedBlocks:
             tier = getattr(self, name)
             if tier is not None:
                 setattr(self, name, tier.map_tensors(fn))
+        self.repacked = [tier.map_tensors(fn) for tier in self.repacked]
         self._full_precision_blocks = {i: fn(t) for i, t in self._full_precision_blocks.items()}
 
     # ------------------------------------------------------------------ snapshot state (plain tensors and numbers)
@@ -407,6 +464,7 @@ class QuantizedBlocks:
         return {
             "aged": None if self.aged is None else self.aged.to_dict(),
             "recent": None if self.recent is None else self.recent.to_dict(),
+            "repacked": [tier.to_dict() for tier in self.repacked],
             "full_precision_blocks": dict(self.full_precision_blocks),
             "fallback_events": self.fallback_events,
         }
@@ -422,7 +480,14 @@ class QuantizedBlocks:
                     f"{name} blocks of (bits, group, axis) = {(tier.bits, tier.group_size, tier.axis)} do not match "
                     f"the codec's {expected}"
                 )
-        self.aged, self.recent = tiers["aged"], tiers["recent"]
+        repacked = [QuantizedTensor.from_dict(tier, device) for tier in state.get("repacked", [])]
+        for tier in repacked:
+            if (tier.group_size, tier.axis) != (self.codec.group_size, self.codec.quant_axis):
+                raise ValueError(
+                    f"re-packed blocks of (group, axis) = {(tier.group_size, tier.axis)} do not match the codec's "
+                    f"{(self.codec.group_size, self.codec.quant_axis)}"
+                )
+        self.aged, self.recent, self.repacked = tiers["aged"], tiers["recent"], repacked
         self.full_precision_blocks = {int(i): t.to(device) for i, t in state["full_precision_blocks"].items()}
         self.fallback_events = int(state["fallback_events"])
         if any(not 0 <= i < self.num_blocks for i in self.full_precision_blocks):

@@ -18,9 +18,9 @@ lengths behind, and the step's other layers are not checked again (about
 incoming K/V of a step pass through in full precision before their blocks
 are quantized; the budget bounds what stays.
 
-Getting smaller to fit (re-packing old blocks to fewer bits, dropping middle
-blocks) is not done here yet: a budget below what the cache holds is
-recorded, and the next update that adds bytes is refused.
+Getting smaller to fit first (re-packing old blocks to fewer bits, dropping
+middle blocks) is ``shrink``'s, by ``cache.budget_policy``; this module's
+refusal is what is left when that is not allowed or not enough.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin, DynamicSlidingWindowLayer
 
 from .config.validation import MAX_SIZE_MB
+from .errors import KVCacheError
 from .layer import EMPTY_LAYER_STATS, QuantizedKVLayer, tensor_nbytes
 
 __all__ = [
@@ -42,12 +43,15 @@ __all__ = [
 MIB = 2**20
 
 
-class CacheBudgetExceeded(RuntimeError):
+class CacheBudgetExceeded(KVCacheError, RuntimeError):
     """An update would make the cache hold more than its byte budget; nothing was appended.
 
     ``budget_bytes``, ``needed_bytes`` (held after the update) and
     ``held_bytes`` (now) say by how much.
     """
+
+    code = "cache_budget_exceeded"
+    detail_fields = ("budget_bytes", "needed_bytes", "held_bytes")
 
     def __init__(self, message: str, *, budget_bytes: int, needed_bytes: int, held_bytes: int):
         super().__init__(message)
@@ -101,10 +105,10 @@ def layer_nbytes_after(layer: Any, key_states: torch.Tensor, value_states: torch
 
 
 def check_budget(
-    layers: Sequence[Any], after: dict[int, int], budget_bytes: int | None, what: str
+    layers: Sequence[Any], after: dict[int, int], budget_bytes: int | None, what: str, detail: str = ""
 ) -> None:
     """Refuse (``CacheBudgetExceeded``) when the layers, ``after[i]`` bytes for each layer ``i`` named there and
-    what they hold now for the others, would exceed ``budget_bytes``."""
+    what they hold now for the others, would exceed ``budget_bytes``; ``detail`` says what was tried first."""
     if budget_bytes is None:
         return
     held = [layer_nbytes(layer) for layer in layers]
@@ -112,7 +116,8 @@ def check_budget(
     if needed > budget_bytes:
         raise CacheBudgetExceeded(
             f"{what} is refused: the cache would hold {needed} bytes ({needed / MIB:.3f} MiB) but its budget "
-            f"`max_size_mb` is {budget_bytes} bytes ({budget_bytes / MIB:.3f} MiB); it holds {sum(held)} bytes now. "
+            f"`max_size_mb` is {budget_bytes} bytes ({budget_bytes / MIB:.3f} MiB); it holds {sum(held)} bytes now"
+            f"{' ' + detail if detail else ''}. "
             "Raise the budget (`resize`), or free the cache (`reset`, `crop`)",
             budget_bytes=budget_bytes,
             needed_bytes=needed,

@@ -8,7 +8,9 @@ materialising its history (``fused_update``). ``save(path)`` /
 ``QuantizedKVCache.load(path)`` write and read a checksummed snapshot
 (``cache_io``) that is refused whole if it is damaged. ``max_size_mb`` /
 ``resize(new_size_mb)`` give the cache a byte budget that every update is
-admitted against (``budget``).
+admitted against (``budget``); over it the cache first shrinks as
+``budget_policy`` allows (``shrink``: re-pack old blocks 8 -> 4 -> 2 bits,
+drop middle blocks).
 
 ``QuantizedKVCacheManager`` (the specification's name) is ``QuantizedKVCache``.
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,6 @@ from .budget import (
     MIB,
     CacheBudgetExceeded,
     budget_problem,
-    check_budget,
     layer_nbytes,
     layer_nbytes_after,
     layer_stats,
@@ -54,6 +55,7 @@ from .cache_io import (
 from .config import CacheConfig, PluginConfig, parse_config
 from .layer import LayerSettings, QuantizedKVLayer, batch_indices, tracks_grad
 from .quantization import QuantizedTensor
+from .shrink import ShrinkLog, budget_stats, fit_to_budget
 
 __all__ = [
     "CacheBudgetExceeded",
@@ -118,6 +120,7 @@ class QuantizedKVCache(Cache):
         self._first_layer = next((i for i, layer in enumerate(layers) if not isinstance(layer, DummyLayer)), 0)
         # the layers of the step admitted at its first layer that are still to come, and the K/V shapes admitted
         self._admitted_step: tuple[set[int], Any] = (set(), None)
+        self._shrink_log = ShrinkLog()  # what getting under the budget has done (get_stats()["budget"])
         if self.cache_config.attention == "fused" and self._attention_config is not None:
             # the default: kvquant_sdpa is plain SDPA for every other cache, so the model loses nothing
             if select_fused_attention(self._attention_config) and self.cache_config.cpu_kernel == "auto":
@@ -229,8 +232,11 @@ class QuantizedKVCache(Cache):
 
     def resize(self, new_size_mb: float) -> None:
         """Set the byte budget to ``new_size_mb`` MiB (what ``create_adaptive_sizer(resize_callback=cache.resize)``
-        calls). Updates that would make the cache hold more are refused (``CacheBudgetExceeded``); the cache does
-        not shrink to fit yet, so below what it holds now the next update that adds bytes is refused."""
+        calls). Only the number changes here, so any thread may call it (the sizer's runs beside ``generate``, and
+        re-packing under a forward step would pull its history away). The next update, on the model's thread, is
+        admitted against the new budget: the cache shrinks then as ``budget_policy`` allows, or the update is refused
+        (``CacheBudgetExceeded``). ``shrink_to_budget()`` shrinks at once, between forward steps.
+        """
         problem = budget_problem("new_size_mb", new_size_mb)
         if problem:
             raise ValueError(problem)
@@ -239,14 +245,23 @@ class QuantizedKVCache(Cache):
         held = sum(layer_nbytes(layer) for layer in self.layers)
         if held > self.budget_bytes:
             logger.warning(
-                "cache budget set to %d bytes (%.3f MiB) while the cache holds %d bytes: updates that add bytes are "
-                "refused until it is freed or the budget raised", self.budget_bytes, new_size_mb, held,
+                "cache budget set to %d bytes (%.3f MiB) while the cache holds %d bytes: the next update shrinks it "
+                "(budget_policy %r) or is refused", self.budget_bytes, new_size_mb, held,
+                self.cache_config.budget_policy,
             )  # fmt: skip
 
-    def _admit(self, after: dict[int, int], what: str) -> None:
+    def shrink_to_budget(self) -> None:
+        """Shrink the cache under its budget now, as ``budget_policy`` allows, or raise ``CacheBudgetExceeded``
+        (what was shrunk stays shrunk). Call it between forward steps, on the thread that runs the model."""
+        self._admit(lambda: {}, f"holding the cache under {self.max_size_mb} MiB")
+
+    def _admit(self, after: Callable[[], dict[int, int]], what: str) -> None:
+        """Make room for what ``after()`` predicts (bytes per layer about to change), shrinking as the policy
+        allows, or refuse. ``after`` is called again after each shrink step: shrinking changes the prediction."""
         # whatever is admitted now changes what an earlier admission foresaw: its remaining layers are checked again
         self._admitted_step = (set(), None)
-        check_budget(self.layers, after, self.budget_bytes, what)
+        policy = self.cache_config.budget_policy
+        fit_to_budget(self.layers, after, self.budget_bytes, policy, self._shrink_log, what)
 
     def _admit_update(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         if self.max_size_mb is None:
@@ -259,11 +274,12 @@ class QuantizedKVCache(Cache):
         # A forward step updates every layer in turn: it is admitted whole at its first layer, so that a refusal
         # never leaves layers of different lengths (later layers take K/V of the first one's shape).
         step: Iterable[int] = range(len(self.layers)) if layer_idx == self._first_layer else (layer_idx,)
-        after = {i: layer_nbytes_after(self.layers[i], key_states, value_states) for i in step}
+        step = list(step)
+        after = lambda: {i: layer_nbytes_after(self.layers[i], key_states, value_states) for i in step}
         what = f"layer {layer_idx}: an update of {key_states.shape[-2]} token(s)"
-        self._admit(after, what + (f" for each of the {len(after)} layers" if len(after) > 1 else ""))
-        if len(after) > 1:
-            self._admitted_step = (set(after) - {layer_idx}, shapes)
+        self._admit(after, what + (f" for each of the {len(step)} layers" if len(step) > 1 else ""))
+        if len(step) > 1:
+            self._admitted_step = (set(step) - {layer_idx}, shapes)
 
     @property
     def uses_fused_attention(self) -> bool:
@@ -312,7 +328,7 @@ class QuantizedKVCache(Cache):
                     f"layer {idx} is a {type(layer).__name__}; quantized blocks load into quantized layers only"
                 )
         if self.max_size_mb is not None:
-            after = {i: self.layers[i].nbytes_after_load(keys[i], values[i], dtype) for i in range(len(self.layers))}
+            after = lambda: {i: layer.nbytes_after_load(keys[i], values[i], dtype) for i, layer in enumerate(self.layers)}
             self._admit(after, f"loading {keys[0].shape[2] if keys else 0} block(s) per layer")
         for layer, k, v in zip(self.layers, keys, values):
             layer.load_blocks(k, v, dtype, device)
@@ -344,7 +360,7 @@ class QuantizedKVCache(Cache):
         value_states = _one_of("value_states", value_states, "v", v)
         self._check_layer_idx(layer_id, "layer_id")
         if self.max_size_mb is not None:
-            after = {layer_id: layer_nbytes_after(self.layers[layer_id], key_states, value_states)}
+            after = lambda: {layer_id: layer_nbytes_after(self.layers[layer_id], key_states, value_states)}
             self._admit(after, f"layer {layer_id}: storing {key_states.shape[-2]} token(s)")
         # the plain path (never the fused hand-over, which expects the model's attention to read the layer)
         super().update(key_states, value_states, layer_id)
@@ -362,7 +378,8 @@ class QuantizedKVCache(Cache):
     def get_stats(self) -> dict[str, Any]:
         """Exact bytes held (data, scales, zeros, residual, sinks, blocks kept in full precision) against a
         full-precision cache; ``fallback_events`` counts blocks that could not be quantized. ``max_size_mb`` /
-        ``budget_bytes`` are the byte budget (None: unbounded)."""
+        ``budget_bytes`` are the byte budget (None: unbounded); ``budget`` says how the cache got under it
+        (``shrink.budget_stats``: tokens held at each bit width, tokens and blocks dropped, each step's totals)."""
         per_layer = [layer_stats(layer) for layer in self.layers]
         quantized = sum(s["quantized_bytes"] for s in per_layer)
         residual = sum(s["residual_bytes"] for s in per_layer)
@@ -385,6 +402,7 @@ class QuantizedKVCache(Cache):
             "compression_ratio": fp / total if total else 1.0,
             "max_size_mb": self.max_size_mb,
             "budget_bytes": self.budget_bytes,
+            "budget": budget_stats(self.layers, self.cache_config.budget_policy, self._shrink_log),
         }
 
     # ------------------------------------------------------------------ snapshot files

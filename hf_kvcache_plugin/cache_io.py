@@ -76,6 +76,7 @@ def _quantized_layer_state(layer: QuantizedKVLayer) -> dict[str, Any]:
         state.update(
             dtype=dtype_name(layer.dtype),
             length=layer.get_seq_length(),
+            dropped_tokens=layer.dropped_tokens,
             shape=[layer.batch_size, layer.num_heads, layer.head_dim, layer.value_head_dim],
             sink_keys=layer.sink_keys, sink_values=layer.sink_values,
             residual_keys=layer.residual_keys, residual_values=layer.residual_values,
@@ -122,6 +123,10 @@ def _quantized_layer_from_state(
     if type(length) is not int or length < 0:
         raise SnapshotError(f"layer {idx}: `length` has to be an integer >= 0 but got {length!r}")
     layer._length = length
+    dropped = state.get("dropped_tokens", 0)
+    if type(dropped) is not int or not 0 <= dropped <= length:
+        raise SnapshotError(f"layer {idx}: `dropped_tokens` has to be an integer in [0, {length}] but got {dropped!r}")
+    layer.dropped_tokens = dropped
     for name, (sink, blocks, residual, width) in {
         "keys": (layer.sink_keys, layer.quantized_keys, layer.residual_keys, d),
         "values": (layer.sink_values, layer.quantized_values, layer.residual_values, dv),
@@ -135,7 +140,7 @@ def _quantized_layer_from_state(
                 raise SnapshotError(f"layer {idx} {name} blocks: {problem}")
         for block, exact in blocks.full_precision_blocks.items():
             _check_tokens(f"layer {idx} {name} exact block {block}", exact, dtype, b, h, width, tokens=g)
-        held = sink.shape[-2] + blocks.num_tokens + residual.shape[-2]
+        held = sink.shape[-2] + blocks.num_tokens + residual.shape[-2] + dropped
         if held != length:
             raise SnapshotError(f"layer {idx}: the saved {name} hold {held} tokens but the layer records {length}")
     if layer.sink_keys.shape[-2] != layer.sink_values.shape[-2] or (

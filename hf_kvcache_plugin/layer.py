@@ -18,6 +18,13 @@ calls ``flush_deferred`` once it has read this step's exact window.
 A block that cannot be quantized (NaN/Inf, or a range that overflows the
 scale dtype) stays in full precision at its place in the history and is
 counted (``fallback_blocks`` / ``fallback_events`` in ``stats``).
+
+A cache over its byte budget may drop the oldest blocks (``shrink``): the
+layer then holds ``dropped_tokens`` fewer tokens than it has seen.
+``get_seq_length`` still counts every token seen, so the model's positions
+(``cache_position``) go on from there and the held keys keep the rotation of
+their true positions (StreamingLLM without re-rotation); ``get_mask_sizes``
+gives the held length with the dropped tokens as its offset.
 """
 
 from __future__ import annotations
@@ -143,7 +150,8 @@ class QuantizedKVLayer(CacheLayerMixin):
         self._window_buffers: tuple[torch.Tensor, torch.Tensor] | None = None
         self.quantized_keys: QuantizedBlocks | None = None
         self.quantized_values: QuantizedBlocks | None = None
-        self._length = 0
+        self._length = 0  # tokens seen, dropped ones included
+        self.dropped_tokens = 0  # oldest blocks' tokens dropped by a budget shrink
         self._flush_deferred = False
 
     def _name(self) -> str:
@@ -407,9 +415,12 @@ class QuantizedKVLayer(CacheLayerMixin):
         segments = []
         if self.sink_keys.shape[-2]:
             segments.append((self.sink_keys, self.sink_values, self.sink_keys.shape[-2]))
-        if self.quantized_keys.full_precision_blocks or self.quantized_values.full_precision_blocks:
+        k_tiers, v_tiers = self.quantized_keys.tiers, self.quantized_values.tiers
+        aligned = [t.shape[2] for t in k_tiers] == [t.shape[2] for t in v_tiers]
+        if self.quantized_keys.full_precision_blocks or self.quantized_values.full_precision_blocks or not aligned:
             # A block kept exact after NaN/Inf leaves placeholder codes in its tier; such histories are
-            # rare, so they are read dequantized (exact blocks in place) rather than block by block.
+            # rare, so they are read dequantized (exact blocks in place) rather than block by block. So are keys
+            # and values whose tiers a budget shrink cut at different blocks (their bits differ).
             if self.quantized_keys.num_blocks:
                 dtype = self.residual_keys.dtype
                 segments.append((
@@ -418,7 +429,7 @@ class QuantizedKVLayer(CacheLayerMixin):
                     self.quantized_keys.num_tokens,
                 ))
         else:
-            for k_tier, v_tier in zip(self.quantized_keys.tiers, self.quantized_values.tiers):
+            for k_tier, v_tier in zip(k_tiers, v_tiers):
                 segments.append((k_tier, v_tier, k_tier.shape[2] * self.group_size))
         if self.residual_keys.shape[-2]:
             segments.append((self.residual_keys, self.residual_values, self.residual_keys.shape[-2]))
@@ -453,7 +464,9 @@ class QuantizedKVLayer(CacheLayerMixin):
         return -1
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self._length + query_length, 0
+        # dropped tokens precede every held one but the sinks: the offset maps the held window's end onto its
+        # true positions, so the causal mask between new tokens stays right (as for a sliding window)
+        return self._length - self.dropped_tokens + query_length, self.dropped_tokens
 
     @property
     def fallback_events(self) -> int:
@@ -543,6 +556,12 @@ class QuantizedKVLayer(CacheLayerMixin):
             return
         if count > self._length:
             raise ValueError(f"{self._name()}: cannot crop {count} tokens, the cache holds only {self._length}")
+        croppable = self.residual_keys.shape[-2] + self.quantized_keys.num_tokens
+        if self.dropped_tokens and count > croppable:
+            raise ValueError(
+                f"{self._name()}: cannot crop {count} tokens: {self.dropped_tokens} tokens before the last "
+                f"{croppable} were dropped to fit the byte budget, so a crop may remove at most {croppable}"
+            )
         self._length -= count
         self._window_buffers = None
         r = self.residual_keys.shape[-2]

@@ -38,6 +38,8 @@ from typing import Any
 import safetensors.torch
 import torch
 
+from .errors import KVCacheError
+
 __all__ = ["SNAPSHOT_FORMAT_VERSION", "SnapshotError", "read_snapshot", "write_snapshot"]
 
 SNAPSHOT_FORMAT_VERSION = 2
@@ -48,9 +50,11 @@ _HEADER_LENGTH = struct.Struct("<Q")  # safetensors: u64 little-endian header si
 _MAX_HEADER_BYTES = 64 << 20
 
 
-class SnapshotError(ValueError):
+class SnapshotError(KVCacheError, ValueError):
     """A snapshot that cannot be trusted or does not fit: truncated, corrupted, of another kind, format or
     model, or inconsistent inside. Nothing was loaded."""
+
+    code = "snapshot_invalid"
 
 
 def write_snapshot(path: str | Path, kind: str, state: Any, meta: dict[str, Any] | None = None) -> int:

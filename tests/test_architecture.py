@@ -19,6 +19,7 @@ NAME = PACKAGE.name
 
 # Bottom to top: a unit may import only units of a lower rank (and itself).
 RANKS = {
+    "errors": 0,
     "quantization": 0,
     "quantizers": 1,
     "config": 1,
@@ -29,6 +30,7 @@ RANKS = {
     "layer": 3,
     "cache_io": 4,
     "budget": 4,
+    "shrink": 5,
     "attention": 5,
     "cache": 6,
     "reuse": 7,

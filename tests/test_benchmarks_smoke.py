@@ -115,3 +115,19 @@ def test_reuse_agreement_runs_and_every_fresh_hit_meets_the_specification(tmp_pa
     assert summary["requests"] == 4
     fresh = summary["requests"] - summary["hits_on_chunks_stored_after_a_hit"]
     assert summary["reuse_eq_oracle"] - summary["those_eq_oracle"] == fresh
+
+
+@pytest.mark.skipif(not HAVE_REAL, reason=REAL_REASON)
+def test_budget_quality_holds_every_cache_to_its_budget(tmp_path):
+    caches = ("shrink (int8, repack_then_drop)", "int4 fixed (drop)")
+    run("budget_quality.py", "--quick", "--chunk", "64", "--variants", *caches, "--out", str(tmp_path))
+    record = json.loads((tmp_path / "budget_quality_quick.json").read_text())
+    assert (tmp_path / "budget_quality_quick.png").is_file()
+    assert {(r["cache"], r["budget_fraction"]) for r in record["rows"]} == {
+        (name, f) for name in caches for f in (1.0, 0.2)
+    }
+    for row in record["rows"]:
+        assert row["held_bytes"] <= row["budget_bytes"] and row["perplexity"] > 1
+    tight = by(record["rows"], cache="shrink (int8, repack_then_drop)", budget_fraction=0.2)
+    # JSON keys: bits as strings
+    assert tight["steps"]["repack_8_to_4"]["blocks"] > 0 and tight["key_tokens_at_bits"]["2"] > 0

@@ -124,7 +124,7 @@ def small_model():
 
 def test_a_model_step_is_refused_whole_so_every_layer_keeps_the_same_length(small_model):
     prompt = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(0))
-    settings = {"quant_type": "int4", "group_size": 8, "residual_length": 8}
+    settings = {"quant_type": "int4", "group_size": 8, "residual_length": 8, "budget_policy": "refuse"}
     unbounded = QuantizedKVCache(small_model.config, **settings)
     expected = _generate(small_model, unbounded, prompt, 24)
     held = unbounded.get_stats()["total_bytes"]
@@ -146,8 +146,8 @@ def test_a_model_step_is_checked_once_and_a_lone_layer_update_on_its_own(small_m
     import hf_kvcache_plugin.cache as cache_module
 
     checks = []
-    real = cache_module.check_budget
-    monkeypatch.setattr(cache_module, "check_budget", lambda layers, after, *a: checks.append(sorted(after)) or real(
+    real = cache_module.fit_to_budget
+    monkeypatch.setattr(cache_module, "fit_to_budget", lambda layers, after, *a: checks.append(sorted(after())) or real(
         layers, after, *a))
     cache = QuantizedKVCache(small_model.config, quant_type="int4", group_size=8, residual_length=8, max_size_mb=1)
     prompt = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(1))
@@ -169,12 +169,14 @@ def test_resize_refuses_what_is_not_a_positive_finite_budget_naming_it(bad):
 
 
 def test_resize_below_what_is_held_is_recorded_and_refuses_the_next_update(caplog):
-    cache = create_quantized_kv_cache(quant_type="int8", num_layers=1, group_size=8, residual_length=8)
+    cache = create_quantized_kv_cache(
+        quant_type="int8", num_layers=1, group_size=8, residual_length=8, budget_policy="refuse"
+    )
     cache.store(0, *tokens(64))
     held = cache.get_stats()["total_bytes"]
     with caplog.at_level(logging.WARNING, logger="hf_kvcache_plugin.cache"):
         cache.resize(held / 2 / MIB)
-    assert "updates that add bytes are refused" in caplog.text
+    assert f"while the cache holds {held} bytes: the next update shrinks it (budget_policy 'refuse')" in caplog.text
     assert cache.get_stats()["max_size_mb"] == held / 2 / MIB
     with pytest.raises(CacheBudgetExceeded, match=f"it holds {held} bytes now"):
         cache.store(0, *tokens(1))

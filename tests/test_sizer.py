@@ -170,7 +170,8 @@ def test_low_pressure_holds_while_the_store_has_room(clock):
 
 def test_low_pressure_holds_while_memory_rises_fast(clock):
     memory = Memory(0.3)
-    sizer, resizes = make_sizer(memory, clock, usage_bytes=lambda: 64 * 2**20)
+    # proactive sizing off: the rise only stops growth
+    sizer, resizes = make_sizer(memory, clock, usage_bytes=lambda: 64 * 2**20, trend_horizon_s=0.0)
     feed(sizer, 2, 6)
     for used in (0.30, 0.40, 0.50):  # +1% per second, still LOW at each reading
         memory.used = used
@@ -284,3 +285,37 @@ def test_the_sizer_keeps_its_hit_figures_in_a_workload_analyzer(clock):
             workload.record_miss(bad)
     with pytest.raises(ValueError, match="`window` has to be a positive integer"):
         WorkloadAnalyzer(window=0)
+
+
+def rising(sizer, clock, memory, fractions):
+    for used in fractions:
+        memory.used = used
+        sizer.monitor.sample()
+        clock.advance(10)
+
+
+def test_a_trend_that_reaches_high_pressure_within_the_horizon_shrinks_ahead_of_it(clock):
+    memory = Memory(0.3)
+    sizer, resizes = make_sizer(memory, clock, trend_horizon_s=30.0)
+    rising(sizer, clock, memory, (0.30, 0.40, 0.50))  # +1% per second
+    memory.used = 0.60  # LOW now; 0.60 + 0.01 * 30 = 0.90 >= high_pressure 0.85
+    decision = sizer.step()
+    assert decision.action == "proactive_shrink" and resizes == [32.0]
+    assert "projected to reach 0.900" in decision.reason and "within 30 s" in decision.reason
+    assert sizer.get_stats()["last_action"] == "proactive_shrink"
+
+
+def test_a_trend_that_stays_below_high_pressure_within_the_horizon_does_not_shrink(clock):
+    memory = Memory(0.3)
+    sizer, resizes = make_sizer(memory, clock, trend_horizon_s=10.0)
+    rising(sizer, clock, memory, (0.30, 0.40, 0.50))
+    memory.used = 0.60  # 0.60 + 0.01 * 10 = 0.70: MODERATE at most
+    assert sizer.step().action == "hold" and resizes == []
+
+
+def test_the_trend_horizon_is_a_config_key():
+    from hf_kvcache_plugin import ConfigError, parse_config
+
+    assert parse_config({"prefix_store": {}, "sizer": {"trend_horizon_s": 15}}).sizer.trend_horizon_s == 15.0
+    with pytest.raises(ConfigError, match="trend_horizon_s"):
+        parse_config({"prefix_store": {}, "sizer": {"trend_horizon_s": -1}})

@@ -13,6 +13,7 @@ from .schema import config_json_schema, write_json_schema
 from .sections import (
     ATTENTION_PATHS,
     BITS_OF_QUANT_TYPE,
+    BUDGET_POLICIES,
     CPU_KERNEL_MODES,
     DEFAULT_GROUP_SIZE,
     EVICTION_POLICIES,

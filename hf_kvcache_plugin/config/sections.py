@@ -36,7 +36,7 @@ from .validation import (
 )
 
 __all__ = [
-    "ATTENTION_PATHS", "BITS_OF_QUANT_TYPE", "CPU_KERNEL_MODES", "BreakerConfig", "CacheConfig", "DEFAULT_GROUP_SIZE",
+    "ATTENTION_PATHS", "BITS_OF_QUANT_TYPE", "BUDGET_POLICIES", "CPU_KERNEL_MODES", "BreakerConfig", "CacheConfig", "DEFAULT_GROUP_SIZE",
     "DistributedConfig", "EVICTION_POLICIES", "GROUP_AXES", "HealthConfig", "HealthServerConfig", "LayerOverride",
     "MIXED_AGED_BITS", "PluginConfig", "PrefixStoreConfig", "QUANT_TYPES", "RATE_LIMIT_ACTIONS", "RateLimitConfig",
     "SCALE_DTYPES", "ServingConfig", "SizerConfig", "check_prefix_reuse_settings", "section_dependencies",
@@ -46,6 +46,7 @@ QUANT_TYPES = ("int8", "int4", "int2", "mixed")
 GROUP_AXES = ("channel", "token")
 ATTENTION_PATHS = ("fused", "dequantize")
 CPU_KERNEL_MODES = ("auto", "off")
+BUDGET_POLICIES = ("refuse", "repack", "repack_then_drop", "repack_to_4_then_drop", "drop")  # shrink.py says what each does
 SCALE_DTYPES = ("float16", "bfloat16", "float32", "compute")
 BITS_OF_QUANT_TYPE = {"int8": 8, "int4": 4, "int2": 2, "mixed": 8}
 EVICTION_POLICIES = ("lru", "lfu")
@@ -109,9 +110,15 @@ class CacheConfig(Checked):
     ] = "auto"
     max_size_mb: Annotated[
         MiB | None,
-        doc("byte budget of the live cache in MiB (2**20 bytes): an update that would exceed it is refused; "
+        doc("byte budget of the live cache in MiB (2**20 bytes): over it the cache shrinks by budget_policy, else the update is refused; "
             "null: unbounded"),
     ] = None
+    budget_policy: Annotated[
+        Literal[BUDGET_POLICIES],
+        doc("over max_size_mb: refuse; repack = oldest blocks 8->4->2 bits, then refuse; repack_then_drop = "
+            "then drop the oldest blocks between sinks and residual window (StreamingLLM); repack_to_4_then_drop = "
+            "8->4 only, then drop; drop = bits fixed, drop only"),
+    ] = "repack"
 
     def _problems(self) -> Iterator[Problem]:
         g = self.group_size
@@ -309,6 +316,11 @@ class SizerConfig(Checked):
     grow_min_miss_rate: Annotated[Fraction, doc("grow only if at least this share of recent requests missed")] = 0.1
     grow_min_utilization: Annotated[Fraction, doc("... and the store fills this share of its budget")] = 0.9
     max_rising_trend: Annotated[Float, doc("... and used memory rises slower than this fraction per second")] = 0.002
+    trend_horizon_s: Annotated[
+        NonNegativeFloat,
+        doc("proactive sizing: shrink before HIGH pressure when the memory trend projects it within this many "
+            "seconds; 0: off"),
+    ] = 60.0
     memory_window: Annotated[
         int, Strict(), Field(ge=2, description="readings the trend is fitted over (a trend needs two)")
     ] = 12

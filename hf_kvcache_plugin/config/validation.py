@@ -19,6 +19,8 @@ import pydantic.dataclasses
 from pydantic import ConfigDict, Field, Strict
 from pydantic_core import PydanticCustomError
 
+from ..errors import KVCacheError
+
 __all__ = [
     "MAX_SECONDS", "MAX_SIZE_MB", "Bool", "Checked", "ConfigError", "Float", "Fraction", "MiB", "NonNegativeFloat",
     "NonNegativeInt", "NonNegativeMiB", "NonNegativeSeconds", "PositiveFloat", "PositiveInt", "Problem", "Seconds",
@@ -86,8 +88,11 @@ class Problem(NamedTuple):
         return f"`{where}` {self.text}"
 
 
-class ConfigError(ValueError):
+class ConfigError(KVCacheError, ValueError):
     """Every problem found in a config at once; ``errors`` holds one message per problem."""
+
+    code = "config_invalid"
+    detail_fields = ("errors", "source")
 
     def __init__(self, problems: Iterable[Problem], source: str | None = None):
         self.problems = list(problems)

@@ -44,6 +44,7 @@ import pybreaker
 import torch.distributed as dist
 
 from ..config import BreakerConfig, DistributedConfig
+from ..errors import KVCacheError
 from ..resilience.breakers import create_breaker
 from ..resilience.metrics import ServingMetrics
 
@@ -64,8 +65,11 @@ _POLL_S = 0.002  # between `check`s of a message key: a round trip to the store 
 _LIVENESS_POLL_S = 0.05  # between reads of a peer's heartbeat, round and state
 
 
-class PeerUnavailable(RuntimeError):
+class PeerUnavailable(KVCacheError, RuntimeError):
     """A message from a peer did not come."""
+
+    code = "peer_unavailable"
+    detail_fields = ("peer",)
 
     def __init__(self, peer: int, what: str):
         super().__init__(f"peer {peer}: {what}")
@@ -75,9 +79,13 @@ class PeerUnavailable(RuntimeError):
 class PeerDead(PeerUnavailable):
     """No heartbeat for longer than the heartbeat timeout (crashed, killed, stopped)."""
 
+    code = "peer_dead"
+
 
 class PeerTimeout(PeerUnavailable):
     """Alive, but the message did not come before the call's deadline."""
+
+    code = "peer_timeout"
 
 
 class PeerLeft(PeerUnavailable):

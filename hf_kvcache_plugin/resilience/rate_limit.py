@@ -17,12 +17,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..config import RateLimitConfig
+from ..errors import KVCacheError
 
 __all__ = ["RateLimitExceeded", "RateLimiter"]
 
 
-class RateLimitExceeded(RuntimeError):
+class RateLimitExceeded(KVCacheError, RuntimeError):
     """A client went over its rate limit; ``retry_after_s`` says when a token is free."""
+
+    code = "rate_limited"
+    detail_fields = ("client", "retry_after_s")
 
     def __init__(self, client: str, retry_after_s: float, rate_per_s: float, burst: int):
         self.client = client

@@ -9,10 +9,16 @@ pressure    decision
 LOW         grow by ``grow_factor`` if growth would turn misses into hits:
             enough requests seen, misses common, store near its budget,
             hits faster than misses, memory not rising fast
-MODERATE    hold (the band between growing and shrinking stops thrashing)
+MODERATE    hold (the band between growing and shrinking stops thrashing),
+            unless the trend says HIGH is coming (below)
 HIGH        shrink by ``shrink_factor``
 CRITICAL    emergency: straight to ``min_size_mb``, cooldown or not
 ==========  ==================================================================
+
+Proactive sizing: below HIGH, the memory trend (least squares over the
+monitor's window) is projected ``trend_horizon_s`` ahead; when that
+projection reaches HIGH, the budget shrinks by ``shrink_factor`` now, before
+the pressure arrives (0 turns it off).
 
 Ordinary resizes are at least ``cooldown_s`` apart. The clock and the memory
 reader are injectable, so decisions can be tested without sleeping; the
@@ -53,7 +59,7 @@ class SizerDecision:
     timestamp: float
     pressure: MemoryPressure
     used_fraction: float
-    action: str  # "grow" | "shrink" | "emergency" | "hold"
+    action: str  # "grow" | "shrink" | "proactive_shrink" | "emergency" | "hold"
     reason: str
     old_size_mb: float
     new_size_mb: float
@@ -134,7 +140,7 @@ class AdaptiveSizer:
             reading = self.monitor.sample()
             pressure = self.pressure_of(reading.used_fraction)
             old = self.current_size_mb
-            action, new, reason = self._decide(now, pressure)
+            action, new, reason = self._decide(now, pressure, reading.used_fraction)
             decision = SizerDecision(now, pressure, reading.used_fraction, action, reason, old, new)
             if new != old:
                 self.current_size_mb = new
@@ -147,7 +153,7 @@ class AdaptiveSizer:
             self.decisions.append(decision)
             return decision
 
-    def _decide(self, now: float, pressure: MemoryPressure) -> tuple[str, float, str]:
+    def _decide(self, now: float, pressure: MemoryPressure, used_fraction: float) -> tuple[str, float, str]:
         cfg, size = self.config, self.current_size_mb
         if pressure is MemoryPressure.CRITICAL:
             if size > cfg.min_size_mb:
@@ -158,6 +164,14 @@ class AdaptiveSizer:
         if pressure is MemoryPressure.HIGH:
             new = max(cfg.min_size_mb, size * cfg.shrink_factor)
             return ("shrink", new, "high memory pressure") if new < size else ("hold", size, "at the minimum")
+        if cfg.trend_horizon_s > 0:
+            trend = self.monitor.trend()
+            projected = used_fraction + trend * cfg.trend_horizon_s
+            if self.pressure_of(min(1.0, projected)) in (MemoryPressure.HIGH, MemoryPressure.CRITICAL):
+                new = max(cfg.min_size_mb, size * cfg.shrink_factor)
+                reason = (f"memory use rising {trend:.4f}/s, projected to reach {projected:.3f} (high pressure from "
+                          f"{cfg.high_pressure}) within {cfg.trend_horizon_s:g} s")
+                return ("proactive_shrink", new, reason) if new < size else ("hold", size, "at the minimum; " + reason)
         if pressure is MemoryPressure.MODERATE:
             return "hold", size, "moderate memory pressure"
         why_not = self._why_growth_would_not_help()
