@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from .attention import QUANTIZED_ATTENTION, enable_quantized_attention, register_quantized_attention
 from .budget import CacheBudgetExceeded
 from .cache import QuantizedKVCache, QuantizedKVCacheManager, create_quantized_kv_cache
+from .encoder_decoder import quantized_encoder_decoder_cache
 from .cache_io import SnapshotError
 from .config import (
     BreakerConfig,
@@ -211,5 +212,6 @@ __all__ = [
     "parse_config",
     "prefix_namespace",
     "quantize",
+    "quantized_encoder_decoder_cache",
     "register_quantized_attention",
 ]

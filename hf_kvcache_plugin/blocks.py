@@ -381,6 +381,23 @@ class QuantizedBlocks:
         head = dequantize(dropped[0], dtype).flatten(2, 3)[:, :, :kept_tokens]
         return head.clone()
 
+    def drop_first_blocks(self, count: int) -> None:
+        """Remove the ``count`` oldest blocks (a sliding window moving past them); the rest keep their order."""
+        if not 0 <= count <= self.num_blocks:
+            raise ValueError(f"cannot drop {count} blocks from {self.num_blocks}")
+        if count == 0:
+            return
+        # block indices of exact blocks count from the oldest held block
+        self.full_precision_blocks = {i - count: t for i, t in self.full_precision_blocks.items() if i >= count}
+        for name in ("aged", "recent"):
+            tier = getattr(self, name)
+            if tier is None or count == 0:
+                continue
+            n = tier.shape[_BLOCK_DIM]
+            take = min(n, count)
+            setattr(self, name, _slice(tier, take, n) if take < n else None)
+            count -= take
+
     def take_blocks(self, start: int, end: int) -> QuantizedTensor:
         """Blocks [start, end) of a single-tier stream, as stored (for export)."""
         if self.aged is not None:
