@@ -83,10 +83,12 @@ _LAZY = {
         ".resilience",
     ),
     **dict.fromkeys(("ServingService", "build_service"), ".app"),
+    **dict.fromkeys(("RECIPE_DIR", "write_custom_generate"), ".generate_recipe"),
 }  # fmt: skip
 
 if TYPE_CHECKING:
     from .app import ServingService, build_service
+    from .generate_recipe import RECIPE_DIR, write_custom_generate
     from .distributed import (
         CacheCoordinator,
         ConsistentHash,
@@ -183,6 +185,7 @@ __all__ = [
     "QuantizedKVCacheManager",
     "QuantizedKVLayer",
     "QuantizedTensor",
+    "RECIPE_DIR",
     "RateLimitConfig",
     "RateLimitExceeded",
     "RateLimiter",
@@ -214,4 +217,5 @@ __all__ = [
     "quantize",
     "quantized_encoder_decoder_cache",
     "register_quantized_attention",
+    "write_custom_generate",
 ]

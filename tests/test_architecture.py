@@ -32,6 +32,8 @@ RANKS = {
     "attention": 5,
     "cache": 6,
     "encoder_decoder": 7,
+    "generate_recipe": 8,
+    "recipe": 9,
     "reuse": 7,
     "resilience": 8,
     "distributed": 9,
