@@ -343,9 +343,10 @@ class QuantizedKVCache(Cache):
                 f"{len(keys)} and {len(values)}"
             )
         for idx, layer in enumerate(self.layers):
-            if not isinstance(layer, QuantizedKVLayer):
+            if not isinstance(layer, QuantizedKVLayer) or layer.is_sliding:
                 raise ValueError(
-                    f"layer {idx} is a {type(layer).__name__}; quantized blocks load into quantized layers only"
+                    f"layer {idx} is a {type(layer).__name__}; quantized blocks load into quantized full-attention "
+                    "layers only"
                 )
         if self.max_size_mb is not None:
             after = {i: self.layers[i].nbytes_after_load(keys[i], values[i], dtype) for i in range(len(self.layers))}
