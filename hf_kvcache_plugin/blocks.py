@@ -184,6 +184,14 @@ def _slice(q: QuantizedTensor, start: int, end: int) -> QuantizedTensor:
     return _from_physical(q, data, scale, zero, end - start)
 
 
+def _without_first(q: QuantizedTensor | None, n: int) -> QuantizedTensor | None:
+    """``q`` less its first ``n`` blocks (None once none is left)."""
+    if q is None or n == 0:
+        return q
+    total = q.shape[_BLOCK_DIM]
+    return _slice(q, n, total) if n < total else None
+
+
 def _dequantize_into(q: QuantizedTensor, out: torch.Tensor) -> None:
     """Write the blocks of ``q`` as tokens into ``out`` ([B, H, n*G, D], may be a strided view)."""
     dequantize_into(q, out.view(q.shape))
@@ -389,14 +397,10 @@ class QuantizedBlocks:
             return
         # block indices of exact blocks count from the oldest held block
         self.full_precision_blocks = {i - count: t for i, t in self.full_precision_blocks.items() if i >= count}
-        for name in ("aged", "recent"):
-            tier = getattr(self, name)
-            if tier is None or count == 0:
-                continue
-            n = tier.shape[_BLOCK_DIM]
-            take = min(n, count)
-            setattr(self, name, _slice(tier, take, n) if take < n else None)
-            count -= take
+        # the aged tier holds the oldest blocks: it goes first
+        from_aged = 0 if self.aged is None else min(count, self.aged.shape[_BLOCK_DIM])
+        self.aged = _without_first(self.aged, from_aged)
+        self.recent = _without_first(self.recent, count - from_aged)
 
     def take_blocks(self, start: int, end: int) -> QuantizedTensor:
         """Blocks [start, end) of a single-tier stream, as stored (for export)."""

@@ -8,10 +8,10 @@ Thresholds, teacher-forced (each step fed the DynamicCache run's greedy token):
 the largest logit error, over the reference logits' range, is at most 1% at
 INT8 and 5% at INT4. Quantization error per element is about range/255/2
 (INT8) and range/15/2 (INT4) of a K/V group; through softmax and the output
-projection these tiny models measured at most 0.05% (INT8) and 0.75% (INT4)
-(``benchmarks/architecture_matrix.py``), so the bounds leave a 10-20x margin,
-while attending to wrong tokens (a window off by its size, codes read
-undequantized) moves logits by tens of percent. Top-1 agreement has to be at
+projection these tiny models measured at most 0.16% (INT8) and 2.0% (INT4),
+both on Gemma 3 (``benchmarks/architecture_matrix.py``), so the bounds leave a
+2.5-6x margin, while attending to wrong tokens (a window off by its size,
+codes read undequantized) moves logits by tens of percent. Top-1 agreement has to be at
 least 90% (INT8) and 75% (INT4) of the steps: random tiny models have nearly
 flat logits, so a near-tie may flip one or two of the 10 argmaxes although
 the logits agree to the bound above. Free-running greedy agreement is
@@ -31,7 +31,9 @@ from tests.model_matrix import ARCHITECTURES, build_model, compare
 FUSED = {"llama", "qwen2", "qwen3", "gemma3", "gpt_neox", "gpt2"}
 SLIDING = {"mistral": {"QuantizedSlidingWindowLayer"}, "phi3": {"QuantizedSlidingWindowLayer"}}
 HYBRID = {"qwen2", "qwen3", "gemma2", "gemma3"}
-BOUNDS = {"int8": (0.9, 0.01, 1.4), "int4": (0.75, 0.05, 1.6)}  # top-1 agreement, logit error, compression
+# top-1 agreement, logit error, compression ratio (measured at least 1.28 / 1.35, on the all-sliding models: their
+# 23-token window holds an 8-15 token exact residual; full-attention models 1.64-1.95 / 1.88-2.41)
+BOUNDS = {"int8": (0.9, 0.01, 1.2), "int4": (0.75, 0.05, 1.3)}
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)

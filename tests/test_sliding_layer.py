@@ -7,7 +7,7 @@ import torch
 from transformers import DynamicCache, MistralConfig, MistralForCausalLM
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
-from hf_kvcache_plugin import QuantizedKVCache
+from hf_kvcache_plugin import CacheConfig, PrefixStore, QuantizedKVCache, attach_prefix_cache
 from hf_kvcache_plugin.budget import layer_nbytes
 from hf_kvcache_plugin.sliding_layer import QuantizedSlidingWindowLayer
 
@@ -97,3 +97,27 @@ def test_mistral_generates_as_with_dynamic_cache_and_every_layer_is_quantized():
     assert cache.get_stats()["compression_ratio"] > 1.3
     with pytest.raises(ValueError, match="quantized sliding-window layers, which snapshots do not hold"):
         cache.save("unused.kvq")
+    # prefix reuse exports and loads whole blocks of a full history: not a window's
+    with pytest.raises(ValueError, match="layer 0 of this model is cached as a QuantizedSlidingWindowLayer"):
+        attach_prefix_cache(model, PrefixStore(max_size_mb=1, chunk_size=16),
+                            CacheConfig(quant_type="int8", group_size=GROUP, residual_length=16))
+    with pytest.raises(ValueError, match="quantized full-attention layers only"):
+        QuantizedKVCache(config, "int8").load_blocks([None] * 2, [None] * 2, torch.float32, "cpu")
+
+
+def test_drop_first_blocks_across_both_tiers_and_an_exact_block():
+    from hf_kvcache_plugin.config import CacheConfig
+    from hf_kvcache_plugin.layer import LayerSettings
+
+    config = CacheConfig(quant_type="mixed", group_size=4, residual_length=0, mixed_int8_tokens=8).for_model(1, 8)
+    blocks = LayerSettings.for_layer(config, 0).blocks("keys")
+    tokens = torch.randn(1, 2, 24, 8, generator=torch.Generator().manual_seed(4))
+    tokens[0, 0, 21] = float("nan")  # block 5 (in the recent tier) cannot be quantized: kept exact
+    blocks.append(tokens)
+    full = blocks.dequantize(torch.float32)
+    assert [t.shape[2] for t in blocks.tiers] == [4, 2] and list(blocks.full_precision_blocks) == [5]
+    blocks.drop_first_blocks(5)  # the aged tier whole and one recent block
+    assert blocks.num_blocks == 1 and blocks.aged is None and list(blocks.full_precision_blocks) == [0]
+    torch.testing.assert_close(blocks.dequantize(torch.float32), full[:, :, 20:], equal_nan=True)
+    with pytest.raises(ValueError, match="cannot drop 2 blocks from 1"):
+        blocks.drop_first_blocks(2)
