@@ -23,6 +23,7 @@ from .attention import QUANTIZED_ATTENTION, enable_quantized_attention, register
 from .budget import CacheBudgetExceeded
 from .errors import KVCacheError
 from .cache import QuantizedKVCache, QuantizedKVCacheManager, create_quantized_kv_cache
+from .encoder_decoder import quantized_encoder_decoder_cache
 from .cache_io import SnapshotError
 from .config import (
     BreakerConfig,
@@ -83,10 +84,12 @@ _LAZY = {
         ".resilience",
     ),
     **dict.fromkeys(("ServingService", "build_service"), ".app"),
+    **dict.fromkeys(("RECIPE_DIR", "write_custom_generate"), ".generate_recipe"),
 }  # fmt: skip
 
 if TYPE_CHECKING:
     from .app import ServingService, build_service
+    from .generate_recipe import RECIPE_DIR, write_custom_generate
     from .distributed import (
         CacheCoordinator,
         ConsistentHash,
@@ -184,6 +187,7 @@ __all__ = [
     "QuantizedKVCacheManager",
     "QuantizedKVLayer",
     "QuantizedTensor",
+    "RECIPE_DIR",
     "RateLimitConfig",
     "RateLimitExceeded",
     "RateLimiter",
@@ -213,5 +217,7 @@ __all__ = [
     "parse_config",
     "prefix_namespace",
     "quantize",
+    "quantized_encoder_decoder_cache",
     "register_quantized_attention",
+    "write_custom_generate",
 ]

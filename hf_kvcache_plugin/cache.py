@@ -1,8 +1,11 @@
 """``QuantizedKVCache``: a ``transformers.Cache`` whose layers keep K/V quantized (``layer.QuantizedKVLayer``).
 
 The model's layout picks each layer's kind: full-attention layers are
-quantized, sliding-window layers keep their bounded window in full precision,
-``skip_layers`` stay ``DynamicLayer``. With fused attention (the default for a
+quantized (``QuantizedKVLayer``), sliding-window and chunked layers too, their
+window bound kept (``sliding_layer.QuantizedSlidingWindowLayer``);
+``skip_layers`` stay ``DynamicLayer`` / ``DynamicSlidingWindowLayer``; a layer
+kind with no per-token K/V to quantize (linear attention, ...) keeps
+transformers' own layer, with a warning. With fused attention (the default for a
 model on SDPA) a decode step hands the layer to ``kvquant_sdpa`` instead of
 materialising its history (``fused_update``). ``save(path)`` /
 ``QuantizedKVCache.load(path)`` write and read a checksummed snapshot
@@ -25,6 +28,7 @@ from typing import Any
 
 import torch
 from transformers import PretrainedConfig
+from transformers import cache_utils as _cache_utils
 from transformers.cache_utils import (
     Cache,
     DummyLayer,
@@ -56,6 +60,7 @@ from .config import CacheConfig, PluginConfig, parse_config
 from .layer import LayerSettings, QuantizedKVLayer, batch_indices, tracks_grad
 from .quantization import QuantizedTensor
 from .shrink import ShrinkLog, budget_stats, fit_to_budget
+from .sliding_layer import QuantizedSlidingWindowLayer
 
 __all__ = [
     "CacheBudgetExceeded",
@@ -84,10 +89,15 @@ class QuantizedKVCache(Cache):
             ``sink_tokens``, ``key_bits``, ``value_bits``, ``layer_overrides``,
             ``max_size_mb``, ...).
 
-    Full-attention layers are quantized; sliding-window layers keep their bounded
-    window in full precision (``DynamicSlidingWindowLayer``); layers listed in
-    ``skip_layers`` are plain ``DynamicLayer``s. Other layer kinds (linear
-    attention, ...) are refused with an error naming the layer.
+    Full-attention and sliding-window layers are quantized (a sliding layer shows
+    attention exactly the window ``DynamicSlidingWindowLayer`` would); layers listed
+    in ``skip_layers`` keep transformers' full-precision layers. Other layer kinds
+    (linear attention, ...) keep transformers' own layer, with a warning naming them.
+
+    ``offloading=True`` moves each layer's tensors to the CPU between its updates,
+    as ``DynamicCache(offloading=True)`` does (``offload_only_non_sliding`` likewise);
+    decode steps then read the history dequantized (the fused path would read a
+    layer while it is offloaded), and a model on the CPU has nothing to move.
     """
 
     def __init__(
@@ -99,6 +109,8 @@ class QuantizedKVCache(Cache):
         num_layers: int | None = None,
         num_heads: int | None = None,
         head_dim: int | None = None,
+        offloading: bool = False,
+        offload_only_non_sliding: bool = False,
         **options: Any,
     ):
         if cache_config is not None and (quant_type is not None or options):
@@ -109,19 +121,28 @@ class QuantizedKVCache(Cache):
             raise ValueError("`num_heads`/`head_dim` describe a model-free cache; with a model `config` they come from it")
         layer_types, layer_kwargs, heads, head_dim = self._model_layout(config, num_layers, num_heads, head_dim)
         self.cache_config = cache_config.for_model(len(layer_types), head_dim)
-        # read at every update: the model's attention modules look at this same config object
-        self._attention_config = config.get_text_config(decoder=True) if config is not None else None
+        # read at every update: the model's attention modules look at this same config object. An encoder-decoder
+        # model's modules read the model's config (or copies of it: T5), never the decoder copy get_text_config
+        # makes, so its cache reads the history fused only when the model was set to kvquant_sdpa by the user
+        # (`enable_quantized_attention(model)`), and is not switched here.
+        encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+        self._attention_config = config if encoder_decoder else config.get_text_config(decoder=True) if config else None
         layers = [
             self._make_layer(i, layer_type, kwargs, heads, head_dim)
             for i, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs))
         ]
-        super().__init__(layers=layers)
+        super().__init__(layers=layers, offloading=offloading, offload_only_non_sliding=offload_only_non_sliding)
         # a forward step updates the layers in order, from the first that stores anything
         self._first_layer = next((i for i, layer in enumerate(layers) if not isinstance(layer, DummyLayer)), 0)
+        # an encoder-decoder model's cache has to be the self-attention half of an EncoderDecoderCache: a bare one
+        # is recognised by the cross-attention updating the layer its self-attention just updated (module
+        # `encoder_decoder`). With one layer that is every step's pattern, so it is not checked there.
+        self._whole_cache_check = encoder_decoder and len(layers) > 1
+        self._last_update: tuple[int, int] | None = None
         # the layers of the step admitted at its first layer that are still to come, and the K/V shapes admitted
         self._admitted_step: tuple[set[int], Any] = (set(), None)
         self._shrink_log = ShrinkLog()  # what getting under the budget has done (get_stats()["budget"])
-        if self.cache_config.attention == "fused" and self._attention_config is not None:
+        if self.cache_config.attention == "fused" and self._attention_config is not None and not encoder_decoder:
             # the default: kvquant_sdpa is plain SDPA for every other cache, so the model loses nothing
             if select_fused_attention(self._attention_config) and self.cache_config.cpu_kernel == "auto":
                 prepare_fused_attention()
@@ -149,13 +170,18 @@ class QuantizedKVCache(Cache):
         if layer_type == "dummy":
             return DummyLayer()
         if layer_type in _SLIDING_TYPES:
-            # A sliding window is bounded already; it stays in full precision.
-            return DynamicSlidingWindowLayer(**kwargs)
+            if idx in cfg.skip_layers:
+                return DynamicSlidingWindowLayer(**kwargs)
+            layer = QuantizedSlidingWindowLayer(LayerSettings.for_layer(cfg, idx, heads, head_dim), **kwargs)
+            if layer.sliding_window - 1 <= cfg.residual_length:
+                logger.warning(
+                    "QuantizedKVCache: layer %d's sliding window (%d tokens) fits in `residual_length` (%d), so it "
+                    "stays in full precision (no compression for this layer); lower `residual_length` below %d to "
+                    "quantize it", idx, layer.sliding_window, cfg.residual_length, layer.sliding_window - 1,
+                )  # fmt: skip
+            return layer
         if layer_type != "full_attention":
-            raise ValueError(
-                f"layer {idx} is a `{layer_type}` layer; `QuantizedKVCache` supports `full_attention` layers "
-                f"(quantized) and {list(_SLIDING_TYPES)} layers (kept in full precision) only"
-            )
+            return _transformers_layer(idx, layer_type, kwargs)
         if idx in cfg.skip_layers:
             return DynamicLayer()
         return QuantizedKVLayer(LayerSettings.for_layer(cfg, idx, heads, head_dim))
@@ -175,10 +201,13 @@ class QuantizedKVCache(Cache):
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         self._check_layer_idx(layer_idx)
+        if self._whole_cache_check:
+            self._refuse_as_whole_encoder_decoder_cache(layer_idx, key_states)
         self._admit_update(layer_idx, key_states, value_states)
         layer = self.layers[layer_idx]
         if (
-            isinstance(layer, QuantizedKVLayer) and layer.holds_tokens and self.uses_fused_attention
+            isinstance(layer, QuantizedKVLayer) and layer.holds_tokens and not layer.is_sliding
+            and self.uses_fused_attention
             and not tracks_grad(key_states, value_states)  # the fused kernels have no backward: dense K/V then
         ):  # fmt: skip
             # transformers >= 5.24 passes the attention kwargs as `kwargs=` (the same dict reaches the attention
@@ -186,7 +215,24 @@ class QuantizedKVCache(Cache):
             attention_kwargs = kwargs.get("kwargs")
             attention_kwargs = attention_kwargs if isinstance(attention_kwargs, dict) else None
             return self._fused_step(layer, key_states, value_states, attention_kwargs)
+        if self.offloading and key_states.device.type == "cpu":
+            # already where offloading puts it, and transformers' offloading waits on CUDA streams
+            return layer.update(key_states, value_states, *args, **kwargs)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def _refuse_as_whole_encoder_decoder_cache(self, layer_idx: int, key_states: torch.Tensor) -> None:
+        update = (layer_idx, key_states.shape[-2])
+        last, self._last_update = self._last_update, update
+        if last is not None and last[0] == layer_idx and last[1] != update[1]:
+            self._last_update = None
+            model = getattr(self._attention_config, "model_type", "this model")
+            raise ValueError(
+                f"QuantizedKVCache was given to the encoder-decoder model `{model}` as its whole cache: its "
+                f"cross-attention would write the encoder's states into the self-attention history (layer {layer_idx} "
+                "was updated twice in one step). Pass `quantized_encoder_decoder_cache(model.config, ...)` (from "
+                "hf_kvcache_plugin; `quantize_cross_attention=True` quantizes the cross-attention too) or "
+                "`EncoderDecoderCache(QuantizedKVCache(model.config, ...), DynamicCache(config=model.config))`"
+            )
 
     def fused_update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, attention_kwargs: dict | None
@@ -199,6 +245,9 @@ class QuantizedKVCache(Cache):
         layer = self.layers[layer_idx]
         if not isinstance(layer, QuantizedKVLayer) or not layer.holds_tokens:
             raise ValueError(f"layer {layer_idx} holds no quantized history to attend to; call `update` for a prefill")
+        if layer.is_sliding:
+            raise ValueError(f"layer {layer_idx} is a sliding-window layer, which fused attention does not read; "
+                             "call `update`")
         self._admit_update(layer_idx, key_states, value_states)
         return self._fused_step(layer, key_states, value_states, attention_kwargs)
 
@@ -286,6 +335,7 @@ class QuantizedKVCache(Cache):
         """True when the model runs ``kvquant_sdpa`` and the config asks for the fused path."""
         return (
             self.cache_config.attention == "fused"
+            and not self.offloading
             and self._attention_config is not None
             and getattr(self._attention_config, "_attn_implementation", None) == QUANTIZED_ATTENTION
         )
@@ -323,9 +373,10 @@ class QuantizedKVCache(Cache):
                 f"{len(keys)} and {len(values)}"
             )
         for idx, layer in enumerate(self.layers):
-            if not isinstance(layer, QuantizedKVLayer):
+            if not isinstance(layer, QuantizedKVLayer) or layer.is_sliding:
                 raise ValueError(
-                    f"layer {idx} is a {type(layer).__name__}; quantized blocks load into quantized layers only"
+                    f"layer {idx} is a {type(layer).__name__}; quantized blocks load into quantized full-attention "
+                    "layers only"
                 )
         if self.max_size_mb is not None:
             after = lambda: {i: layer.nbytes_after_load(keys[i], values[i], dtype) for i, layer in enumerate(self.layers)}
@@ -408,6 +459,12 @@ class QuantizedKVCache(Cache):
     # ------------------------------------------------------------------ snapshot files
     def save(self, path: str | Path) -> int:
         """Write this cache to ``path`` as a checksummed snapshot, atomically; returns the file size in bytes."""
+        sliding = [i for i, layer in enumerate(self.layers) if isinstance(layer, QuantizedSlidingWindowLayer)]
+        if sliding:
+            raise ValueError(
+                f"layers {sliding} are quantized sliding-window layers, which snapshots do not hold yet; build the "
+                "cache with `skip_layers` naming them to save it"
+            )
         state, meta = cache_state(self.layers, self.cache_config, self.get_seq_length())
         return write_snapshot(path, _SNAPSHOT_KIND, state, meta)
 
@@ -468,6 +525,22 @@ class QuantizedKVCache(Cache):
 
 # The specification's name for the same class.
 QuantizedKVCacheManager = QuantizedKVCache
+
+
+def _transformers_layer(idx: int, layer_type: str, kwargs: dict):
+    """transformers' own cache layer for a kind with nothing to quantize here, with a warning saying what it costs."""
+    layer_class = getattr(_cache_utils, "DYNAMIC_LAYER_TYPE_MAPPING", {}).get(layer_type)
+    if layer_class is None:
+        raise ValueError(
+            f"layer {idx} is a `{layer_type}` layer, which neither `QuantizedKVCache` nor this transformers "
+            f"version's DynamicCache knows; `QuantizedKVCache` quantizes `full_attention` and {list(_SLIDING_TYPES)} "
+            "layers"
+        )
+    logger.warning(
+        "QuantizedKVCache: layer %d is a `%s` layer, which it cannot quantize; it keeps transformers' %s in full "
+        "precision (the memory DynamicCache uses for it, no compression)", idx, layer_type, layer_class.__name__,
+    )  # fmt: skip
+    return layer_class(**kwargs)
 
 
 def _one_of(name: str, value: Any, alias: str, alias_value: Any) -> Any:

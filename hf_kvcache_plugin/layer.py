@@ -143,7 +143,6 @@ class QuantizedKVLayer(CacheLayerMixin):
     # ------------------------------------------------------------------ state
     def _clear(self) -> None:
         self.is_initialized = False
-        self.keys = self.values = None  # unused by this layer; kept for the mixin's contract
         self.sink_keys = self.sink_values = None
         self.residual_keys = self.residual_values = None
         # backing tensors of [residual_length + G] tokens that decode steps write the window into, in place
@@ -437,25 +436,53 @@ class QuantizedKVLayer(CacheLayerMixin):
 
     def _materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """[sinks | dequantized blocks | residual] for keys and values, one allocation each."""
-        outs = []
-        for sink, blocks, residual in (
-            (self.sink_keys, self.quantized_keys, self.residual_keys),
-            (self.sink_values, self.quantized_values, self.residual_values),
-        ):
-            s, q, r = sink.shape[-2], blocks.num_tokens, residual.shape[-2]
-            out = residual.new_empty(residual.shape[0], residual.shape[1], s + q + r, residual.shape[-1])
-            out[:, :, :s] = sink
-            if q:
-                blocks.dequantize_into(out[:, :, s : s + q])
-            out[:, :, s + q :] = residual
-            outs.append(out)
-        return outs[0], outs[1]
+        return self._dense("keys"), self._dense("values")
+
+    def _dense(self, stream: str) -> torch.Tensor:
+        """[sinks | dequantized blocks | residual] of ``stream`` (``"keys"`` or ``"values"``), one allocation."""
+        if stream == "keys":
+            sink, blocks, residual = self.sink_keys, self.quantized_keys, self.residual_keys
+        else:
+            sink, blocks, residual = self.sink_values, self.quantized_values, self.residual_values
+        s, q, r = sink.shape[-2], blocks.num_tokens, residual.shape[-2]
+        out = residual.new_empty(residual.shape[0], residual.shape[1], s + q + r, residual.shape[-1])
+        out[:, :, :s] = sink
+        if q:
+            blocks.dequantize_into(out[:, :, s : s + q])
+        out[:, :, s + q :] = residual
+        return out
+
+    def history(self, stream: str) -> torch.Tensor:
+        """The tokens the next step attends to, of ``stream`` (``"keys"`` / ``"values"``), dense."""
+        return self._dense(stream)
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All cached keys and values as dense tensors in the compute dtype."""
         if not self.is_initialized:
             raise ValueError(f"{self._name()} holds no tokens yet")
-        return self._materialize()
+        return self.history("keys"), self.history("values")
+
+    # `DynamicLayer` keeps its history in `keys` / `values`; code that reads them (cross-attention reusing its
+    # states, cache tests, user code) gets this layer's history the same way, dequantized on each access.
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """The cached keys ``[batch, kv_heads, tokens, head_dim]`` in the compute dtype, as ``DynamicLayer.keys``;
+        None before the first update. Each access dequantizes the history anew (``tokens x head_dim`` values per
+        head, a fresh tensor): read ``dequantized()`` once for keys and values together."""
+        return self.history("keys") if self.is_initialized else None
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        _refuse_history_write(self, "keys", value)
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        """The cached values, as ``keys`` (dequantized on each access)."""
+        return self.history("values") if self.is_initialized else None
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        _refuse_history_write(self, "values", value)
 
     def get_seq_length(self) -> int:
         return self._length
@@ -637,6 +664,14 @@ def batch_indices(indices: Any, batch_size: int, device: torch.device) -> torch.
     if idx.numel() and (int(idx.min()) < -batch_size or int(idx.max()) >= batch_size):
         raise ValueError(f"`indices` {idx.tolist()} are out of range for a batch of {batch_size}")
     return idx % batch_size if idx.numel() else idx
+
+
+def _refuse_history_write(layer: QuantizedKVLayer, name: str, value: Any) -> None:
+    # the mixin's constructor sets `keys = values = None`; anything else would bypass the quantized storage
+    if value is not None:
+        raise AttributeError(
+            f"{layer._name()}: `{name}` is read-only (the history is held quantized); add tokens with `update`"
+        )
 
 
 def _check_rank(name: str, key_states: torch.Tensor, value_states: torch.Tensor) -> None:

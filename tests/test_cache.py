@@ -370,19 +370,31 @@ def test_group_size_must_divide_head_dim_for_token_grouping():
     )
 
 
-def test_sliding_window_layers_stay_full_precision_and_linear_layers_are_refused():
+def test_layer_kinds_sliding_quantized_skipped_exact_linear_kept_with_a_warning(caplog):
     config = LlamaConfig(
         hidden_size=32, num_attention_heads=2, num_key_value_heads=2, head_dim=16, num_hidden_layers=3,
         intermediate_size=64, vocab_size=64,
     )
-    config.layer_types = ["full_attention", "sliding_attention", "full_attention"]
-    config.sliding_window = 8
-    cache = QuantizedKVCache(config, "int4", group_size=8, residual_length=8)
+    config.layer_types = ["full_attention", "sliding_attention", "sliding_attention"]
+    config.sliding_window = 32
+    cache = QuantizedKVCache(config, "int4", group_size=8, residual_length=8, skip_layers=[2])
     assert [type(layer).__name__ for layer in cache.layers] == [
-        "QuantizedKVLayer", "DynamicSlidingWindowLayer", "QuantizedKVLayer",
+        "QuantizedKVLayer", "QuantizedSlidingWindowLayer", "DynamicSlidingWindowLayer",
     ]
+    assert cache.layers[1].sliding_window == 32 and cache.is_sliding == [False, True, True]
+    config.sliding_window = 8  # a window inside the exact residual window compresses nothing: said so
+    with caplog.at_level("WARNING", logger="hf_kvcache_plugin.cache"):
+        QuantizedKVCache(config, "int4", group_size=8, residual_length=8)
+    assert "layer 1's sliding window (8 tokens) fits in `residual_length` (8)" in caplog.text
     config.layer_types = ["full_attention", "linear_attention", "full_attention"]
-    with pytest.raises(ValueError, match="layer 1 is a `linear_attention` layer"):
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_kvcache_plugin.cache"):
+        cache = QuantizedKVCache(config, "int4", group_size=8, residual_length=8)
+    assert type(cache.layers[1]).__name__ == "LinearAttentionLayer"
+    assert "layer 1 is a `linear_attention` layer, which it cannot quantize" in caplog.text
+    assert "no compression" in caplog.text
+    config.layer_types = ["full_attention", "no_such_attention", "full_attention"]
+    with pytest.raises(ValueError, match="layer 1 is a `no_such_attention` layer"):
         QuantizedKVCache(config, "int4", group_size=8, residual_length=8)
 
 

@@ -160,7 +160,7 @@ class PrefixCacheHook:
         check_prefix_reuse_settings(cache_config, store.chunk_size)  # sinks, skipped layers: before the probe
         probe = QuantizedKVCache(model.config, cache_config=cache_config)
         for idx, layer in enumerate(probe.layers):
-            if not isinstance(layer, QuantizedKVLayer):
+            if not isinstance(layer, QuantizedKVLayer) or layer.is_sliding:
                 raise ValueError(
                     f"layer {idx} of this model is cached as a {type(layer).__name__}; prefix reuse needs every "
                     "layer to be a quantized full-attention layer"

@@ -1,0 +1,123 @@
+"""QuantizedSlidingWindowLayer against DynamicSlidingWindowLayer: the same window shown to attention, fewer bytes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache, MistralConfig, MistralForCausalLM
+from transformers.cache_utils import DynamicSlidingWindowLayer
+
+from hf_kvcache_plugin import CacheConfig, PrefixStore, QuantizedKVCache, attach_prefix_cache
+from hf_kvcache_plugin.budget import layer_nbytes
+from hf_kvcache_plugin.sliding_layer import QuantizedSlidingWindowLayer
+
+B, H, D = 1, 2, 8
+WINDOW, GROUP = 20, 4
+
+
+def _layer(bits: int = 8, residual_length: int = 4, **options) -> QuantizedSlidingWindowLayer:
+    return QuantizedSlidingWindowLayer(
+        sliding_window=WINDOW, key_bits=bits, value_bits=bits, group_size=GROUP, residual_length=residual_length,
+        **options,
+    )
+
+
+def _chunks(generator: torch.Generator):
+    # a prefill longer than the window, then single tokens, then a chunk (as speculative steps feed)
+    for n in (27, *[1] * 14, 5, *[1] * 6):
+        yield torch.randn(B, H, n, D, generator=generator), torch.randn(B, H, n, D, generator=generator)
+
+
+@pytest.mark.parametrize("residual_length", [4, 24])
+def test_attention_sees_the_window_dynamic_sliding_window_layer_shows(residual_length):
+    """Same shapes, mask sizes and lengths at every step; the values agree to INT8 rounding, and exactly when the
+    window fits in the exact residual window."""
+    ours, ref = _layer(residual_length=residual_length), DynamicSlidingWindowLayer(sliding_window=WINDOW)
+    for k, v in _chunks(torch.Generator().manual_seed(0)):
+        n = k.shape[-2]
+        assert ours.get_mask_sizes(n) == ref.get_mask_sizes(n)
+        got_k, got_v = ours.update(k, v)
+        want_k, want_v = ref.update(k, v)
+        assert got_k.shape == want_k.shape and got_v.shape == want_v.shape
+        tolerance = 0 if residual_length >= WINDOW else 0.05
+        torch.testing.assert_close(got_k, want_k, atol=tolerance, rtol=0)
+        torch.testing.assert_close(got_v, want_v, atol=tolerance, rtol=0)
+        assert ours.get_seq_length() == ref.get_seq_length()
+        assert ours.keys.shape == ref.keys.shape  # the history, as DynamicSlidingWindowLayer keeps it
+        torch.testing.assert_close(ours.values, ref.values, atol=tolerance, rtol=0)
+        # held: the window and at most one block straddling its start; never more
+        assert ours.get_seq_length() - ours._dropped <= WINDOW - 1 + GROUP - 1 + max(0, residual_length - WINDOW + 1)
+
+
+def test_blocks_leave_the_window_and_the_bytes_are_predicted_exactly():
+    ours = _layer()
+    ref = DynamicSlidingWindowLayer(sliding_window=WINDOW)
+    for k, v in _chunks(torch.Generator().manual_seed(1)):
+        predicted = ours.nbytes_after_append(k, v)
+        ours.update(k, v)
+        ref.update(k, v)
+        assert ours.nbytes == predicted
+    stats = ours.stats()
+    assert stats["quantized_bytes"] > 0 and ours._dropped > 0
+    # against what DynamicSlidingWindowLayer holds: the window's last WINDOW - 1 tokens in full precision
+    assert stats["fp_bytes"] == layer_nbytes(ref) == ref.keys.nbytes + ref.values.nbytes
+    assert stats["fp_bytes"] > ours.nbytes
+
+
+def test_crop_within_the_held_tokens_and_refused_beyond():
+    ours, ref = _layer(), DynamicSlidingWindowLayer(sliding_window=WINDOW)
+    ref.activate_past_recording()  # DynamicSlidingWindowLayer needs this to crop at all past the window
+    for k, v in list(_chunks(torch.Generator().manual_seed(2)))[:3]:
+        ours.update(k, v)
+        ref.update(k, v)
+    extra = ours.get_seq_length() - ours._dropped - (WINDOW - 1)  # tokens held beyond the window
+    assert extra > 0
+    ours.crop(-extra)
+    ref.crop(-extra)
+    assert ours.get_seq_length() == ref.get_seq_length()
+    with pytest.raises(RuntimeError, match="sliding-window layer holds the last"):
+        ours.crop(-1)
+
+
+def test_mistral_generates_as_with_dynamic_cache_and_every_layer_is_quantized():
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, sliding_window=WINDOW, max_position_embeddings=256,
+    )
+    model = MistralForCausalLM(config).eval()
+    ids = torch.randint(3, 96, (1, 30), generator=torch.Generator().manual_seed(3))
+    kwargs = dict(do_sample=False, max_new_tokens=12, min_new_tokens=12, attention_mask=torch.ones_like(ids))
+    cache = QuantizedKVCache(config, "int8", group_size=GROUP, residual_length=4)
+    out = model.generate(ids, past_key_values=cache, **kwargs)
+    ref = model.generate(ids, past_key_values=DynamicCache(config=config), **kwargs)
+    assert torch.equal(out, ref)  # INT8 on a 2-layer model: no near-tie within 12 tokens for this seed
+    assert all(type(layer) is QuantizedSlidingWindowLayer for layer in cache.layers)
+    assert all(layer.stats()["quantized_bytes"] > 0 for layer in cache.layers)
+    assert cache.get_stats()["compression_ratio"] > 1.3
+    with pytest.raises(ValueError, match="quantized sliding-window layers, which snapshots do not hold"):
+        cache.save("unused.kvq")
+    # prefix reuse exports and loads whole blocks of a full history: not a window's
+    with pytest.raises(ValueError, match="layer 0 of this model is cached as a QuantizedSlidingWindowLayer"):
+        attach_prefix_cache(model, PrefixStore(max_size_mb=1, chunk_size=16),
+                            CacheConfig(quant_type="int8", group_size=GROUP, residual_length=16))
+    with pytest.raises(ValueError, match="quantized full-attention layers only"):
+        QuantizedKVCache(config, "int8").load_blocks([None] * 2, [None] * 2, torch.float32, "cpu")
+
+
+def test_drop_first_blocks_across_both_tiers_and_an_exact_block():
+    from hf_kvcache_plugin.config import CacheConfig
+    from hf_kvcache_plugin.layer import LayerSettings
+
+    config = CacheConfig(quant_type="mixed", group_size=4, residual_length=0, mixed_int8_tokens=8).for_model(1, 8)
+    blocks = LayerSettings.for_layer(config, 0).blocks("keys")
+    tokens = torch.randn(1, 2, 24, 8, generator=torch.Generator().manual_seed(4))
+    tokens[0, 0, 21] = float("nan")  # block 5 (in the recent tier) cannot be quantized: kept exact
+    blocks.append(tokens)
+    full = blocks.dequantize(torch.float32)
+    assert [t.shape[2] for t in blocks.tiers] == [4, 2] and list(blocks.full_precision_blocks) == [5]
+    blocks.drop_oldest(5)  # the aged tier whole and one recent block
+    assert blocks.num_blocks == 1 and blocks.aged is None and list(blocks.full_precision_blocks) == [0]
+    torch.testing.assert_close(blocks.dequantize(torch.float32), full[:, :, 20:], equal_nan=True)
+    with pytest.raises(ValueError, match="cannot drop 2 blocks from 1"):
+        blocks.drop_oldest(2)
