@@ -31,19 +31,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from .blocks import BlockCodec, QuantizedBlocks
-from .config import MIXED_AGED_BITS, CacheConfig
+from .blocks import QuantizedBlocks
+from .layer_inputs import batch_indices, check_key_value_states, tracks_grad
+from .layer_settings import LayerSettings
 from .quantization import QuantizedTensor
 
 __all__ = ["LayerSettings", "QuantizedKVLayer", "EMPTY_LAYER_STATS", "tensor_nbytes"]
-
-_SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "compute": None}
 
 # the keys of QuantizedKVLayer.stats(), all 0 for a layer that holds nothing
 EMPTY_LAYER_STATS = (
@@ -52,67 +50,10 @@ EMPTY_LAYER_STATS = (
 )  # fmt: skip
 
 logger = logging.getLogger(__name__)
-_DEFAULTS = CacheConfig()  # a layer built by keywords defaults as a cache does
 
 
 def tensor_nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
-
-
-@dataclass(frozen=True)
-class LayerSettings:
-    """How one layer quantizes: ``CacheConfig`` resolved for one layer index (``for_layer``)."""
-
-    key_bits: int
-    value_bits: int
-    group_size: int
-    residual_length: int
-    sink_tokens: int = _DEFAULTS.sink_tokens
-    key_axis: str = _DEFAULTS.key_axis
-    value_axis: str = _DEFAULTS.value_axis
-    symmetric: bool = _DEFAULTS.symmetric
-    scale_dtype: str = _DEFAULTS.scale_dtype
-    clip_percentile: float | None = _DEFAULTS.clip_percentile
-    aged_bits: int | None = None  # mixed precision: blocks older than `recent_tokens` are re-packed to this
-    recent_tokens: int = 0
-    layer_idx: int | None = None
-    expected_num_heads: int | None = None  # None: whatever the first tensors have
-    expected_head_dim: int | None = None
-
-    @classmethod
-    def for_layer(
-        cls, config: CacheConfig, idx: int, num_heads: int | None = None, head_dim: int | None = None
-    ) -> "LayerSettings":
-        """Layer ``idx`` of a cache made with ``config`` (group size resolved), its overrides applied."""
-        if config.group_size is None:
-            raise ValueError("`group_size` is unresolved; call `CacheConfig.for_model` first")
-        override = config.layer_overrides.get(idx)
-        mixed = config.quant_type == "mixed"
-        return cls(
-            key_bits=(override and override.key_bits) or config.resolved_key_bits,
-            value_bits=(override and override.value_bits) or config.resolved_value_bits,
-            group_size=config.group_size,
-            residual_length=config.residual_length,
-            sink_tokens=config.sink_tokens,
-            key_axis=config.key_axis,
-            value_axis=config.value_axis,
-            symmetric=config.symmetric,
-            scale_dtype=config.scale_dtype,
-            clip_percentile=config.clip_percentile,
-            aged_bits=MIXED_AGED_BITS if mixed else None,
-            recent_tokens=config.mixed_int8_tokens if mixed else 0,
-            layer_idx=idx,
-            expected_num_heads=num_heads,
-            expected_head_dim=head_dim,
-        )
-
-    def blocks(self, stream: str) -> QuantizedBlocks:
-        """An empty block list for ``stream`` (``"keys"`` or ``"values"``) with this layer's codec."""
-        bits, axis = (self.key_bits, self.key_axis) if stream == "keys" else (self.value_bits, self.value_axis)
-        codec = BlockCodec(
-            bits, self.group_size, axis, self.symmetric, _SCALE_DTYPES[self.scale_dtype], self.clip_percentile
-        )
-        return QuantizedBlocks(codec, aged_bits=self.aged_bits, recent_tokens=self.recent_tokens)
 
 
 class QuantizedKVLayer(CacheLayerMixin):
@@ -157,7 +98,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         return f"layer {self.layer_idx}" if self.layer_idx is not None else "this layer"
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        _check_rank(self._name(), key_states, value_states)
+        check_key_value_states(self._name(), key_states, value_states)
         b, h, _, d = key_states.shape
         dv = value_states.shape[-1]
         s = self.settings
@@ -188,7 +129,7 @@ class QuantizedKVLayer(CacheLayerMixin):
 
     def check_matches(self, key_states: torch.Tensor, value_states: torch.Tensor, batch: bool = True) -> None:
         """States this layer can take: its batch size (unless ``batch=False``), heads, head dims and dtype."""
-        _check_rank(self._name(), key_states, value_states)
+        check_key_value_states(self._name(), key_states, value_states)
         b, h, _, d = key_states.shape
         dv = value_states.shape[-1]
         if not batch:
@@ -521,7 +462,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         """``nbytes`` once ``append(key_states, value_states)`` and its flush are done, predicted without touching
         the layer: the same path through sinks, residual window, blocks and mixed-precision aging (blocks that
         cannot be quantized, kept exact, excepted)."""
-        _check_rank(self._name(), key_states, value_states)
+        check_key_value_states(self._name(), key_states, value_states)
         b, h, n, d = key_states.shape
         dv = value_states.shape[-1]
         s = self.settings
@@ -645,49 +586,9 @@ class QuantizedKVLayer(CacheLayerMixin):
         self._clear()
 
 
-def tracks_grad(*tensors: torch.Tensor) -> bool:
-    """Whether autograd records operations on these tensors now."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
-def batch_indices(indices: Any, batch_size: int, device: torch.device) -> torch.Tensor:
-    """``indices`` as a 1-d long tensor of rows in ``[0, batch_size)``: a tuple ``(0, 2)`` indexes rows, never
-    dims 0 and 1 as ``t[(0, 2)]`` would."""
-    idx = torch.as_tensor(indices, device=device)
-    if idx.dtype == torch.bool:
-        if idx.shape != (batch_size,):
-            raise ValueError(f"a batch mask has to have {batch_size} entries but got shape {tuple(idx.shape)}")
-        idx = idx.nonzero().flatten()
-    if idx.dim() != 1 or idx.is_floating_point() or idx.is_complex():
-        raise ValueError(f"`indices` has to be a 1-d sequence of batch rows but got {indices!r}")
-    idx = idx.long()
-    if idx.numel() and (int(idx.min()) < -batch_size or int(idx.max()) >= batch_size):
-        raise ValueError(f"`indices` {idx.tolist()} are out of range for a batch of {batch_size}")
-    return idx % batch_size if idx.numel() else idx
-
-
 def _refuse_history_write(layer: QuantizedKVLayer, name: str, value: Any) -> None:
     # the mixin's constructor sets `keys = values = None`; anything else would bypass the quantized storage
     if value is not None:
         raise AttributeError(
             f"{layer._name()}: `{name}` is read-only (the history is held quantized); add tokens with `update`"
-        )
-
-
-def _check_rank(name: str, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-    for arg, t in (("key_states", key_states), ("value_states", value_states)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(
-                f"{name}: `{arg}` has to be a 4-d tensor [batch, num_kv_heads, seq_len, head_dim] "
-                f"but got shape {shape}"
-            )
-        if not t.is_floating_point():
-            raise ValueError(f"{name}: `{arg}` has to be floating point but got dtype {t.dtype}")
-    if key_states.shape[0] == 0:
-        raise ValueError(f"{name}: the batch is empty (key_states of shape {tuple(key_states.shape)})")
-    if key_states.shape[:3] != value_states.shape[:3]:
-        raise ValueError(
-            f"{name}: key_states {tuple(key_states.shape)} and value_states {tuple(value_states.shape)} "
-            "differ in batch, heads or seq_len"
         )
