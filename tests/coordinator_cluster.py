@@ -29,6 +29,7 @@ os.environ["OMP_NUM_THREADS"] = "1"
 import argparse  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
+import secrets  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -41,6 +42,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # 
 
 from hf_kvcache_plugin import CacheConfig, DistributedConfig, PrefixStore, attach_prefix_cache  # noqa: E402
 from hf_kvcache_plugin.distributed import attach_coordinator, generate_new_tokens  # noqa: E402
+from hf_kvcache_plugin.distributed.transport import host_c10d_store  # noqa: E402
 from hf_kvcache_plugin.resilience import ServingMetrics  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,7 +106,7 @@ class Rank:
 
     def coordinator(self, namespace: str, wait_for: int | None = None, **overrides):
         config = DistributedConfig(namespace=namespace, replication_factor=1, heartbeat_interval_s=0.1,
-                                   heartbeat_timeout_s=1.0, round_timeout_s=20.0, startup_timeout_s=20.0,
+                                   heartbeat_timeout_s=1.0, round_deadline_s=20.0, startup_timeout_s=20.0,
                                    breaker={"fail_max": 2, "reset_timeout_s": 120.0}, **overrides)
         self.metrics = ServingMetrics()
         return attach_coordinator(self.hook, config, generate_kwargs=GENERATE, wait_for=wait_for, metrics=self.metrics)
@@ -202,6 +204,8 @@ def main() -> int:
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     model = load_model()
+    # a per-launch secret every rank signs its messages with, as a launcher would set it
+    os.environ["HF_KVCACHE_CLUSTER_SECRET"] = secrets.token_hex(32)
     children = []
     for rank in range(WORLD):
         read_end, write_end = os.pipe()
@@ -224,8 +228,7 @@ def main() -> int:
         os.close(read_end)
         children.append((pid, write_end))
     # the store outlives every rank, as torchrun's agent store does
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=args.timeout))
+    store = host_c10d_store("127.0.0.1", 0, timeout_s=args.timeout)  # listening on loopback only
     for _, write_end in children:
         os.write(write_end, str(store.port).encode())
         os.close(write_end)
