@@ -113,12 +113,12 @@ def host_c10d_store(host: str, port: int, world_size: int | None = None, timeout
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((host, port))
     listener.listen(128)
-    store = dist.TCPStore(
-        host, listener.getsockname()[1], world_size, is_master=True, wait_for_workers=False,
-        timeout=datetime.timedelta(seconds=timeout_s), master_listen_fd=listener.fileno(),
+    port = listener.getsockname()[1]
+    # the server takes the descriptor over: detached, the Python socket object will not close it
+    return dist.TCPStore(
+        host, port, world_size, is_master=True, wait_for_workers=False,
+        timeout=datetime.timedelta(seconds=timeout_s), master_listen_fd=listener.detach(),
     )  # fmt: skip
-    store._listener = listener  # the server owns the descriptor; keep the Python socket from closing it
-    return store
 
 
 def connect_c10d_store(
@@ -144,10 +144,7 @@ def connect_c10d_store(
             "port for rank 0 to host the coordinator's store, or launch with torchrun"
         )
     if rank == 0:
-        server = host_c10d_store(bind_address, store_port, world_size, timeout_s)
-        client = dist.TCPStore(bind_address, store_port, is_master=False, timeout=timeout)
-        client._server = server  # the server lives as long as rank 0's client
-        return client
+        return host_c10d_store(bind_address, store_port, world_size, timeout_s)  # also rank 0's client
     return dist.TCPStore(host, store_port, is_master=False, timeout=timeout)
 
 

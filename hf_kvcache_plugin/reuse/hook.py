@@ -33,6 +33,7 @@ position. The returned sequences carry the caller's own prompt ids.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -180,6 +181,7 @@ class PrefixCacheHook:
         model.generate = self._installed
         self.attached = True
         self._totals = dict.fromkeys(("requests", "hit_requests", "prompt_tokens", "hit_tokens", "stored_chunks"), 0)
+        self._totals_lock = threading.Lock()  # concurrent `generate` calls (threaded servers) add up exactly
 
     # ------------------------------------------------------------------ lifecycle
     def detach(self) -> None:
@@ -232,15 +234,16 @@ class PrefixCacheHook:
 
         namespace = self.namespace
         rows = []
-        for i in range(input_ids.shape[0]):
-            tokens = input_ids[i, mask[i].bool()]
-            start = self._clock()
-            # the last prompt token is always computed: its logits give the first new token
-            match = self.store.lookup(namespace, tokens, max_tokens=len(tokens) - 1, pin=True)
-            rows.append(_Row(tokens, match, (self._clock() - start) * 1e3))
         try:
+            for i in range(input_ids.shape[0]):
+                tokens = input_ids[i, mask[i].bool()]
+                start = self._clock()
+                # the last prompt token is always computed: its logits give the first new token
+                match = self.store.lookup(namespace, tokens, max_tokens=len(tokens) - 1, pin=True)
+                rows.append(_Row(tokens, match, (self._clock() - start) * 1e3))
             return self._generate_with(rows, input_ids, user_mask, kwargs, entry_time)
         finally:
+            # the rows looked up so far, also when a later row's lookup raised
             for row in rows:
                 self.store.release(row.match)
 
@@ -407,11 +410,12 @@ class PrefixCacheHook:
                 batch_size=len(rows),
             )
             self.records.append(record)
-            self._totals["requests"] += 1
-            self._totals["hit_requests"] += record.hit_tokens > 0
-            self._totals["prompt_tokens"] += record.prompt_tokens
-            self._totals["hit_tokens"] += record.hit_tokens
-            self._totals["stored_chunks"] += n_stored
+            with self._totals_lock:
+                self._totals["requests"] += 1
+                self._totals["hit_requests"] += record.hit_tokens > 0
+                self._totals["prompt_tokens"] += record.prompt_tokens
+                self._totals["hit_tokens"] += record.hit_tokens
+                self._totals["stored_chunks"] += n_stored
             if self.sizer is not None:
                 if record.hit_tokens:
                     self.sizer.record_hit(ttft_ms)
@@ -423,7 +427,8 @@ class PrefixCacheHook:
     # ------------------------------------------------------------------ reporting
     def stats(self) -> dict[str, Any]:
         """Totals since attach plus the store's figures."""
-        t = self._totals
+        with self._totals_lock:
+            t = dict(self._totals)
         recent = list(self.records)
         mean = lambda name: sum(getattr(r, name) for r in recent) / len(recent) if recent else 0.0  # noqa: E731
         return {

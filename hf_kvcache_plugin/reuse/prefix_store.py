@@ -118,6 +118,40 @@ def chunk_keys(namespace: bytes, token_ids: Sequence[int] | torch.Tensor, chunk_
     return keys
 
 
+class _StoreLock:
+    """The store's re-entrant lock; callbacks queued while it is held run once its outermost holder lets go.
+
+    ``on_evict`` runs that way, outside the lock: a callback that takes a lock of its own, or waits for a
+    thread that uses the store, cannot deadlock against the store. A callback that raises is logged and the
+    others still run (the removal it reports is done).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._pending: list[tuple[Callable[..., Any], tuple]] = []
+
+    def __enter__(self) -> "_StoreLock":
+        self._lock.acquire()
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._depth -= 1
+        pending: list[tuple[Callable[..., Any], tuple]] = []
+        if self._depth == 0:
+            pending, self._pending = self._pending, []
+        self._lock.release()
+        for callback, args in pending:
+            try:
+                callback(*args)
+            except Exception:  # noqa: BLE001 - a notification must not undo or interrupt the others
+                logger.exception("prefix store: `on_evict` raised")
+
+    def after_release(self, callback: Callable[..., Any], *args: Any) -> None:
+        self._pending.append((callback, args))
+
+
 @dataclass(frozen=True)
 class PrefixEntry:
     """One chunk's quantized K/V for every layer, each of logical shape [1, H, chunk/G, G, D]."""
@@ -234,7 +268,7 @@ class PrefixStore:
         self._slots: dict[bytes, _Slot] = {}
         self._used_bytes = 0
         self._tick = 0
-        self._lock = threading.RLock()
+        self._lock = _StoreLock()
         self._counters = dict.fromkeys(
             ("lookups", "hit_chunks", "missed_chunks", "puts", "duplicate_puts", "rejected_puts", "evictions"), 0
         )
@@ -523,7 +557,7 @@ class PrefixStore:
         self._evicted_bytes += slot.nbytes
         self._counters["evictions"] += 1
         if self.on_evict is not None:
-            self.on_evict(slot.entry, reason)
+            self._lock.after_release(self.on_evict, slot.entry, reason)
 
     def _evict_orphans(self) -> None:
         orphans = [
