@@ -67,10 +67,9 @@ class SilentPeerTransport(StoreTransport):
         if peer_left is not None and peer_left(peer):
             raise PeerLeft(peer, "left the cluster")
         data = self._take(key, delete)
-        payload = None if data is None else self._open(key, data, peer)
-        if payload is None:
+        if data is None:
             raise PeerDead(peer, "no heartbeat (test)")
-        return payload
+        return self._open(key, data, peer, reraise=True)
 
 
 def transport(rank: int = 1, *, c10d_store=None, metrics=None, clock=None, **breaker) -> SilentPeerTransport:

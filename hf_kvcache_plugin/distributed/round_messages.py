@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from ..config import DistributedConfig
 from .cluster_view import ClusterView
+from .signing import BadMessage
 from .transport import PeerLeft, PeerUnavailable, StoreTransport
 
 __all__ = ["KEEP_POSTS_ROUNDS", "RoundMessages"]
@@ -100,7 +101,7 @@ class RoundMessages:
                 peer_left=self.cluster.peer_left,
                 delete=delete,
             )
-        except (PeerUnavailable, pybreaker.CircuitBreakerError, dist.DistError) as exc:
+        except (PeerUnavailable, BadMessage, pybreaker.CircuitBreakerError, dist.DistError) as exc:
             # a DistError is the store failing under a wait: it counts against the peer waited for
             self.counters[f"missed_{type(exc).__name__}"] += 1
             logger.info("rank %d, round %d: %s", self.cluster.node_id, round_no, exc)

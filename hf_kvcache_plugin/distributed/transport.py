@@ -38,8 +38,9 @@ Every value written is sealed and every value read is opened by a
 ``MessageSigner`` (``signing``): unsigned, wrongly signed, misattributed or
 stale values, and values over ``max_payload_bytes``, are deleted from the
 store, counted (``dropped_<reason>``, and ``hf_kvcache_cluster_messages_dropped``
-in the metrics) and treated as absent. A peer whose signed message turns out
-malformed (``reject``) gets a failure on its breaker: that one is its fault.
+in the metrics) and treated as absent; one met while waiting for a peer's
+message ends the wait as a failure of that peer (``BadMessage``), and so
+does a signed message of the peer that turns out malformed (``reject``).
 """
 
 from __future__ import annotations
@@ -335,8 +336,9 @@ class StoreTransport:
             logger.warning("rank %d: store read of %s failed: %s", self.rank, key, exc)
             return None
 
-    def _open(self, key: str, data: bytes, sender: int | None) -> bytes | None:
-        """The body of a value read under ``key``, or None when it is refused (deleted and counted)."""
+    def _open(self, key: str, data: bytes, sender: int | None, reraise: bool = False) -> bytes | None:
+        """The body of a value read under ``key``, or None when it is refused (deleted and counted; with
+        ``reraise`` the ``BadMessage`` is raised after that)."""
         try:
             if len(data) > self.max_payload_bytes + 64:
                 raise BadMessage("oversized", f"{key!r} holds {len(data)} bytes, over `max_payload_mb`")
@@ -347,6 +349,8 @@ class StoreTransport:
                 self.c10d_store.delete_key(key)  # nobody may act on it, and a waiting reader waits for the real one
             except dist.DistError:
                 pass
+            if reraise:
+                raise
             return None
         self.counters["bytes_received"] += len(body)
         return body
@@ -422,9 +426,9 @@ class StoreTransport:
         while True:
             self.mark_progress()  # waiting for peers is this process doing its work
             data = self._take(key, delete)
-            payload = None if data is None else self._open(key, data, peer)
-            if payload is not None:
-                return payload
+            if data is not None:
+                # a refused value under the key this peer posts ends the wait as a failure of that peer
+                return self._open(key, data, peer, reraise=True)
             now = self.clock()
             if now >= next_liveness:
                 next_liveness = now + _LIVENESS_POLL_S
