@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.test_coordinator_processes import run_launcher
 
 REPO = Path(__file__).resolve().parents[1]
