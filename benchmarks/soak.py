@@ -198,7 +198,7 @@ class PeerBatches:
 
     def inject(self, rng: random.Random) -> None:
         from hf_kvcache_plugin.distributed.payloads import PayloadError, decode_entries, encode_entries
-        from hf_kvcache_plugin.distributed.transport import PeerUnavailable
+        from hf_kvcache_plugin.distributed.transport import BadMessage, PeerUnavailable
 
         kind = self.KINDS[sum(self.sent.values()) % len(self.KINDS)]
         self.sent[kind] += 1
@@ -228,7 +228,7 @@ class PeerBatches:
         except PayloadError as exc:
             self.receiver.reject(1, key, str(exc))
             self.refused[kind] += 1
-        except (PeerUnavailable, pybreaker.CircuitBreakerError):
+        except (BadMessage, PeerUnavailable, pybreaker.CircuitBreakerError):  # dropped, or its breaker is open
             self.refused[kind] += 1
         except ConnectionError:  # the soak's own injected store fault during the import
             self.store_faults += 1
