@@ -117,7 +117,7 @@ def serve_side_by_side(model, group_size: int, batches, store_mb: float, new_tok
         coordinator = None
         if mode == "coordinated":
             config = DistributedConfig(namespace=f"{namespace}", replication_factor=1, heartbeat_timeout_s=10.0,
-                                       round_timeout_s=120.0)
+                                       round_deadline_s=120.0)
             coordinator = attach_coordinator(hook, config, generate_kwargs=kwargs)
         dist.barrier()
         started = time.perf_counter()
@@ -159,7 +159,7 @@ def join_and_leave(model, group_size: int, prompts: int, namespace: str) -> dict
     cache_config = CacheConfig(quant_type="int8", group_size=group_size, residual_length=4 * group_size)
     hook = attach_prefix_cache(model, PrefixStore(max_size_mb=256, chunk_size=CHUNK), cache_config)
     config = DistributedConfig(namespace=namespace, replication_factor=1, heartbeat_timeout_s=10.0,
-                               round_timeout_s=120.0, migration_mb_per_step=MIGRATION_MB_PER_STEP)
+                               round_deadline_s=120.0, migration_mb_per_step=MIGRATION_MB_PER_STEP)
     kwargs = dict(max_new_tokens=1, do_sample=False)
     generator = torch.Generator().manual_seed(99)
     before_join = [torch.randint(3, 500, (2 * CHUNK + 1,), generator=generator).tolist() for _ in range(prompts)]

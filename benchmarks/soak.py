@@ -17,6 +17,13 @@ random``: a random tiny Llama) with a small prefix store behind a
 - corrupted entries: every ``--corrupt-every`` requests one stored entry gets
   an Inf scale (bit rot); a later hit on it fails to load, and the endpoint
   recomputes that request without the cache ("degraded").
+- peer migration batches (issue 14): every ``--peer-batch-every`` requests a
+  peer process sends this one a batch over a loopback c10d store, received
+  and imported as the coordinator does (signature check, its breaker, the
+  model's ``EntryLayout`` and the insert guard), in turn: valid (chunks a
+  fault-free hook made), unsigned, a bit flipped after signing, NaN scales,
+  one layer only, wrong bit width. Valid entries serve later hits (checked
+  like every output); no damaged one may be stored.
 
 Breakers run on a virtual clock of 10 ms per request, so opens and
 recoveries do not depend on the machine's speed. Reported: requests served,
@@ -48,6 +55,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
+import pybreaker
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -78,6 +86,7 @@ class FaultPlan:
     pressure_every: int = 500
     pressure_length: int = 30
     corrupt_every: int = 300
+    peer_batch_every: int = 10
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -163,6 +172,72 @@ class PeerStub:
         return None
 
 
+class PeerBatches:
+    """A peer's migration batches into this process's store; see the module docstring (peer migration batches)."""
+
+    # a signed batch is a successful receive (it resets the breaker) before its entries are refused: the two
+    # unsigned kinds follow a signed bad one, so that three failures in a row open the breaker now and then
+    KINDS = ("valid", "nan_scales", "unsigned", "bit_flipped", "one_layer", "wrong_bits")
+
+    def __init__(self, source: PrefixStore, target: PrefixStore, layout, metrics, clock):
+        from hf_kvcache_plugin.distributed import PrefixStoreAdapter
+        from hf_kvcache_plugin.distributed.transport import StoreTransport, host_c10d_store
+        from hf_kvcache_plugin.resilience.degradation import entry_problem
+
+        self.wire = host_c10d_store("127.0.0.1", 0)  # loopback only
+        secret = b"soak launch secret"
+        common = dict(namespace="soak", heartbeat_interval_s=0.5, heartbeat_timeout_s=5.0, clock=clock, secret=secret,
+                      breaker=BreakerConfig(fail_max=3, reset_timeout_s=1.0, success_threshold=1))
+        self.sender = StoreTransport(self.wire, 1, 2, **common)
+        self.receiver = StoreTransport(self.wire, 0, 2, metrics=metrics, **common)
+        self.source = PrefixStoreAdapter(source)
+        self.target = PrefixStoreAdapter(target, checks=(layout.problem, entry_problem))
+        self.roots = [info.key for info in source.entry_infos()]
+        self.sent = {kind: 0 for kind in self.KINDS}
+        self.refused = {kind: 0 for kind in self.KINDS}
+        self.imported_entries = {kind: 0 for kind in self.KINDS}
+        self.store_faults = 0
+
+    def inject(self, rng: random.Random) -> None:
+        from hf_kvcache_plugin.distributed.payloads import PayloadError, decode_entries, encode_entries
+        from hf_kvcache_plugin.distributed.transport import BadMessage, PeerUnavailable
+
+        kind = self.KINDS[sum(self.sent.values()) % len(self.KINDS)]
+        self.sent[kind] += 1
+        payloads = self.source.export_entries(rng.sample(self.roots, 1))
+        q = payloads[0]["keys"][0]
+        if kind == "nan_scales":
+            q["scale"] = q["scale"].clone().fill_(float("nan"))
+        elif kind == "one_layer":
+            payloads[0]["keys"], payloads[0]["values"] = payloads[0]["keys"][:1], payloads[0]["values"][:1]
+        elif kind == "wrong_bits":
+            q["bits"] = 4
+        key = self.sender.key("migrate", 1, 0, sum(self.sent.values()))
+        body = encode_entries(payloads)
+        if kind == "unsigned":
+            self.wire.set(key, body)
+        elif kind == "bit_flipped":
+            sealed = bytearray(self.sender.signer.seal(key, body))
+            sealed[len(sealed) // 2] ^= 0x10
+            self.wire.set(key, bytes(sealed))
+        else:
+            self.sender.post(key, body)
+        self.wire.add(self.sender.key("heartbeat", 1), 1)  # the peer is alive
+        try:
+            data = self.receiver.receive(1, key, 0.0)  # through its breaker; refused values are dropped
+            imported = self.target.import_entries(decode_entries(data))
+            self.imported_entries[kind] += imported
+        except PayloadError as exc:
+            self.receiver.reject(1, key, str(exc))
+            self.refused[kind] += 1
+        except (BadMessage, PeerUnavailable, pybreaker.CircuitBreakerError):  # dropped, or its breaker is open
+            self.refused[kind] += 1
+        except ConnectionError:  # the soak's own injected store fault during the import
+            self.store_faults += 1
+        finally:
+            self.wire.delete_key(key)
+
+
 def load_model(name: str):
     torch.manual_seed(0)
     if name == "random":
@@ -229,6 +304,15 @@ def main(argv: list[str] | None = None) -> int:
 
     # a few dozen shared openings (the prefixes worth storing) and varied continuations
     openings = [stream[i * 97 : i * 97 + rng.choice([40, 56, 72])] for i in range(24)]
+    # the peer's entries: what a fault-free process made of the same openings
+    from hf_kvcache_plugin.reuse.entry_layout import EntryLayout
+
+    peer_store = PrefixStore(max_size_mb=4, chunk_size=16)
+    with attach_prefix_cache(replay_model, peer_store, config):
+        for opening in openings:
+            replay_model.generate(opening.unsqueeze(0), max_new_tokens=1)
+    layout = EntryLayout.for_model(model.config, svc.hook.cache_config, 16, model.dtype)
+    peer_batches = PeerBatches(peer_store, store, layout, svc.metrics, lambda: virtual_time["now"])
     weights = [1 / (rank + 1) for rank in range(len(openings))]  # Zipf-like: a few hot prefixes
 
     def prompt_for() -> torch.Tensor:
@@ -282,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
             plan.request, virtual_time["now"] = i, i * TICK_S
             if i and i % plan.corrupt_every == 0:
                 results["corrupted"] += int(store.corrupt_one(rng))
+            if i % plan.peer_batch_every == 0:
+                peer_batches.inject(rng)
             ids = prompt_for()
             peer_guard.call(peer.fetch, ids.numpy().tobytes(), fallback=lambda: None, operation="fetch")
             before = svc.outcomes()
@@ -363,10 +449,16 @@ def main(argv: list[str] | None = None) -> int:
                                   for r in ("error", "breaker_open", "memory_critical", "invalid_entry")},  # fmt: skip
         "peer_calls_fallen_back": {r: fallbacks("peer-1", "fetch", r) for r in ("error", "breaker_open")},
         "entries_corrupted_by_injection": results["corrupted"],
+        "peer_batches_sent": peer_batches.sent,
+        "peer_batches_refused": peer_batches.refused,
+        "peer_entries_imported": peer_batches.imported_entries,
+        "peer_bad_entries_imported": sum(v for k, v in peer_batches.imported_entries.items() if k != "valid"),
+        "peer_messages_dropped": {r: int(value("hf_kvcache_cluster_messages_dropped_total", rank="0", peer="1",
+                                               reason=r) or 0) for r in ("unsigned", "bad_signature", "malformed")},
         "breaker_opens": {b: int(value("hf_kvcache_breaker_opens_total", breaker=b) or 0)
-                          for b in ("prefix_store", "peer-1")},  # fmt: skip
+                          for b in ("prefix_store", "peer-1", "rank0->peer1")},  # fmt: skip
         "breaker_recoveries": {b: int(value("hf_kvcache_breaker_recoveries_total", breaker=b) or 0)
-                               for b in ("prefix_store", "peer-1")},  # fmt: skip
+                               for b in ("prefix_store", "peer-1", "rank0->peer1")},  # fmt: skip
         "entries_acknowledged_and_kept": len(acknowledged),
         "entries_evicted_by_policy": int(store.stats()["evictions"]),
         "entries_lost": len(lost),
@@ -396,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps({"summary": summary, "trace": trace}, indent=2))
     print(f"wrote {out}")
     _plot(trace, out.with_suffix(".png"))
-    must_be_zero = ("requests_failed", "requests_escaped", "entries_lost", "entries_changed", "outputs_mismatched",
+    must_be_zero = ("requests_failed", "requests_escaped", "peer_bad_entries_imported", "entries_lost", "entries_changed", "outputs_mismatched",
                     "http_scrape_failures", "store_inconsistent_checks", "store_over_budget_checks")  # fmt: skip
     healthy_run = all(summary[k] == 0 for k in must_be_zero)
     return 0 if healthy_run else 1

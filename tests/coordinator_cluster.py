@@ -29,6 +29,7 @@ os.environ["OMP_NUM_THREADS"] = "1"
 import argparse  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
+import secrets  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -41,6 +42,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # 
 
 from hf_kvcache_plugin import CacheConfig, DistributedConfig, PrefixStore, attach_prefix_cache  # noqa: E402
 from hf_kvcache_plugin.distributed import attach_coordinator, generate_new_tokens  # noqa: E402
+from hf_kvcache_plugin.distributed.transport import host_c10d_store  # noqa: E402
 from hf_kvcache_plugin.resilience import ServingMetrics  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,7 +106,7 @@ class Rank:
 
     def coordinator(self, namespace: str, wait_for: int | None = None, **overrides):
         config = DistributedConfig(namespace=namespace, replication_factor=1, heartbeat_interval_s=0.1,
-                                   heartbeat_timeout_s=1.0, round_timeout_s=20.0, startup_timeout_s=20.0,
+                                   heartbeat_timeout_s=1.0, round_deadline_s=20.0, startup_timeout_s=20.0,
                                    breaker={"fail_max": 2, "reset_timeout_s": 120.0}, **overrides)
         self.metrics = ServingMetrics()
         return attach_coordinator(self.hook, config, generate_kwargs=GENERATE, wait_for=wait_for, metrics=self.metrics)
@@ -195,25 +197,23 @@ class Rank:
         self.save()
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--timeout", type=float, default=45.0)
-    args = parser.parse_args()
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    model = load_model()
+def launch_ranks(world: int, run_rank, timeout_s: float, waited: list[int]) -> int:
+    """Fork ``world`` ranks (each calls ``run_rank(rank)``) around a loopback store, as torchrun would; wait for
+    the ``waited`` ranks (at most ``timeout_s``), kill every rank still running. 0 when the waited ranks exited 0."""
+    # a per-launch secret every rank signs its messages with, as a launcher would set it
+    os.environ["HF_KVCACHE_CLUSTER_SECRET"] = secrets.token_hex(32)
     children = []
-    for rank in range(WORLD):
+    for rank in range(world):
         read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:
             os.close(write_end)
             port = int(os.read(read_end, 32))
-            os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+            os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True")
             code = 0
             try:
-                Rank(rank, model, args.out_dir).run()
+                run_rank(rank)
             except BaseException:  # noqa: BLE001 - a rank reports any failure and exits non-zero
                 traceback.print_exc()
                 code = 1
@@ -224,16 +224,15 @@ def main() -> int:
         os.close(read_end)
         children.append((pid, write_end))
     # the store outlives every rank, as torchrun's agent store does
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=args.timeout))
+    store = host_c10d_store("127.0.0.1", 0, timeout_s=timeout_s)  # listening on loopback only
     for _, write_end in children:
         os.write(write_end, str(store.port).encode())
         os.close(write_end)
-    deadline = time.monotonic() + args.timeout
+    deadline = time.monotonic() + timeout_s
     codes: dict[int, int] = {}
-    waited = [pid for pid, _ in children[:2]]
-    while len(codes) < len(waited) and time.monotonic() < deadline:
-        for pid in waited:
+    pids = [children[r][0] for r in waited]
+    while len(codes) < len(pids) and time.monotonic() < deadline:
+        for pid in pids:
             if pid not in codes:
                 done, status = os.waitpid(pid, os.WNOHANG)
                 if done:
@@ -241,12 +240,25 @@ def main() -> int:
         time.sleep(0.05)
     for pid, _ in children:
         if pid not in codes:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-    failed = [pid for pid in waited if codes.get(pid) != 0]
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass  # it ended by itself (a rank killed on purpose)
+    failed = [pid for pid in pids if codes.get(pid) != 0]
     if failed:
         print(f"ranks with pids {failed} failed or timed out (exit codes {codes})", file=sys.stderr)
     return 1 if failed else 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--timeout", type=float, default=45.0)
+    args = parser.parse_args()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    model = load_model()
+    return launch_ranks(WORLD, lambda rank: Rank(rank, model, args.out_dir).run(), args.timeout, waited=[0, 1])
 
 
 if __name__ == "__main__":

@@ -66,10 +66,10 @@ class SilentPeerTransport(StoreTransport):
     def _wait(self, peer, key, timeout_s, round_no, peer_round, peer_left, delete):
         if peer_left is not None and peer_left(peer):
             raise PeerLeft(peer, "left the cluster")
-        payload = self._take(key, delete)
-        if payload is None:
+        data = self._take(key, delete)
+        if data is None:
             raise PeerDead(peer, "no heartbeat (test)")
-        return payload
+        return self._open(key, data, peer, reraise=True)
 
 
 def transport(rank: int = 1, *, c10d_store=None, metrics=None, clock=None, **breaker) -> SilentPeerTransport:
@@ -107,8 +107,9 @@ def test_peer_breakers_take_the_serving_config_and_report_to_serving_metrics(cap
 
     clock.now = 10.0  # the reset timeout on the injected clock: the next call is a trial
     assert t.may_call(0)
+    peer = transport(0, c10d_store=t.c10d_store)
     for n in range(2):  # two successes in a row close it again
-        t.c10d_store.set(t.key("m"), b"ok")
+        peer.post(t.key("m"), b"ok")
         assert t.receive(0, t.key("m"), 1.0) == b"ok"
         assert t.breaker_state(0) == (pybreaker.STATE_HALF_OPEN if n == 0 else pybreaker.STATE_CLOSED)
     assert metrics.value("hf_kvcache_breaker_recoveries_total", breaker=PEER) == 1 and state("closed") == 1
@@ -144,7 +145,7 @@ def peer_one_announced(store: DictStore) -> None:
     t.post(t.key("node", 1), node.to_json())
     t.add(t.key("joined"), 1)
     t.add(t.key("round_no", 1), 1)
-    view = {"node": decode_json(node.to_json()), "prompts": [], "keys": [], "directory_version": 0,
+    view = {"node": decode_json(node.to_json()), "prompts": [], "directory_version": 0,
             "migrations": {}, "evictions": 0}
     t.post(t.key("round", 1, "view", 1), encode_json(view))
 

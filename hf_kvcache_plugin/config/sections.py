@@ -363,18 +363,23 @@ class DistributedConfig(Checked):
     ``replication_factor`` processes. A round routes each prompt to a process
     holding its prefix, no process taking more than ``(1 + load_slack)`` times
     the mean. Peers are declared dead after ``heartbeat_timeout_s`` without a
-    heartbeat; a live but slow peer is waited for at most ``round_timeout_s``
-    per exchange. ``breaker`` is the circuit breaker of each peer (and of the
+    heartbeat (a process beats only while its main thread makes progress); a
+    round waits for its peers' messages until one deadline,
+    ``round_deadline_s`` after it began, then serves what is missing itself.
+    Every message is signed with the secret in the environment variable
+    ``secret_env`` (required unless the store is on loopback) and at most
+    ``max_payload_mb`` MiB. ``breaker`` is the circuit breaker of each peer (and of the
     store): after ``fail_max`` failures in a row it opens for
     ``reset_timeout_s``, and meanwhile that peer's work is done locally;
     ``success_threshold`` trial successes close it again. Keys left out of
     ``breaker`` take 3 / 30.0 / 1. Migration sends at most
     ``migration_mb_per_step`` MiB per round. ``store_port``: only when not
     launched by torchrun / ``accelerate launch``, the port where rank 0 hosts
-    the coordinator's store.
+    the coordinator's store, listening on ``bind_address`` only.
     """
 
     MOVED_KEYS: ClassVar[dict[str, str]] = {
+        "round_timeout_s": "round_deadline_s",
         "breaker_fail_max": "breaker.fail_max",
         "breaker_reset_s": "breaker.reset_timeout_s",
         "breaker_success_threshold": "breaker.success_threshold",
@@ -387,11 +392,14 @@ class DistributedConfig(Checked):
     migration_mb_per_step: PositiveFloat = 16.0
     heartbeat_interval_s: PositiveFloat = 0.5
     heartbeat_timeout_s: PositiveFloat = 5.0
-    round_timeout_s: PositiveFloat = 300.0
+    round_deadline_s: Annotated[float, Strict(), Field(gt=0, le=3600)] = 30.0
+    max_payload_mb: Annotated[float, Strict(), Field(gt=0, le=4096)] = 64.0
     startup_timeout_s: NonNegativeFloat = 120.0
     breaker: BreakerConfig = field(default_factory=lambda: BreakerConfig(**_PEER_BREAKER))
     store_port: Annotated[int, Strict(), Field(ge=1, le=65535)] | None = None
     namespace: Str = "hf_kvcache"
+    secret_env: Str = "HF_KVCACHE_CLUSTER_SECRET"
+    bind_address: Str = "127.0.0.1"
 
     @pydantic.field_validator("breaker", mode="before")
     @classmethod
@@ -407,6 +415,16 @@ class DistributedConfig(Checked):
             )
         if not self.namespace or "/" in self.namespace:
             yield Problem(("namespace",), f"has to be a non-empty string without '/' but got {self.namespace!r}")
+        if self.migration_mb_per_step > self.max_payload_mb:
+            yield Problem(
+                ("migration_mb_per_step",),
+                f"has to be at most `max_payload_mb` ({self.max_payload_mb}): a step is one message, but got "
+                f"{self.migration_mb_per_step}",
+            )
+        if not self.secret_env:
+            yield Problem(("secret_env",), "has to name an environment variable but got ''")
+        if not self.bind_address:
+            yield Problem(("bind_address",), "has to be an interface address or name (127.0.0.1 for this machine)")
 
     def breaker_config(self) -> BreakerConfig:
         """The thresholds of the per-peer (and store) breakers, in the serving layer's terms."""

@@ -32,7 +32,9 @@ import pybreaker
 from ..config import DistributedConfig
 from .hash_ring import ConsistentHashRing, NodeId, node_order
 from .nodes import NodeInfo, NodeState
+from .payloads import PayloadError
 from .transport import StoreTransport
+from .wire import parse_node
 
 __all__ = ["ClusterView"]
 
@@ -109,8 +111,16 @@ class ClusterView:
 
     def peer_left(self, peer: int) -> bool:
         """Whether ``peer``'s record in the store says it left (read while waiting for its messages)."""
-        data = self.transport.read_or_none(self.transport.key("node", peer))
-        return data is not None and NodeInfo.from_json(data).state == NodeState.OFFLINE
+        data = self.transport.read_or_none(self.transport.key("node", peer), peer)
+        return data is not None and self._node_record(peer, data).state == NodeState.OFFLINE
+
+    def _node_record(self, peer: int, data: bytes) -> NodeInfo:
+        """``peer``'s record as it posted it; a malformed one counts against it and reads as "no news"."""
+        try:
+            return parse_node(data, peer)
+        except PayloadError as exc:
+            self.transport.reject(peer, self.transport.key("node", peer), str(exc))
+            return self.nodes.get(peer, NodeInfo(peer, state=NodeState.OFFLINE))
 
     def note_missed(self, peer: int, *, left: bool) -> None:
         """A message from ``peer`` did not come: one that left is OFFLINE from now on, and the ring drops it
@@ -179,6 +189,6 @@ class ClusterView:
             return
         for peer in range(self.transport.world_size):
             if peer != self.node_id and (peer not in self.nodes or self.nodes[peer].state == NodeState.OFFLINE):
-                data = self.transport.read_or_none(self.transport.key("node", peer))
+                data = self.transport.read_or_none(self.transport.key("node", peer), peer)
                 if data is not None:
-                    self.nodes[peer] = NodeInfo.from_json(data)
+                    self.nodes[peer] = self._node_record(peer, data)

@@ -96,6 +96,8 @@ class CacheCoordinator:
         metrics: where requests, local recomputes and errors are counted (the transport's breakers take
             their own); None for nowhere.
         limiter: per-client rate limit of ``generate``; None for none.
+        vocab_size: token ids of prompts (this process's and its peers') and of peers' results are below it;
+            None: not checked.
     """
 
     def __init__(
@@ -109,6 +111,7 @@ class CacheCoordinator:
         prompt_keys: PromptKeys | None = None,
         metrics: ServingMetrics | None = None,
         limiter: RateLimiter | None = None,
+        vocab_size: int | None = None,
     ):
         if transport is not None and local_node.node_id != transport.rank:
             raise ValueError(
@@ -125,18 +128,19 @@ class CacheCoordinator:
         self.directory = EntryDirectory()
         self.counters: Counter[str] = Counter()  # shared by the parts: stats() shows them all
         self.cluster = ClusterView(local_node, self.config, transport, self.counters)
+        self.messages = RoundMessages(self.cluster, transport, self.config, self.counters)
         self.entry_exchange = EntryExchange(
             self.cluster, local_entries, self.directory, transport, self.counters,
-            int(self.config.migration_mb_per_step * MIB),
+            int(self.config.migration_mb_per_step * MIB), self.messages,
         )
         # a process that leaves the ring for good takes what it held with it
         self.cluster.on_node_gone = self.entry_exchange.forget
-        self.messages = RoundMessages(self.cluster, transport, self.config, self.counters)
         # the coordinator's own methods, so that a `serve_batch` or `prompt_keys` set later is the one used
         self.rounds = RoundRunner(
             self.cluster, self.messages, self.entry_exchange, self.directory, self.config, self.counters,
-            serve=self._serve, keys_of=self._keys_of,
+            serve=self._serve, keys_of=self._keys_of, vocab_size=vocab_size,
         )
+        self.vocab_size = vocab_size
 
     # ------------------------------------------------------------------ the parts' state, for callers
     @property
@@ -277,8 +281,11 @@ class CacheCoordinator:
                 raise
         try:
             prompts = [[int(t) for t in p] for p in prompts]
+            self._check_prompts(prompts)
         except (TypeError, ValueError) as exc:
             self._count("invalid")
+            if self.transport is not None and self.node.state != NodeState.OFFLINE:
+                self._generate([])  # the peers expect this process's view in this round
             raise ValueError(f"`prompts` has to be a list of token id lists: {exc}") from exc
         try:
             outputs, recomputed = self._generate(prompts)
@@ -316,6 +323,14 @@ class CacheCoordinator:
                 self.metrics.record_fallback(ENTRY_POINT, "generate", reason, len(missing))
             outputs.update(zip(missing, self._serve([prompts[i] for i in missing])))
         return [outputs[i] for i in range(len(prompts))], len(missing)
+
+    def _check_prompts(self, prompts: list[list[int]]) -> None:
+        for i, prompt in enumerate(prompts):
+            if not prompt:
+                raise ValueError(f"prompt {i} is empty")
+            bad = [t for t in prompt if t < 0 or (self.vocab_size is not None and t >= self.vocab_size)]
+            if bad:
+                raise ValueError(f"prompt {i} holds token ids {bad[:5]} outside [0, {self.vocab_size})")
 
     def _count(self, outcome: str) -> None:
         if self.metrics is not None:

@@ -15,6 +15,12 @@
 Placement (the ring, the replication factor) and reachability come from the
 ``ClusterView``; key sets go to the store only once this process announced
 itself there.
+
+What a peer sends is checked before it is used (``wire``, and the adapter's
+entry checks for batches). A bad one is deleted from the store, counted
+against the peer's breaker (``RoundMessages.reject``) and skipped: nothing
+it holds is stored, and the sender's next batch may go. Eviction orders are
+deleted by their poster ``KEEP_POSTS_ROUNDS`` rounds later.
 """
 
 from __future__ import annotations
@@ -26,8 +32,10 @@ from .eviction import plan_local_eviction
 from .local_entries import LocalEntries, chains_parent_first
 from .migration import plan_migration, split_into_steps
 from .nodes import EntryDirectory, NodeState
-from .payloads import decode_entries, decode_json, encode_entries, encode_json
+from .payloads import PayloadError, decode_entries, encode_entries, encode_json
+from .round_messages import RoundMessages
 from .transport import StoreTransport
+from .wire import parse_directory, parse_evictions
 
 __all__ = ["EntryExchange"]
 
@@ -49,6 +57,7 @@ class EntryExchange:
         transport: StoreTransport | None,
         counters: Counter[str],
         max_bytes_per_step: int,
+        messages: RoundMessages | None = None,
     ):
         self.cluster = cluster
         self.node_id = cluster.node_id
@@ -57,6 +66,7 @@ class EntryExchange:
         self.transport = transport
         self.counters = counters
         self.max_bytes_per_step = max_bytes_per_step
+        self.messages = messages
         self.directory_version = 0
         self._published_sizes: dict[bytes, int] | None = None
         self._known_versions: dict[int, int] = {}
@@ -110,12 +120,17 @@ class EntryExchange:
     def _read_directory(self, peer: int, version: int) -> None:
         if self._known_versions.get(peer) == version:
             return
-        data = self.transport.read_or_none(self._key("directory", peer))
+        key = self._key("directory", peer)
+        data = self.transport.read_or_none(key, peer)
         if data is None:
             return
-        message = decode_json(data)
-        self.directory.replace_node(peer, {bytes.fromhex(k): n for k, n in message["sizes"].items()})
-        self._known_versions[peer] = message["version"]
+        try:
+            version, sizes = parse_directory(data)
+        except PayloadError as exc:
+            self.messages.reject(peer, key, str(exc))
+            return
+        self.directory.replace_node(peer, sizes)
+        self._known_versions[peer] = version
 
     # ------------------------------------------------------------------ migration
     def migration_step(self, round_no: int) -> None:
@@ -164,26 +179,40 @@ class EntryExchange:
         while self._migrations_read[peer] < announced:
             self._migrations_read[peer] += 1
             key = self._batch_key(peer, self.node_id, self._migrations_read[peer])
-            data = self.transport.read_or_none(key)
+            data = self.transport.read_or_none(key, peer)
             if data is None:
                 continue
-            stored = self.local_entries.import_entries(decode_entries(data)) if self.local_entries is not None else 0
-            self.transport.delete([key])  # also tells the sender the next batch may go
+            try:
+                stored = self.local_entries.import_entries(decode_entries(data)) if self.local_entries else 0
+            except PayloadError as exc:
+                self.counters["rejected_migration_batches"] += 1
+                self.messages.reject(peer, key, str(exc))
+                stored = 0
+            finally:
+                self.transport.delete([key])  # also tells the sender the next batch may go
             self.counters["migrated_in_entries"] += stored
             self.counters["migrated_in_bytes"] += len(data)
 
     # ------------------------------------------------------------------ global eviction
     def post_eviction(self, shares: dict[int, int]) -> None:
         self.evictions_posted += 1
-        self.transport.post(self._key("evict", self.node_id, self.evictions_posted),
-                            encode_json({str(n): b for n, b in shares.items()}))
+        # announced in the next round's view: deleted like that round's own posts
+        self.messages.post(self.messages.number + 1, self._key("evict", self.node_id, self.evictions_posted),
+                           encode_json({str(n): b for n, b in shares.items()}))
 
     def _read_evictions(self, peer: int, announced: int) -> None:
         while self._evictions_read[peer] < announced:
             self._evictions_read[peer] += 1
-            data = self.transport.read_or_none(self._key("evict", peer, self._evictions_read[peer]))
-            if data is not None:
-                self.evict_share(int(decode_json(data).get(str(self.node_id), 0)))
+            key = self._key("evict", peer, self._evictions_read[peer])
+            data = self.transport.read_or_none(key, peer)
+            if data is None:
+                continue
+            try:
+                shares = parse_evictions(data)
+            except PayloadError as exc:
+                self.messages.reject(peer, key, str(exc))
+                continue
+            self.evict_share(shares.get(str(self.node_id), 0))
 
     def evict_share(self, share_bytes: int) -> int:
         """Free at least ``share_bytes`` here: unowned copies, then replicas, then sole copies; coldest first.

@@ -11,13 +11,16 @@ import torch
 import torch.distributed as dist
 
 from ..config import DistributedConfig
+from ..reuse.entry_layout import EntryLayout
 from ..reuse.hook import PrefixCacheHook
 from ..reuse.prefix_store import PrefixStore, chunk_keys
+from ..resilience.degradation import entry_problem
 from ..resilience.metrics import ServingMetrics
 from ..resilience.rate_limit import RateLimiter
 from .coordinator import CacheCoordinator
 from .nodes import NodeInfo
 from .prefix_adapter import PrefixStoreAdapter
+from .signing import launch_secret
 from .transport import StoreTransport, connect_c10d_store
 
 __all__ = ["attach_coordinator", "generate_new_tokens", "launch_rank"]
@@ -67,15 +70,22 @@ def attach_coordinator(
     breakers' state changes and the coordinator's requests and fallbacks; ``limiter`` rate-limits
     ``generate`` per client. A hook whose store is hardened (``harden_cache``) serves through the guarded
     store, while entries migrate from and to the ``PrefixStore`` behind it.
+
+    Trust: messages are signed with the secret in ``$<config.secret_env>`` (refused when unset and the store is
+    not on loopback); imported entries have to match this model's ``EntryLayout`` and pass the store's insert
+    guard; peers' prompts have to be within the model's vocabulary.
     """
     config = config or DistributedConfig()
     prefix_store = hook.store if isinstance(hook.store, PrefixStore) else getattr(hook.store, "wrapped", hook.store)
     rank, world_size = launch_rank()
     transport = None
     if world_size > 1:
+        host = os.environ.get("MASTER_ADDR", config.bind_address)
+        secret = launch_secret(config.secret_env, host)  # before connecting: no secret, no traffic
         # an operation on a live c10d store takes well under a millisecond: a short op timeout keeps a
         # vanished key or a lost store from blocking a rank for long
-        c10d_store = connect_c10d_store(rank, world_size, config.store_port, timeout_s=config.heartbeat_timeout_s)
+        c10d_store = connect_c10d_store(rank, world_size, config.store_port, timeout_s=config.heartbeat_timeout_s,
+                                        bind_address=config.bind_address)
         transport = StoreTransport(
             c10d_store,
             rank,
@@ -85,20 +95,28 @@ def attach_coordinator(
             heartbeat_timeout_s=config.heartbeat_timeout_s,
             breaker=config.breaker_config(),
             metrics=metrics,
+            secret=secret,
+            max_payload_bytes=int(config.max_payload_mb * 2**20),
+            progress_timeout_s=config.round_deadline_s,
         )
     namespace = hook.namespace
     chunk = prefix_store.chunk_size
     capacity = config.capacity_mb or prefix_store.max_size_mb or 1.0
     node = NodeInfo(rank, f"{socket.gethostname()}:{os.getpid()}", capacity)
+    layout = EntryLayout.for_model(hook.model.config, hook.cache_config, chunk, hook.model.dtype)
+    # a hardened store's own insert guard too: an imported entry passes what a local insert passes
+    guard = getattr(hook.store, "validate_entry", None) or entry_problem
+    text_config = hook.model.config.get_text_config(decoder=True)
     coordinator = CacheCoordinator(
         node,
         config,
-        local_entries=PrefixStoreAdapter(prefix_store),
+        local_entries=PrefixStoreAdapter(prefix_store, checks=(layout.problem, guard)),
         transport=transport,
         serve_batch=lambda prompts: generate_new_tokens(hook.model, prompts, pad_token_id, **(generate_kwargs or {})),
         # the hook never reuses a prompt's last token (its logits start generation): route on the rest
         prompt_keys=lambda prompt: chunk_keys(namespace, list(prompt)[:-1], chunk),
         metrics=metrics,
         limiter=limiter,
+        vocab_size=getattr(text_config, "vocab_size", None),
     )
     return coordinator.start(wait_for=wait_for)

@@ -6,16 +6,27 @@ shape): a migrated entry is byte-for-byte the entry its source held.
 
 Listing and removal go through ``PrefixStore.entry_infos`` and
 ``PrefixStore.remove``: the adapter touches no private member of the store.
+
+Imported payloads come from other processes, so each one is checked before
+anything is stored: it has to build a ``PrefixEntry``, and pass every check
+in ``checks`` (by default the serving layer's insert guard,
+``entry_problem``: no non-finite scales; ``attach_coordinator`` puts the
+model's ``EntryLayout`` first). One bad entry refuses the whole batch with a
+``PayloadError``: the sender is misbehaving.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..reuse.prefix_store import PrefixEntry, PrefixStore
 from ..quantization import QuantizedTensor
+from ..resilience.degradation import entry_problem
 from .local_entries import EntryInfo
+from .payloads import PayloadError
+
+EntryCheck = Callable[[PrefixEntry], "str | None"]
 
 __all__ = ["PrefixStoreAdapter"]
 
@@ -23,10 +34,11 @@ __all__ = ["PrefixStoreAdapter"]
 class PrefixStoreAdapter:
     """``LocalEntries`` over a ``PrefixStore``; see the module docstring."""
 
-    def __init__(self, prefix_store: PrefixStore):
+    def __init__(self, prefix_store: PrefixStore, checks: Sequence[EntryCheck] = (entry_problem,)):
         if not isinstance(prefix_store, PrefixStore):
             raise ValueError(f"`prefix_store` has to be a PrefixStore but got {type(prefix_store).__name__}")
         self.prefix_store = prefix_store
+        self.checks = tuple(checks)
 
     @property
     def used_bytes(self) -> int:
@@ -53,18 +65,33 @@ class PrefixStoreAdapter:
         return payloads
 
     def import_entries(self, payloads: Sequence[dict[str, Any]]) -> int:
+        """Store a peer's payloads (all checked first); raises ``PayloadError`` naming the first bad one."""
+        entries = [self._entry(i, p) for i, p in enumerate(payloads)]
         stored = 0
-        for p in payloads:
-            entry = PrefixEntry(
-                key=bytes(p["key"]),
-                parent=None if p["parent"] is None else bytes(p["parent"]),
-                num_tokens=int(p["num_tokens"]),
-                keys=tuple(QuantizedTensor.from_dict(q) for q in p["keys"]),
-                values=tuple(QuantizedTensor.from_dict(q) for q in p["values"]),
-            )
+        for entry in entries:
             # one by one: a refused entry (parent evicted meanwhile) does not refuse unrelated ones
             stored += self.prefix_store.put(entry)
         return stored
+
+    def _entry(self, index: int, payload: Any) -> PrefixEntry:
+        try:
+            entry = PrefixEntry(
+                key=bytes(payload["key"]),
+                parent=None if payload["parent"] is None else bytes(payload["parent"]),
+                num_tokens=int(payload["num_tokens"]),
+                keys=tuple(QuantizedTensor.from_dict(q) for q in payload["keys"]),
+                values=tuple(QuantizedTensor.from_dict(q) for q in payload["values"]),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as exc:
+            raise PayloadError(f"payload {index} is not an entry ({type(exc).__name__}: {str(exc)[:200]})") from None
+        if entry.num_tokens != self.prefix_store.chunk_size:
+            raise PayloadError(f"payload {index} holds {entry.num_tokens} tokens; chunks here hold "
+                               f"{self.prefix_store.chunk_size}")
+        for check in self.checks:
+            problem = check(entry)
+            if problem is not None:
+                raise PayloadError(f"payload {index} refused: {problem}")
+        return entry
 
     def remove_entries(self, keys: Sequence[bytes]) -> int:
         return self.prefix_store.remove(keys, reason="coordinator")

@@ -14,9 +14,14 @@ desynchronise the cluster.
 
 Receiving never raises: a message that did not come is counted
 (``missed_<reason>``), logged, reported to the ``ClusterView`` (a peer that
-left, or whose breaker opened, leaves the ring) and answered as None. Own
-messages are deleted ``KEEP_POSTS_ROUNDS`` rounds after they were posted: a
-peer one round behind may still be reading them.
+left, or whose breaker opened, leaves the ring) and answered as None.
+
+One deadline per round: every wait of a round ends ``round_deadline_s``
+after the round began, however many peers are waited for, so a round costs
+at most that (plus serving) whatever the peers do. Own messages (and
+eviction orders) are deleted ``KEEP_POSTS_ROUNDS`` rounds after they were
+posted (a peer one round behind may still be reading them): every round at
+least that old is forgotten at the end of each round, skipped rounds too.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch.distributed as dist
 
 from ..config import DistributedConfig
 from .cluster_view import ClusterView
+from .signing import BadMessage
 from .transport import PeerLeft, PeerUnavailable, StoreTransport
 
 __all__ = ["KEEP_POSTS_ROUNDS", "RoundMessages"]
@@ -42,7 +48,7 @@ class RoundMessages:
     """This process's side of the per-round messages; see the module docstring.
 
     ``counters`` is the coordinator's (``stats()`` shows rounds, skipped rounds and missed messages).
-    ``config.round_timeout_s`` bounds the wait for a live peer's message.
+    ``config.round_deadline_s`` bounds every wait of a round together.
     """
 
     def __init__(
@@ -53,6 +59,7 @@ class RoundMessages:
         self.config = config
         self.counters = counters
         self.number = 0  # the round this process is in (0: none yet)
+        self.deadline = 0.0  # on the transport's clock: when the current round stops waiting for peers
         self._posted: dict[int, list[str]] = {}  # round -> keys this process posted in it
 
     def view_key(self, round_no: int, rank: int) -> str:
@@ -67,6 +74,8 @@ class RoundMessages:
         number = max([self.number + 1, *theirs])
         if number > self.number + 1:
             self.counters["rounds_skipped"] += number - self.number - 1
+        self.transport.mark_progress()
+        self.deadline = self.transport.clock() + self.config.round_deadline_s
         self.transport.add(self.transport.key("round_no", self.cluster.node_id), number - self.number)
         self.number = number
         self.counters["rounds"] += 1
@@ -86,18 +95,25 @@ class RoundMessages:
             return self.transport.receive(
                 peer,
                 key,
-                self.config.round_timeout_s,
+                max(0.0, self.deadline - self.transport.clock()),
                 round_no=round_no,
                 peer_round=self.peer_round,
                 peer_left=self.cluster.peer_left,
                 delete=delete,
             )
-        except (PeerUnavailable, pybreaker.CircuitBreakerError, dist.DistError) as exc:
+        except (PeerUnavailable, BadMessage, pybreaker.CircuitBreakerError, dist.DistError) as exc:
             # a DistError is the store failing under a wait: it counts against the peer waited for
             self.counters[f"missed_{type(exc).__name__}"] += 1
             logger.info("rank %d, round %d: %s", self.cluster.node_id, round_no, exc)
             self.cluster.note_missed(peer, left=isinstance(exc, PeerLeft))
             return None
+
+    def reject(self, peer: int, key: str, problem: str) -> None:
+        """A signed message of ``peer`` that cannot be used: dropped and counted against its breaker (which may
+        take it off the ring)."""
+        self.counters["rejected_messages"] += 1
+        self.transport.reject(peer, key, problem)
+        self.cluster.note_missed(peer, left=False)
 
     def forget(self, round_no: int) -> None:
         """Delete this process's messages of round ``round_no`` (a failing store only logs)."""

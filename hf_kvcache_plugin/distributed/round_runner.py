@@ -17,11 +17,19 @@ loop); a round is:
    every owner now holds.
 
 ``run`` returns the outputs that came, by prompt index; the coordinator
-serves whatever is missing (dead peer, open breaker, diverging plan) locally.
+serves whatever is missing (dead peer, open breaker, diverging plan, a
+message refused) locally.
+
+Peers' messages are parsed by ``wire`` before use; one that does not parse
+(or names tokens outside the vocabulary) is dropped and counted against its
+sender's breaker, and the round goes on without it. Chunk keys are computed
+here from the prompts, never taken from a peer. Whatever happens in a round,
+its old posts are deleted at its end.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,11 +39,14 @@ from ..config import DistributedConfig
 from .cluster_view import ClusterView
 from .entry_exchange import EntryExchange
 from .nodes import EntryDirectory, NodeInfo, NodeState
-from .payloads import decode_json, encode_json
-from .round_messages import KEEP_POSTS_ROUNDS, RoundMessages
+from .payloads import PayloadError, decode_json, encode_json
+from .round_messages import RoundMessages
 from .routing import Route, RouteRequest, plan_routes
+from .wire import parse_results, parse_view
 
 __all__ = ["RoundRunner", "RoundState"]
+
+logger = logging.getLogger(__name__)
 
 Serve = Callable[[list[list[int]]], list[list[int]]]
 KeysOf = Callable[[list[int]], list[bytes]]
@@ -47,6 +58,8 @@ class RoundState:
 
     number: int
     views: dict[int, dict[str, Any]] = field(default_factory=dict)
+    keys: dict[int, list[list[bytes]]] = field(default_factory=dict)  # chunk keys of each view's prompts
+    nodes: dict[int, NodeInfo] = field(default_factory=dict)  # each peer's record, from its view
     routes: dict[tuple[int, int], Route] = field(default_factory=dict)
 
 
@@ -58,6 +71,7 @@ class RoundRunner:
             ``serve_batch``).
         keys_of: the chained chunk keys of a prompt (the coordinator's ``prompt_keys``).
         counters: the coordinator's (prompts served here, for others, sent to others; planned hits).
+        vocab_size: token ids a peer's prompt or result may hold are below it; None: not checked.
     """
 
     def __init__(
@@ -70,6 +84,7 @@ class RoundRunner:
         counters: Counter[str],
         serve: Serve,
         keys_of: KeysOf,
+        vocab_size: int | None = None,
     ):
         self.cluster = cluster
         self.messages = messages
@@ -79,6 +94,7 @@ class RoundRunner:
         self.counters = counters
         self.serve = serve
         self.keys_of = keys_of
+        self.vocab_size = vocab_size
         self.last_routes: dict[tuple[int, int], Route] = {}  # the latest round's plan, (origin, index) -> route
 
     @property
@@ -88,26 +104,34 @@ class RoundRunner:
     def run(self, prompts: list[list[int]]) -> dict[int, list[int]]:
         """One round (see the module docstring); returns the outputs that came, by prompt index."""
         state = RoundState(self.messages.begin())
-        keys = [self.keys_of(p) for p in prompts]
-        self.entry_exchange.publish()
-        state.views[self.node_id] = view = self._view(prompts, keys)
-        self.messages.post(state.number, self.messages.view_key(state.number, self.node_id), encode_json(view))
-        self._read_views(state)
-        self._absorb_views(state)
-        state.routes = self._plan(state)
-        self.last_routes = state.routes
-        outputs = self._serve_round(state)
-        outputs.update(self._collect_results(state, len(prompts)))
-        self.entry_exchange.publish()
-        self.entry_exchange.migration_step(state.number)
-        self.messages.forget(state.number - KEEP_POSTS_ROUNDS)
-        return outputs
+        try:
+            state.keys[self.node_id] = [self.keys_of(p) for p in prompts]
+            self.entry_exchange.publish()
+            view = self._view(prompts)
+            body = encode_json(view)
+            if len(body) > self.messages.transport.max_payload_bytes:
+                # too big to send: this process's prompts stay out of the plan and are served here
+                self.counters["views_over_payload_cap"] += 1
+                view, state.keys[self.node_id] = self._view([]), []
+                body = encode_json(view)
+            state.views[self.node_id] = view
+            self.messages.post(state.number, self.messages.view_key(state.number, self.node_id), body)
+            self._read_views(state)
+            self._absorb_views(state)
+            state.routes = self._plan(state)
+            self.last_routes = state.routes
+            outputs = self._serve_round(state)
+            outputs.update(self._collect_results(state, len(prompts)))
+            self.entry_exchange.publish()
+            self.entry_exchange.migration_step(state.number)
+            return outputs
+        finally:
+            self.messages.forget_settled()  # every round old enough, skipped ones and failed ones too
 
-    def _view(self, prompts: list[list[int]], keys: list[list[bytes]]) -> dict[str, Any]:
+    def _view(self, prompts: list[list[int]]) -> dict[str, Any]:
         return {
             "node": decode_json(self.cluster.node.to_json()),
             "prompts": prompts,
-            "keys": [[k.hex() for k in ks] for ks in keys],
             **self.entry_exchange.announcements(),
         }
 
@@ -116,14 +140,23 @@ class RoundRunner:
             # kept, not deleted: every peer reads this view; its poster deletes it later
             key = self.messages.view_key(state.number, peer)
             message = self.messages.receive(peer, key, state.number, delete=False)
-            if message is not None:
-                state.views[peer] = decode_json(message)
+            if message is None:
+                continue
+            try:
+                view, node = parse_view(message, peer, self.vocab_size)
+                keys = [self.keys_of(p) for p in view.prompts]
+            except PayloadError as exc:
+                self.messages.reject(peer, key, str(exc))
+                continue
+            state.views[peer] = view.model_dump()
+            state.nodes[peer] = node
+            state.keys[peer] = keys
 
     def _absorb_views(self, state: RoundState) -> None:
         for peer, view in state.views.items():
             if peer == self.node_id:
                 continue
-            self.cluster.absorb_node(peer, NodeInfo(**view["node"]))
+            self.cluster.absorb_node(peer, state.nodes[peer])
             self.entry_exchange.absorb(peer, view)
         self.cluster.discover_nodes()
         self.cluster.refresh_ring()
@@ -132,9 +165,9 @@ class RoundRunner:
         """The routes of every prompt of the round, from every view read (the same plan in every process that
         read the same views)."""
         requests = [
-            RouteRequest(origin, i, tuple(bytes.fromhex(k) for k in prompt_keys))
-            for origin, v in state.views.items()
-            for i, prompt_keys in enumerate(v["keys"])
+            RouteRequest(origin, i, tuple(prompt_keys))
+            for origin in state.views
+            for i, prompt_keys in enumerate(state.keys[origin])
         ]
         servers = [n for n in state.views if state.views[n]["node"]["state"] == NodeState.ACTIVE.value]
         return plan_routes(
@@ -146,7 +179,15 @@ class RoundRunner:
         """Serve what the plan gives this process; post each origin its part. Returns this process's own."""
         mine = sorted(key for key, route in state.routes.items() if route.server == self.node_id)
         batch = [state.views[origin]["prompts"][i] for origin, i in mine]
-        served = dict(zip(mine, self.serve(batch))) if batch else {}
+        try:
+            served = dict(zip(mine, self.serve(batch))) if batch else {}
+        except Exception as exc:  # noqa: BLE001 - a peer's prompt must not fail this process's round
+            if all(origin == self.node_id for origin, _ in mine):
+                raise
+            # every origin recomputes its own prompts (and gets its own error, if the prompt is the cause)
+            logger.warning("rank %d: serving round %d for peers failed: %r", self.node_id, state.number, exc)
+            self.counters["serve_failures_for_peers"] += 1
+            served = {}
         for origin, i in mine:
             self.counters["served_for_others" if origin != self.node_id else "served_here"] += 1
             self.counters["planned_hit_chunks"] += state.routes[(origin, i)].hit_chunks
@@ -165,8 +206,13 @@ class RoundRunner:
             self.counters["sent_to_others"] += sum(
                 1 for (o, _), r in state.routes.items() if o == self.node_id and r.server == server
             )
-            message = self.messages.receive(server, self.messages.result_key(state.number, server, self.node_id),
-                                            state.number)
-            if message is not None:
-                outputs.update({int(i): out for i, out in decode_json(message).items() if 0 <= int(i) < count})
+            key = self.messages.result_key(state.number, server, self.node_id)
+            message = self.messages.receive(server, key, state.number)
+            if message is None:
+                continue
+            expected = {i for (o, i), r in state.routes.items() if o == self.node_id and r.server == server}
+            try:
+                outputs.update(parse_results(message, expected, self.vocab_size))
+            except PayloadError as exc:
+                self.messages.reject(server, key, str(exc))  # its prompts are recomputed here
         return outputs

@@ -19,6 +19,11 @@ a ``set``; receiving polls ``check`` until the key is there, and gives up when
   posted it: out of step (it will resynchronise; nothing to wait for);
 - the call's deadline passes: the peer is alive but too slow.
 
+The heartbeat thread beats only while this process's main thread makes
+progress (``mark_progress``: each round, each poll of a wait): a process whose
+main thread is stuck stops beating after ``progress_timeout_s`` and is then
+found dead, instead of looking alive while nothing answers.
+
 So a live process learns within ``heartbeat_timeout_s`` that a peer died,
 without hanging. Every receive from a peer goes through that peer's
 ``pybreaker.CircuitBreaker``: deaths and deadlines count as failures, leaving
@@ -28,6 +33,14 @@ lets one trial through. Writes to the store go through one more breaker, for
 the store itself. The breakers are the serving layer's (``create_breaker``
 with a ``BreakerConfig``, timed on the injectable clock): their state changes
 are logged and, given a ``ServingMetrics``, counted there like the store's.
+
+Every value written is sealed and every value read is opened by a
+``MessageSigner`` (``signing``): unsigned, wrongly signed, misattributed or
+stale values, and values over ``max_payload_bytes``, are deleted from the
+store, counted (``dropped_<reason>``, and ``hf_kvcache_cluster_messages_dropped``
+in the metrics) and treated as absent; one met while waiting for a peer's
+message ends the wait as a failure of that peer (``BadMessage``), and so
+does a signed message of the peer that turns out malformed (``reject``).
 """
 
 from __future__ import annotations
@@ -35,6 +48,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import socket
 import threading
 import time
 from collections import Counter
@@ -47,8 +61,10 @@ from ..config import BreakerConfig, DistributedConfig
 from ..errors import KVCacheError
 from ..resilience.breakers import create_breaker
 from ..resilience.metrics import ServingMetrics
+from .signing import BadMessage, MessageSigner, launch_secret
 
 __all__ = [
+    "BadMessage",
     "BreakerEvents",
     "PeerDead",
     "PeerLeft",
@@ -57,6 +73,7 @@ __all__ = [
     "PeerUnavailable",
     "StoreTransport",
     "connect_c10d_store",
+    "host_c10d_store",
 ]
 
 logger = logging.getLogger(__name__)
@@ -96,18 +113,37 @@ class PeerOutOfStep(PeerUnavailable):
     """The peer is in another round, so the message will not come; not a failure."""
 
 
+def host_c10d_store(host: str, port: int, world_size: int | None = None, timeout_s: float = 30.0) -> dist.TCPStore:
+    """A c10d store server listening on ``host`` only (a ``TCPStore`` made by itself listens on every interface).
+
+    ``port`` 0 picks a free one (``store.port``)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, port))
+    listener.listen(128)
+    port = listener.getsockname()[1]
+    # the server takes the descriptor over: detached, the Python socket object will not close it
+    return dist.TCPStore(
+        host, port, world_size, is_master=True, wait_for_workers=False,
+        timeout=datetime.timedelta(seconds=timeout_s), master_listen_fd=listener.detach(),
+    )  # fmt: skip
+
+
 def connect_c10d_store(
-    rank: int, world_size: int, store_port: int | None = None, timeout_s: float = 30.0
+    rank: int, world_size: int, store_port: int | None = None, timeout_s: float = 30.0,
+    bind_address: str = DistributedConfig.bind_address,
 ) -> dist.Store:
     """A client of the rendezvous store of this launch.
 
     Under ``torchrun`` / ``accelerate launch`` (``TORCHELASTIC_USE_AGENT_STORE=True``)
     that is the agent's store at ``MASTER_ADDR:MASTER_PORT``, which outlives any
-    worker. Otherwise rank 0 hosts a store on ``store_port``; it then lives and
+    worker. Otherwise rank 0 hosts a store on ``bind_address:store_port``
+    (loopback by default: only this machine reaches it); it then lives and
     dies with rank 0 (if rank 0 dies, every breaker opens and every rank serves
     locally).
     """
-    host = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    host = os.environ.get("MASTER_ADDR", bind_address)
     timeout = datetime.timedelta(seconds=timeout_s)
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         return dist.TCPStore(host, int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
@@ -116,9 +152,9 @@ def connect_c10d_store(
             "not launched by torchrun / accelerate launch (no agent store); set `distributed.store_port` to a free "
             "port for rank 0 to host the coordinator's store, or launch with torchrun"
         )
-    return dist.TCPStore(
-        host, store_port, world_size, is_master=rank == 0, timeout=timeout, wait_for_workers=False
-    )
+    if rank == 0:
+        return host_c10d_store(bind_address, store_port, world_size, timeout_s)  # also rank 0's client
+    return dist.TCPStore(host, store_port, is_master=False, timeout=timeout)
 
 
 class BreakerEvents(pybreaker.CircuitBreakerListener):
@@ -150,8 +186,12 @@ class StoreTransport:
         c10d_store: a client of the launch's c10d store that every rank reaches (``connect_c10d_store``).
         namespace: prefix of every key, so two coordinators can share a store.
         breaker: thresholds of every breaker (``DistributedConfig.breaker_config()``).
-        metrics: where breaker states, opens and recoveries are counted; None for nowhere.
+        metrics: where breaker states, opens and recoveries, and dropped messages are counted; None for nowhere.
         clock: monotonic seconds, also the breakers' clock (injectable: tests need no sleeps).
+        secret: the launch's secret (``signing.launch_secret``); None: ``$HF_KVCACHE_CLUSTER_SECRET`` or, as
+            on loopback, the fixed stand-in.
+        max_payload_bytes: the largest value written or accepted.
+        progress_timeout_s: the heartbeat stops when the main thread made no progress for this long.
     """
 
     def __init__(
@@ -166,6 +206,9 @@ class StoreTransport:
         breaker: BreakerConfig | None = None,
         metrics: ServingMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
+        secret: bytes | None = None,
+        max_payload_bytes: int = int(DistributedConfig.max_payload_mb * 2**20),
+        progress_timeout_s: float = DistributedConfig.round_deadline_s,
     ):
         self.c10d_store = c10d_store
         self.rank = rank
@@ -190,6 +233,19 @@ class StoreTransport:
             f"rank{rank}->store", breaker, metrics=metrics, clock=clock, listeners=[self.events]
         )
         self.counters: Counter[str] = Counter()
+        if secret is None:
+            secret = launch_secret(DistributedConfig.secret_env, "127.0.0.1")
+        self.signer = MessageSigner(secret, rank)
+        self.max_payload_bytes = max_payload_bytes
+        self.progress_timeout_s = progress_timeout_s
+        self._progress_at = clock()
+        self._dropped = None
+        if metrics is not None:
+            self._dropped = metrics.counter(
+                "hf_kvcache_cluster_messages_dropped",
+                "Cluster messages refused (unsigned, bad signature, wrong sender, stale, oversized, malformed)",
+                ["rank", "peer", "reason"],
+            )
         self._beats: dict[int, tuple[int, float]] = {}  # peer -> (last counter seen, when it last moved)
         self._stop = threading.Event()
         self._heartbeat_thread: threading.Thread | None = None
@@ -199,17 +255,29 @@ class StoreTransport:
         return "/".join([self.namespace, *map(str, parts)])
 
     # ------------------------------------------------------------------ liveness
+    def mark_progress(self) -> None:
+        """The main thread is moving: keep the heartbeat going (see the module docstring)."""
+        self._progress_at = self.clock()
+
+    def _making_progress(self) -> bool:
+        return self.clock() - self._progress_at <= self.progress_timeout_s
+
     def start_heartbeat(self) -> None:
-        """Bump this rank's heartbeat counter from a thread, on its own store connection."""
+        """Bump this rank's heartbeat counter from a thread, on its own store connection, while the main thread
+        makes progress."""
         if self._heartbeat_thread is not None:
             return
         self._stop.clear()
         connection = self.c10d_store.clone()
         key = self.key("heartbeat", self.rank)
+        self.mark_progress()
         connection.add(key, 1)
 
         def beat() -> None:
             while not self._stop.wait(self.heartbeat_interval_s):
+                if not self._making_progress():
+                    self.counters["heartbeats_withheld"] += 1  # the main thread is stuck: look dead
+                    continue
                 try:
                     connection.add(key, 1)
                 except dist.DistError as exc:  # the store went away: peers will see us as dead
@@ -249,26 +317,71 @@ class StoreTransport:
 
     # ------------------------------------------------------------------ messages
     def post(self, key: str, payload: bytes) -> None:
-        """Write one message (through the store's breaker)."""
-        self.c10d_store_breaker.call(self.c10d_store.set, key, payload)
+        """Write one message, signed (through the store's breaker). A payload over ``max_payload_bytes`` is a
+        ``ValueError``: the caller sends less."""
+        if len(payload) > self.max_payload_bytes:
+            raise ValueError(f"a message of {len(payload)} bytes exceeds `max_payload_mb` ({self.max_payload_bytes} "
+                             f"bytes): {key!r} not sent")
+        self.c10d_store_breaker.call(self.c10d_store.set, key, self.signer.seal(key, payload))
         self.counters["bytes_posted"] += len(payload)
 
     def delete(self, keys: Iterable[str]) -> None:
         for key in keys:
             self.c10d_store_breaker.call(self.c10d_store.delete_key, key)
 
-    def read(self, key: str) -> bytes | None:
-        """A key's value if present, else None; no waiting (through the store's breaker)."""
-        return self.c10d_store_breaker.call(self._take, key, False)
+    def read(self, key: str, sender: int | None = None) -> bytes | None:
+        """A key's verified value if present, else None (a refused one is dropped); no waiting (through the
+        store's breaker). ``sender``: the rank that posts ``key``."""
+        data = self.c10d_store_breaker.call(self._take, key, False)
+        return None if data is None else self._open(key, data, sender)
 
-    def read_or_none(self, key: str) -> bytes | None:
+    def read_or_none(self, key: str, sender: int | None = None) -> bytes | None:
         """``read``, with a failing store logged, counted and answered as "not there"."""
         try:
-            return self.read(key)
+            return self.read(key, sender)
         except (dist.DistError, pybreaker.CircuitBreakerError) as exc:
             self.counters["store_read_failures"] += 1
             logger.warning("rank %d: store read of %s failed: %s", self.rank, key, exc)
             return None
+
+    def _open(self, key: str, data: bytes, sender: int | None, reraise: bool = False) -> bytes | None:
+        """The body of a value read under ``key``, or None when it is refused (deleted and counted; with
+        ``reraise`` the ``BadMessage`` is raised after that)."""
+        try:
+            if len(data) > self.max_payload_bytes + 64:
+                raise BadMessage("oversized", f"{key!r} holds {len(data)} bytes, over `max_payload_mb`")
+            body = self.signer.open(key, data, sender)
+        except BadMessage as exc:
+            self._drop(key, sender, exc)
+            try:
+                self.c10d_store.delete_key(key)  # nobody may act on it, and a waiting reader waits for the real one
+            except dist.DistError:
+                pass
+            if reraise:
+                raise
+            return None
+        self.counters["bytes_received"] += len(body)
+        return body
+
+    def _drop(self, key: str, sender: int | None, exc: BadMessage) -> None:
+        self.counters[f"dropped_{exc.reason}"] += 1
+        if self._dropped is not None:
+            self._dropped.labels(str(self.rank), str(sender), exc.reason).inc()
+        logger.warning("rank %d: dropped a message: %s", self.rank, exc)
+
+    def reject(self, peer: int, key: str, problem: str) -> None:
+        """``peer`` sent a signed message under ``key`` that cannot be used (malformed, bad entries): dropped,
+        counted, and a failure on ``peer``'s breaker (it is the peer's own doing)."""
+        exc = BadMessage("malformed", f"{key!r} from rank {peer}: {problem}")
+        self._drop(key, peer, exc)
+
+        def fail() -> None:
+            raise exc
+
+        try:
+            self.breakers[peer].call(fail)
+        except (BadMessage, pybreaker.CircuitBreakerError):
+            pass
 
     def exists(self, key: str) -> bool:
         return self.c10d_store_breaker.call(self.c10d_store.check, [key])
@@ -319,10 +432,11 @@ class StoreTransport:
         next_liveness = self.clock()
         beat_at_start: int | None = None
         while True:
-            payload = self._take(key, delete)
-            if payload is not None:
-                self.counters["bytes_received"] += len(payload)
-                return payload
+            self.mark_progress()  # waiting for peers is this process doing its work
+            data = self._take(key, delete)
+            if data is not None:
+                # a refused value under the key this peer posts ends the wait as a failure of that peer
+                return self._open(key, data, peer, reraise=True)
             now = self.clock()
             if now >= next_liveness:
                 next_liveness = now + _LIVENESS_POLL_S

@@ -182,6 +182,7 @@ class PrefixCacheHook:
         model.generate = self._installed
         self.attached = True
         self._totals = dict.fromkeys(("requests", "hit_requests", "prompt_tokens", "hit_tokens", "stored_chunks"), 0)
+        self._totals_lock = threading.Lock()  # concurrent `generate` calls (threaded servers) add up exactly
 
     # ------------------------------------------------------------------ lifecycle
     def detach(self) -> None:
@@ -234,15 +235,16 @@ class PrefixCacheHook:
 
         namespace = self.namespace
         rows = []
-        for i in range(input_ids.shape[0]):
-            tokens = input_ids[i, mask[i].bool()]
-            start = self._clock()
-            # the last prompt token is always computed: its logits give the first new token
-            match = self.store.lookup(namespace, tokens, max_tokens=len(tokens) - 1, pin=True)
-            rows.append(_Row(tokens, match, (self._clock() - start) * 1e3))
         try:
+            for i in range(input_ids.shape[0]):
+                tokens = input_ids[i, mask[i].bool()]
+                start = self._clock()
+                # the last prompt token is always computed: its logits give the first new token
+                match = self.store.lookup(namespace, tokens, max_tokens=len(tokens) - 1, pin=True)
+                rows.append(_Row(tokens, match, (self._clock() - start) * 1e3))
             return self._generate_with(rows, input_ids, user_mask, kwargs, entry_time)
         finally:
+            # the rows looked up so far, also when a later row's lookup raised
             for row in rows:
                 self.store.release(row.match)
 

@@ -119,6 +119,40 @@ def chunk_keys(namespace: bytes, token_ids: Sequence[int] | torch.Tensor, chunk_
     return keys
 
 
+class _StoreLock:
+    """The store's re-entrant lock; callbacks queued while it is held run once its outermost holder lets go.
+
+    ``on_evict`` runs that way, outside the lock: a callback that takes a lock of its own, or waits for a
+    thread that uses the store, cannot deadlock against the store. A callback that raises is logged and the
+    others still run (the removal it reports is done).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._pending: list[tuple[Callable[..., Any], tuple]] = []
+
+    def __enter__(self) -> "_StoreLock":
+        self._lock.acquire()
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._depth -= 1
+        pending: list[tuple[Callable[..., Any], tuple]] = []
+        if self._depth == 0:
+            pending, self._pending = self._pending, []
+        self._lock.release()
+        for callback, args in pending:
+            try:
+                callback(*args)
+            except Exception:  # noqa: BLE001 - a notification must not undo or interrupt the others
+                logger.exception("prefix store: `on_evict` raised")
+
+    def after_release(self, callback: Callable[..., Any], *args: Any) -> None:
+        self._pending.append((callback, args))
+
+
 @dataclass(frozen=True)
 class PrefixEntry:
     """One chunk's quantized K/V for every layer, each of logical shape [1, H, chunk/G, G, D]."""
@@ -235,9 +269,7 @@ class PrefixStore:
         self._slots: dict[bytes, _Slot] = {}
         self._used_bytes = 0
         self._tick = 0
-        self._lock = threading.RLock()
-        self._depth = 0  # nesting of `_mutating` in the thread holding the lock
-        self._evicted_pending: list[tuple[PrefixEntry, str]] = []
+        self._lock = _StoreLock()
         self._counters = dict.fromkeys(
             ("lookups", "hit_chunks", "missed_chunks", "puts", "duplicate_puts", "rejected_puts", "evictions"), 0
         )
@@ -356,7 +388,7 @@ class PrefixStore:
                 self._slots[key].pins += 1
 
     def unpin(self, keys: Iterable[bytes]) -> None:
-        with self._mutating():
+        with self._lock:
             for key in keys:
                 slot = self._slots.get(key)
                 if slot is None or slot.pins == 0:
@@ -395,7 +427,7 @@ class PrefixStore:
         nothing could reach them.
         """
         stored = 0
-        with self._mutating():
+        with self._lock:
             held: list[bytes] = []  # chunks of this chain stay pinned until the chain is in
             try:
                 for i, entry in enumerate(entries):
@@ -460,7 +492,7 @@ class PrefixStore:
             or not 0 <= new_size_mb <= MAX_SIZE_MB  # NaN too
         ):  # fmt: skip
             raise ValueError(f"`new_size_mb` has to be a number in [0, {MAX_SIZE_MB:g}] but got {new_size_mb!r}")
-        with self._mutating():
+        with self._lock:
             before = self._counters["evictions"]
             self._max_bytes = int(new_size_mb * MIB)
             self._evict_to(self._max_bytes)
@@ -468,7 +500,7 @@ class PrefixStore:
 
     def clear(self) -> int:
         """Drop every unpinned entry; returns how many left."""
-        with self._mutating():
+        with self._lock:
             in_use = set()  # pinned chunks and every chunk they extend, walked up once per pin
             for key in [k for k, s in self._slots.items() if s.pins]:
                 while key is not None and key in self._slots and key not in in_use:
@@ -487,7 +519,7 @@ class PrefixStore:
         chunk extends (in use). ``on_evict`` hears ``reason`` for each removed
         key and ``"orphan"`` for what extended it.
         """
-        with self._mutating():
+        with self._lock:
             before = self._used_bytes
             for key in keys:
                 slot = self._slots.get(key)
@@ -525,7 +557,7 @@ class PrefixStore:
         """Remove ``key`` and every chunk extending it: without it they are unreachable.
 
         Iterative (a chain of thousands of chunks is one long path), and leaf first, so every entry leaves
-        after the chunks extending it. ``on_evict`` is queued and run once the store's lock is released."""
+        after the chunks extending it. ``on_evict`` runs once the store's lock is released (``_StoreLock``)."""
         subtree, stack = [], [key]
         while stack:  # pre-order: each key before the chunks extending it
             current = stack.pop()
@@ -540,23 +572,7 @@ class PrefixStore:
             self._evicted_bytes += slot.nbytes
             self._counters["evictions"] += 1
             if self.on_evict is not None:
-                self._evicted_pending.append((slot.entry, reason if current == key else "orphan"))
-
-    @contextmanager
-    def _mutating(self) -> Iterator[None]:
-        """The store's lock for a change that may remove entries; ``on_evict`` runs after it is released,
-        so a slow or re-entrant callback never holds up (or deadlocks) other threads' lookups."""
-        with self._lock:
-            self._depth += 1
-            try:
-                yield
-            finally:
-                self._depth -= 1
-                evicted = []
-                if self._depth == 0:
-                    evicted, self._evicted_pending = self._evicted_pending, []
-        for entry, why in evicted:
-            self.on_evict(entry, why)
+                self._lock.after_release(self.on_evict, slot.entry, reason if current == key else "orphan")
 
     def _evict_orphans(self) -> None:
         orphans = [
