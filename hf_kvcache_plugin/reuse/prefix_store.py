@@ -152,6 +152,13 @@ class _StoreLock:
     def after_release(self, callback: Callable[..., Any], *args: Any) -> None:
         self._pending.append((callback, args))
 
+    def acquire(self, blocking: bool = True) -> bool:
+        """The bare lock (no callbacks): for code that only waits for the store, as a probe of it."""
+        return self._lock.acquire(blocking)
+
+    def release(self) -> None:
+        self._lock.release()
+
 
 @dataclass(frozen=True)
 class PrefixEntry:
