@@ -21,6 +21,7 @@ from .sections import (
     QUANT_TYPES,
     RATE_LIMIT_ACTIONS,
     SCALE_DTYPES,
+    ApiServerConfig,
     BreakerConfig,
     CacheConfig,
     DistributedConfig,
@@ -37,6 +38,7 @@ from .sections import (
 from .validation import ConfigError
 
 __all__ = [
+    "ApiServerConfig",
     "BreakerConfig",
     "CacheConfig",
     "ConfigError",
