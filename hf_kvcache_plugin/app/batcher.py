@@ -126,6 +126,10 @@ class GenerationBatcher:
             "hf_kvcache_http_batch_rows", "Rows (prompts x n) per generate call of the HTTP API", buckets=_BATCH_BUCKETS
         )
         self._queue_depth = metrics.gauge("hf_kvcache_http_queue_depth", "Requests waiting for the model")
+        self._row_ends = metrics.counter(
+            "hf_kvcache_http_rows", "Choices by how they ended (stop, length, cancelled)", ["finish_reason"]
+        )
+        self._new_tokens = metrics.counter("hf_kvcache_http_new_tokens", "Tokens generated for HTTP choices")
         self._waiting: collections.deque[GenerationJob] = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -163,6 +167,10 @@ class GenerationBatcher:
             self._waiting.append(job)
             self._queue_depth.set(len(self._waiting))
             self._cond.notify_all()
+
+    def _ended(self, end: RowEnd) -> None:
+        self._row_ends.labels(end.finish_reason).inc()
+        self._new_tokens.inc(end.completion_tokens)
 
     # ------------------------------------------------------------------ the worker
     def _run(self) -> None:
@@ -203,7 +211,7 @@ class GenerationBatcher:
             return batch
 
     def _serve(self, batch: list[GenerationJob]) -> None:
-        rows = [_Row(job, i, ids, self.tokenizer) for job in batch for i, ids in enumerate(job.rows)]
+        rows = [_Row(job, i, ids, self.tokenizer, self._ended) for job in batch for i, ids in enumerate(job.rows)]
         width = max(len(row.prompt) for row in rows)
         # [batch, width], left-padded: every row's last prompt token sits in the last column
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
@@ -237,8 +245,10 @@ class GenerationBatcher:
 class _Row:
     """One choice of one job: its prompt, its streamed text and how many tokens it got."""
 
-    def __init__(self, job: GenerationJob, index: int, prompt: list[int], tokenizer: Any):
-        self.job, self.index, self.prompt = job, index, prompt
+    def __init__(
+        self, job: GenerationJob, index: int, prompt: list[int], tokenizer: Any, ended: Callable[[RowEnd], None]
+    ):
+        self.job, self.index, self.prompt, self._ended = job, index, prompt, ended
         self.text = StreamedText(tokenizer, prompt, job.stop)
         self.tokens = 0
         self.ended = False
@@ -262,7 +272,9 @@ class _Row:
             delta = self.text.finish()
             if delta:
                 self.job.on_text(self.index, delta)
-        self.job.on_end(self.index, RowEnd(reason, self.tokens))
+        end = RowEnd(reason, self.tokens)
+        self._ended(end)
+        self.job.on_end(self.index, end)
 
 
 class _BatchWatcher(StoppingCriteria):

@@ -12,6 +12,7 @@ import argparse
 import ipaddress
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -112,6 +113,10 @@ class ApiServer:
         self.stop()
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def serve_http(args: argparse.Namespace, config: PluginConfig) -> int:
     """Serve until interrupted (Ctrl-C / SIGTERM); the health endpoint's routes are on the same port."""
     settings = config.serving.api
@@ -129,9 +134,16 @@ def serve_http(args: argparse.Namespace, config: PluginConfig) -> int:
         sock = server.bind()
         print(f"[http] OpenAI API on {server.url}/v1 (model {served_name!r}; /healthz /readyz /metrics; "
               f"{'API keys required' if keys else 'no API key needed'})", file=sys.stderr, flush=True)  # fmt: skip
-        # in the main thread: uvicorn installs its SIGINT / SIGTERM handlers and shuts down gracefully
-        uvicorn.Server(server.config).run(sockets=[sock])
-        sock.close()
+        # In the main thread uvicorn handles SIGINT / SIGTERM itself (a graceful shutdown) and then re-raises
+        # the signal; with SIGTERM turned into KeyboardInterrupt too, both end here and the summary is printed.
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            uvicorn.Server(server.config).run(sockets=[sock])
+        except KeyboardInterrupt:
+            pass
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            sock.close()
         value = service.metrics.value
         counts = {o: int(value("hf_kvcache_requests_total", entry_point="http", outcome=o) or 0) for o in OUTCOMES}
     print("[serve] generate calls: " + ", ".join(f"{k} {v}" for k, v in counts.items()), file=sys.stderr)
