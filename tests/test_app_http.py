@@ -47,7 +47,7 @@ def serving(config: dict | None = None, keys: tuple[str, ...] = (), **service_kw
     model, tokenizer = load_model(str(REAL_MODEL), "cpu")
     plugin = parse_config(config or {})
     service = build_service(model, plugin, http=False, **service_kwargs)
-    server = ApiServer(create_app(service, model, tokenizer, MODEL, plugin.serving.api, list(keys)))
+    server = ApiServer(create_app(service, model, tokenizer, MODEL, plugin, list(keys)))
     try:
         server.start(timeout_s=_WAIT_S)
         yield server.url, service, model, tokenizer

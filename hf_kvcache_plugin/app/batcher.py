@@ -7,8 +7,11 @@ left-pads them into one batch and runs one ``generate`` through a
 ``ServingEndpoint`` (so a failing cached path recomputes). Jobs with a
 ``seed`` run alone right after ``torch.manual_seed(seed)``: sampling draws
 from the global generator, so only a job alone in its call gets the same
-tokens as when served by itself. Greedy rows do not depend on their batch
-companions (left padding is masked).
+tokens as when served by itself. Rows share a batch only when their prompt
+lengths are equal modulo ``align`` (the cache's ``group_size``): the left
+padding then fills whole cache blocks, so every real token lands in the same
+quantization block as when served alone and a row's tokens do not depend on
+its companions (padding is masked; its blocks are quantized on their own).
 
 A ``StoppingCriteria`` (``_BatchWatcher``) sees every new token: it streams
 each row's text as it settles, and ends a row at EOS, a stop string, the row's
@@ -100,6 +103,7 @@ class GenerationBatcher:
         max_queue: waiting jobs beyond which ``submit`` raises ``QueueFull``.
         metrics: batch sizes and queue depth go here.
         device: where the batch's tensors go.
+        align: rows share a batch only with prompt lengths equal modulo this (the cache's ``group_size``).
     """
 
     def __init__(
@@ -114,9 +118,13 @@ class GenerationBatcher:
         max_queue: int = 256,
         metrics: ServingMetrics | None = None,
         device: str | torch.device = "cpu",
+        align: int = 1,
     ):
         if max_batch_size < 1:
             raise ValueError(f"`max_batch_size` has to be >= 1 but got {max_batch_size}")
+        if align < 1:
+            raise ValueError(f"`align` has to be >= 1 but got {align}")
+        self.align = align
         self.endpoint, self.tokenizer = endpoint, tokenizer
         self.pad_token_id, self.eos_token_ids = int(pad_token_id), frozenset(int(t) for t in eos_token_ids)
         self.max_batch_size, self.batch_wait_s, self.max_queue = max_batch_size, batch_wait_s, max_queue
@@ -133,6 +141,7 @@ class GenerationBatcher:
         self._waiting: collections.deque[GenerationJob] = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._running: list[GenerationJob] = []
         self._thread: threading.Thread | None = None
 
     def start(self) -> "GenerationBatcher":
@@ -147,7 +156,7 @@ class GenerationBatcher:
         """Cancel what waits, let the running batch end (its rows are cancelled too), join the worker."""
         with self._cond:
             self._closed = True
-            for job in self._waiting:
+            for job in [*self._waiting, *self._running]:
                 job.cancelled.set()
             self._cond.notify_all()
         if self._thread is not None:
@@ -195,11 +204,11 @@ class GenerationBatcher:
             if self._closed:
                 return None
             first = self._waiting.popleft()
-            batch, rows, key = [first], len(first.rows), first.batch_key
+            batch, rows, key = [first], len(first.rows), self._key(first)
             deadline = time.monotonic() + self.batch_wait_s
             while key is not None and rows < self.max_batch_size:
                 for job in list(self._waiting):
-                    if job.batch_key == key and rows + len(job.rows) <= self.max_batch_size:
+                    if self._key(job) == key and rows + len(job.rows) <= self.max_batch_size:
                         self._waiting.remove(job)
                         batch.append(job)
                         rows += len(job.rows)
@@ -208,7 +217,15 @@ class GenerationBatcher:
                     break
                 self._cond.wait(remaining)
             self._queue_depth.set(len(self._waiting))
+            self._running = batch
             return batch
+
+    def _key(self, job: GenerationJob) -> tuple | None:
+        """Jobs with equal keys may share a ``generate`` call; ``None``: the job runs alone."""
+        residues = {len(row) % self.align for row in job.rows}
+        if job.batch_key is None or len(residues) > 1:
+            return None
+        return (job.batch_key, residues.pop())
 
     def _serve(self, batch: list[GenerationJob]) -> None:
         rows = [_Row(job, i, ids, self.tokenizer, self._ended) for job in batch for i, ids in enumerate(job.rows)]

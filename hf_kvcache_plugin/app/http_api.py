@@ -36,7 +36,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..config import ApiServerConfig
+from ..config import PluginConfig
 from ..resilience.endpoint import ServingEndpoint
 from ..resilience.health import HealthReport
 from ..resilience.rate_limit import RateLimitExceeded
@@ -69,15 +69,17 @@ def create_app(
     model: Any,
     tokenizer: Any,
     model_name: str,
-    settings: ApiServerConfig | None = None,
+    config: PluginConfig | None = None,
     api_keys: Sequence[str] = (),
 ) -> FastAPI:
-    """The app for ``model`` behind ``service``; its batcher starts and stops with the app (lifespan).
+    """The app for ``model`` behind ``service`` (built from the same ``config``); its batcher starts and stops
+    with the app (lifespan).
 
-    ``model_name`` is the id ``/v1/models`` lists and requests have to name;
-    ``api_keys`` (none: no key needed) are compared in constant time and never logged.
+    ``model_name`` is the id ``/v1/models`` lists and requests have to name; ``config.serving.api`` sets the
+    caps and the batching; ``api_keys`` (none: no key needed) are compared in constant time and never logged.
     """
-    settings = settings if settings is not None else ApiServerConfig()
+    config = config if config is not None else PluginConfig()
+    settings = config.serving.api
     generation = model.generation_config
     eos = generation.eos_token_id if generation.eos_token_id is not None else tokenizer.eos_token_id
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
@@ -92,6 +94,7 @@ def create_app(
     batcher = GenerationBatcher(
         endpoint, tokenizer, pad_token_id=pad, eos_token_ids=eos_ids, max_batch_size=settings.max_batch_size,
         batch_wait_s=settings.batch_wait_ms / 1e3, max_queue=settings.max_queue, device=model.device,
+        align=_cache_group_size(config, model.config),
     )  # fmt: skip
     limiter = service.endpoint.limiter
     keys = [(k.encode(), "key-" + hashlib.sha256(k.encode()).hexdigest()[:12]) for k in api_keys]
@@ -128,7 +131,8 @@ def create_app(
         raise ApiError(401, "incorrect API key provided", code="invalid_api_key")
 
     async def admit(request: Request, client: str = Depends(caller)) -> str:
-        report = service.checker.readiness()
+        # off the event loop: the checks read psutil and take the store's lock
+        report = await run_in_threadpool(service.checker.readiness)
         if not report.ok:
             reasons = "; ".join(f"{name}: {c.reason}" for name, c in report.checks.items() if c.reason)
             raise ApiError(503, f"the server is not ready ({reasons})", "server_error", "not_ready")
@@ -247,7 +251,7 @@ def create_app(
             while any(end is None for end in ends):
                 try:
                     event, row, payload = await asyncio.wait_for(events.get(), _DISCONNECT_POLL_S)
-                except TimeoutError:
+                except asyncio.TimeoutError:  # the builtin TimeoutError only from Python 3.11
                     if await request.is_disconnected():
                         logger.info("%s: the client went away; generation stopped", request_id)
                         return Response(status_code=499)
@@ -290,9 +294,15 @@ async def _stream(
         yield sse(chunk(kind, rid, model_name, use=usage(prompt_tokens, completion_tokens)))
         yield sse("[DONE]")
     finally:
-        # closed early (the client went away): its rows stop at the next token
-        if not job.cancelled.is_set():
-            job.cancelled.set()
+        # closed early (the client went away): its rows stop at the next token; a no-op after [DONE]
+        job.cancelled.set()
+
+
+def _cache_group_size(config: PluginConfig, model_config: Any) -> int:
+    """Tokens per quantized cache block for this model: left padding in multiples of it stays in blocks of its own."""
+    heads = getattr(model_config, "num_attention_heads", None)
+    head_dim = getattr(model_config, "head_dim", None) or (model_config.hidden_size // heads if heads else None)
+    return config.cache.for_model(model_config.num_hidden_layers, head_dim).group_size
 
 
 def _report(report: HealthReport) -> Response:

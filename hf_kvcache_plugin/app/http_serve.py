@@ -129,7 +129,7 @@ def serve_http(args: argparse.Namespace, config: PluginConfig) -> int:
     model, tokenizer = load_model(name, args.device)
     served_name = Path(name).name if Path(name).is_dir() else name
     with build_service(model, config, http=False) as service:
-        app = create_app(service, model, tokenizer, served_name, settings, keys)
+        app = create_app(service, model, tokenizer, served_name, config, keys)
         server = ApiServer(app, host, port, log_level="info")
         sock = server.bind()
         print(f"[http] OpenAI API on {server.url}/v1 (model {served_name!r}; /healthz /readyz /metrics; "
