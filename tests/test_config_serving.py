@@ -33,7 +33,7 @@ def test_a_full_section_parses(tmp_path):
 @pytest.mark.parametrize(
     "section,message",
     [
-        ({"brekaer": {}}, r"unknown key\(s\) \['brekaer'\] in `serving`; allowed keys are \['breaker', 'health'"),
+        ({"brekaer": {}}, r"unknown key\(s\) \['brekaer'\] in `serving`; allowed keys are \['api', 'breaker', 'health'"),
         ({"breaker": {"fail_max": 0}}, r"`serving.breaker.fail_max` has to be a positive integer but got 0"),
         ({"breaker": {"fail_max": "5"}}, r"`serving.breaker.fail_max` has to be of type int but got str: '5'"),
         ({"breaker": {"reset_timeout_s": 0}}, r"`serving.breaker.reset_timeout_s` has to be in \(0, 86400.0\] but got 0"),
@@ -48,6 +48,9 @@ def test_a_full_section_parses(tmp_path):
         ({"http": {"port": "80"}}, r"`serving.http.port` has to be of type int but got str: '80'"),
         ({"http": {"host": ""}}, r"`serving.http.host` has to be an address to bind"),
         ({"http": [1]}, r"`serving.http` has to be of type mapping but got list"),
+        ({"api": {"port": -1}}, r"`serving.api.port` has to be in \[0, 65535\] but got -1"),
+        ({"api": {"max_batch_size": 0}}, r"`serving.api.max_batch_size` has to be a positive integer but got 0"),
+        ({"api": {"api_keys": "k"}}, r"`serving.api.api_keys` has to be of type list"),
     ],
 )
 def test_bad_serving_values_name_the_key(section, message):

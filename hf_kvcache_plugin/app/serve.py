@@ -33,6 +33,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--health-port", type=int, help="serve the endpoint on this port (0: any free port)")
     serve.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    serve.add_argument("--http", action="store_true", help="serve the OpenAI-compatible API over HTTP instead of stdin")
+    serve.add_argument("--host", help="with --http: bind here (default `serving.api.host`, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="with --http: port (default `serving.api.port`, 8000; 0: any free)")
     serve.set_defaults(func=_serve)
 
 
@@ -40,6 +43,11 @@ def _serve(args: argparse.Namespace) -> int:
     config = load_config(args.config) if args.config else PluginConfig()
     if args.max_new_tokens < 1:
         raise ValueError(f"`--max-new-tokens` has to be >= 1 but got {args.max_new_tokens}")
+    if args.http:
+        # imported here: FastAPI and uvicorn load only for the HTTP mode
+        from .http_serve import serve_http
+
+        return serve_http(args, config)
     model, tokenizer = load_model(resolve_model(args.model, config), args.device)
     wants_http = args.health_port is not None or args.health_host is not None or None
     with build_service(model, config, http=wants_http, http_host=args.health_host, http_port=args.health_port) as svc:

@@ -22,6 +22,7 @@ from .sections import (
     QUANT_TYPES,
     RATE_LIMIT_ACTIONS,
     SCALE_DTYPES,
+    ApiServerConfig,
     BreakerConfig,
     CacheConfig,
     DistributedConfig,
@@ -38,6 +39,7 @@ from .sections import (
 from .validation import ConfigError
 
 __all__ = [
+    "ApiServerConfig",
     "BreakerConfig",
     "CacheConfig",
     "ConfigError",

@@ -39,7 +39,7 @@ __all__ = [
     "ATTENTION_PATHS", "BITS_OF_QUANT_TYPE", "BUDGET_POLICIES", "CPU_KERNEL_MODES", "BreakerConfig", "CacheConfig", "DEFAULT_GROUP_SIZE",
     "DistributedConfig", "EVICTION_POLICIES", "GROUP_AXES", "HealthConfig", "HealthServerConfig", "LayerOverride",
     "MIXED_AGED_BITS", "PluginConfig", "PrefixStoreConfig", "QUANT_TYPES", "RATE_LIMIT_ACTIONS", "RateLimitConfig",
-    "SCALE_DTYPES", "ServingConfig", "SizerConfig", "check_prefix_reuse_settings", "section_dependencies",
+    "SCALE_DTYPES", "ApiServerConfig", "ServingConfig", "SizerConfig", "check_prefix_reuse_settings", "section_dependencies",
 ]  # fmt: skip
 
 QUANT_TYPES = ("int8", "int4", "int2", "mixed")
@@ -259,13 +259,54 @@ class HealthServerConfig(Checked):
 
 
 @section
+class ApiServerConfig(Checked):
+    """The OpenAI-compatible API of ``hf-kvcache serve --http`` (``/v1/...``, probes and metrics on one port).
+
+    API keys come from ``api_keys`` and from the comma-separated environment
+    variable named by ``api_keys_env``; with keys, every ``/v1`` request needs
+    one (``Authorization: Bearer KEY``). Without keys the server only starts on
+    a loopback host. Requests over ``max_prompt_tokens`` or asking for more than
+    ``max_tokens`` are refused (400); ``default_max_tokens`` applies when a
+    request names none. Waiting requests with the same sampling settings are
+    decoded together, at most ``max_batch_size`` rows per ``generate``, after
+    waiting at most ``batch_wait_ms`` for company; past ``max_queue`` waiting
+    requests new ones get 503.
+    """
+
+    host: Str = "127.0.0.1"
+    port: Annotated[int, Strict(), Field(ge=0, le=65535)] = 8000
+    api_keys: Annotated[list[Str], doc("accepted API keys (keep them out of shared files: prefer the env variable)")] = (
+        field(default_factory=list)
+    )
+    api_keys_env: Annotated[Str, doc("environment variable with more keys, comma-separated")] = "HF_KVCACHE_API_KEYS"
+    max_prompt_tokens: PositiveInt = 2048
+    max_tokens: Annotated[PositiveInt, doc("the most new tokens one request may ask for")] = 512
+    default_max_tokens: Annotated[PositiveInt, doc("new tokens when a request names no max_tokens")] = 16
+    max_batch_size: Annotated[PositiveInt, doc("rows (prompts x n) decoded in one generate call")] = 8
+    batch_wait_ms: NonNegativeFloat = 2.0
+    max_queue: Annotated[PositiveInt, doc("requests waiting for the model before new ones get 503")] = 256
+
+    def _problems(self) -> Iterator[Problem]:
+        if not self.host:
+            yield Problem(("host",), "has to be an address to bind (e.g. '127.0.0.1') but got an empty string")
+        if any(not key.strip() for key in self.api_keys):
+            yield Problem(("api_keys",), "has an empty key; remove it or give the key")
+        if self.default_max_tokens > self.max_tokens:
+            yield Problem(
+                (), f"`default_max_tokens` ({self.default_max_tokens}) is over `max_tokens` ({self.max_tokens})",
+                whole=True,
+            )  # fmt: skip
+
+
+@section
 class ServingConfig(Checked):
-    """The ``serving:`` section: breakers, rate limits, health and its HTTP endpoint."""
+    """The ``serving:`` section: breakers, rate limits, health, its HTTP endpoint and the OpenAI-compatible API."""
 
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
     rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     http: HealthServerConfig = field(default_factory=HealthServerConfig)
+    api: ApiServerConfig = field(default_factory=ApiServerConfig)
 
 
 # ---------------------------------------------------------------------- prefix reuse
