@@ -39,12 +39,12 @@ from hf_kvcache_plugin import (
     attach_prefix_cache,
 )
 from hf_kvcache_plugin._compat import GENERATE_CACHE_KWARG
+from hf_kvcache_plugin.embedded import STORIES260K
 from hf_kvcache_plugin.token_clock import TokenClock
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-REAL_MODEL = SHARED / "models" / "stories260K"
-TEXT = SHARED / "data" / "tinystories_val.txt"
+REAL_MODEL = STORIES260K
+TEXT = REPO.parent / "shared" / "data" / "tinystories_val.txt"
 RESULTS = Path(__file__).parent / "results"
 
 

@@ -20,6 +20,7 @@ NAME = PACKAGE.name
 # Bottom to top: a unit may import only units of a lower rank (and itself).
 RANKS = {
     "quantization": 0,
+    "embedded": 0,  # the shipped default model: data and its path, imports nothing of ours
     "quantizers": 1,
     "config": 1,
     "_compat": 1,
