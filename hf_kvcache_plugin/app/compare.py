@@ -210,7 +210,9 @@ def _plot_contexts(model_config, points: int) -> list[int]:
 def _compare(args: argparse.Namespace) -> int:
     config = load_config(args.config) if args.config else PluginConfig()
     cache_config = config.cache
-    max_new_tokens = args.max_new_tokens or (QUICK_NEW_TOKENS if args.quick else DEFAULT_NEW_TOKENS)
+    max_new_tokens = args.max_new_tokens
+    if max_new_tokens is None:
+        max_new_tokens = QUICK_NEW_TOKENS if args.quick else DEFAULT_NEW_TOKENS
     model_name = resolve_model(args.model, config)
     model, tokenizer = load_model(model_name, args.device)
     cache_config = cache_config.for_model(model.config.get_text_config(decoder=True).num_hidden_layers,

@@ -50,7 +50,7 @@ def _check_local_model(name: str) -> None:
                 f"model path {name!r} has no config.json: pass a folder with config.json, weights and tokenizer "
                 "files (as `save_pretrained` writes it), or leave out `--model` to run the embedded stories260K"
             )
-    elif not _is_hub_id(name) or name.startswith((".", "~")):
+    elif not _is_hub_id(name):
         raise ValueError(
             f"model path {name!r} does not exist (looked for {path.resolve()}): pass an existing folder with "
             "config.json, weights and tokenizer files, a Hugging Face id, or leave out `--model` to run the "
