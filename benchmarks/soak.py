@@ -3,7 +3,7 @@
     python benchmarks/soak.py --quick                    # 300 requests, about a minute on 2 CPU cores
     python benchmarks/soak.py --requests 3000 --seconds 900
 
-The service is ``build_service`` on ``../shared/models/stories260K`` (``--model
+The service is ``build_service`` on the embedded stories260K (``--model
 random``: a random tiny Llama) with a small prefix store behind a
 ``GuardedStore``. Faults, on a fixed schedule plus random ones (``--seed``):
 
