@@ -62,16 +62,14 @@ def cli_output(level: str, no_progress: bool) -> Iterator[None]:
     logger = logging.getLogger(PACKAGE_LOGGER)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("[%(levelname)s] %(name)s: %(message)s"))
-    saved = logger.level, logger.propagate
+    saved_level = logger.level
     logger.setLevel(level.upper())
-    logger.addHandler(handler)
-    logger.propagate = False  # a root handler (an application's, pytest's) would print each line twice
+    logger.addHandler(handler)  # records still propagate: a caller's own handlers (pytest's caplog) see them too
     try:
         with logging_redirect_tqdm(loggers=[logger]):
             yield
     finally:
         logger.removeHandler(handler)
-        logger.setLevel(saved[0])
-        logger.propagate = saved[1]
+        logger.setLevel(saved_level)
         if library_bars:
             hf_logging.enable_progress_bar()
