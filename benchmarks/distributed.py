@@ -40,8 +40,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from hf_kvcache_plugin.embedded import STORIES260K
+
 RESULTS = Path(__file__).resolve().parent / "results"
-SHARED_MODEL = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
 CHUNK = 32
 JOIN_ROUNDS = 30  # rounds both processes take after the join; the handover needs a few
 SETTLE_ROUNDS = 4
@@ -51,7 +52,7 @@ MIGRATION_MB_PER_STEP = 0.25  # small, so that the handover takes several bounde
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rounds, one budget, stories260K only")
-    parser.add_argument("--model", default=str(SHARED_MODEL), help="path of the small real model")
+    parser.add_argument("--model", default=str(STORIES260K), help="path of the small real model (default: the embedded one)")
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--prefixes", type=int, default=8)
     parser.add_argument("--prefix-chunks", type=int, default=3)

@@ -10,7 +10,7 @@ AdaptiveSizer with injected readings and a fake clock and plots its budget.
 Models: a randomly initialised Llama of realistic shape (head_dim 64, 4 layers,
 2048 positions; timing does not depend on the weights) with a 1024-token
 prefix, and the real stories260K model (512 positions) with a 384-token
-TinyStories prefix when ../shared is present.
+TinyStories prefix when ../shared/data holds the text.
 
     python benchmarks/prefix_reuse.py            # 16 requests, INT8 and INT4
     python benchmarks/prefix_reuse.py --quick    # 6 requests, fewer new tokens
@@ -39,12 +39,12 @@ from hf_kvcache_plugin import (
     attach_prefix_cache,
 )
 from hf_kvcache_plugin._compat import GENERATE_CACHE_KWARG
+from hf_kvcache_plugin.embedded import STORIES260K
 from hf_kvcache_plugin.token_clock import TokenClock
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-REAL_MODEL = SHARED / "models" / "stories260K"
-TEXT = SHARED / "data" / "tinystories_val.txt"
+REAL_MODEL = STORIES260K
+TEXT = REPO.parent / "shared" / "data" / "tinystories_val.txt"
 RESULTS = Path(__file__).parent / "results"
 
 

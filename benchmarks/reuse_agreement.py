@@ -39,9 +39,9 @@ sys.path.insert(0, str(REPO))
 from benchmarks.records import Recorder, set_threads  # noqa: E402
 from hf_kvcache_plugin import CacheConfig, PrefixStore, QuantizedKVCache, attach_prefix_cache  # noqa: E402
 from hf_kvcache_plugin._compat import GENERATE_CACHE_KWARG  # noqa: E402
+from hf_kvcache_plugin.embedded import STORIES260K  # noqa: E402
 
-SHARED = REPO.parent / "shared"
-REAL_MODEL, TEXT = SHARED / "models" / "stories260K", SHARED / "data" / "tinystories_val.txt"
+REAL_MODEL, TEXT = STORIES260K, REPO.parent / "shared" / "data" / "tinystories_val.txt"
 
 
 def layout(cache: QuantizedKVCache) -> dict[str, int]:

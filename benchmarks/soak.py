@@ -3,7 +3,7 @@
     python benchmarks/soak.py --quick                    # 300 requests, about a minute on 2 CPU cores
     python benchmarks/soak.py --requests 3000 --seconds 900
 
-The service is ``build_service`` on ``../shared/models/stories260K`` (``--model
+The service is ``build_service`` on the embedded stories260K (``--model
 random``: a random tiny Llama) with a small prefix store behind a
 ``GuardedStore``. Faults, on a fixed schedule plus random ones (``--seed``):
 
@@ -57,6 +57,7 @@ from pathlib import Path
 import psutil
 import pybreaker
 import torch
+from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,13 +65,13 @@ sys.path.insert(0, str(REPO))
 
 from hf_kvcache_plugin import BreakerConfig, QuantizedKVCache, attach_prefix_cache, parse_config  # noqa: E402
 from hf_kvcache_plugin._compat import GENERATE_CACHE_KWARG  # noqa: E402
+from hf_kvcache_plugin.embedded import STORIES260K  # noqa: E402
 from hf_kvcache_plugin.reuse.prefix_store import PrefixStore, chunk_keys  # noqa: E402
 from hf_kvcache_plugin.resilience import CircuitGuard, create_breaker, peers_check  # noqa: E402
 from hf_kvcache_plugin.resilience.degradation import prefix_store_problems  # noqa: E402
 from hf_kvcache_plugin.app.service import build_service  # noqa: E402
 
-SHARED = REPO.parent / "shared"
-REAL_MODEL, TEXT = SHARED / "models" / "stories260K", SHARED / "data" / "tinystories_val.txt"
+REAL_MODEL, TEXT = STORIES260K, REPO.parent / "shared" / "data" / "tinystories_val.txt"
 TICK_S = 0.01  # virtual seconds per request for the breakers
 
 
@@ -361,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     rss_start = None
     started = time.perf_counter()
     i = 0
+    # a bar on a terminal only (disable=None): logs and CI output stay clean
+    progress = tqdm(total=args.requests, desc="soak", unit="req", disable=None)
     with torch.inference_mode():
         while i < args.requests and time.perf_counter() - started < args.seconds:
             plan.request, virtual_time["now"] = i, i * TICK_S
@@ -413,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
                               "status": report.status.value, "store_breaker": svc.store.state,
                               "peer_breaker": peer_breaker.current_state, **svc.outcomes()})  # fmt: skip
             i += 1
+            progress.update(1)
+    progress.close()
     elapsed = time.perf_counter() - started
     rss_end = process.memory_info().rss
     if rss_start is None:

@@ -24,7 +24,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from _model import SHARED_MODEL
+from _model import DEFAULT_MODEL, MODEL_HELP
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -44,16 +44,13 @@ REQUESTS = [
 ]
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--model", default=str(SHARED_MODEL) if SHARED_MODEL.is_dir() else None,
-                    help="Hugging Face id or local path (default: the shared stories260K model when present)")
+parser.add_argument("--model", help=MODEL_HELP)
 parser.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "distributed.yaml"))
 parser.add_argument("--batch-size", type=int, default=4)
 parser.add_argument("--max-new-tokens", type=int, default=30)
 args = parser.parse_args()
 config = load_config(args.config)  # unknown keys or bad values raise a ValueError naming them
-model_name = args.model or config.model
-if model_name is None:
-    parser.error("pass --model with a Hugging Face model id or a local path")
+model_name = args.model or config.model or str(DEFAULT_MODEL)
 
 # under torchrun: the launch's rank and world size. Without `cpu=True` a CPU-only launch stays single-process
 # in accelerate's view; with it, accelerate initialises gloo.

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from _model import SHARED_MODEL
+from _model import DEFAULT_MODEL
 from hf_kvcache_plugin import QuantizedKVCache, enable_quantized_attention, load_config
 
 parser = argparse.ArgumentParser(description=__doc__)
@@ -15,7 +15,7 @@ parser.add_argument("--prompt", default="Lily wanted to bake a cake for her mom.
 args = parser.parse_args()
 
 config = load_config(args.config)  # unknown keys or bad values raise a ValueError naming them
-model_name = config.model or str(SHARED_MODEL)
+model_name = config.model or str(DEFAULT_MODEL)
 tokenizer = AutoTokenizer.from_pretrained(model_name)
 model = AutoModelForCausalLM.from_pretrained(model_name)
 

@@ -1,6 +1,6 @@
 """Many requests, one long system prompt: the prefix store prefills it once, later requests reuse it.
 
-    python examples/shared_system_prompt.py                      # ../shared/models/stories260K when present
+    python examples/shared_system_prompt.py                      # the embedded stories260K
     python examples/shared_system_prompt.py --model <id or path> --config configs/prefix_reuse.yaml
 
 Prints each request's hit tokens and time to first token, then the hook's and
@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from _model import SHARED_MODEL
+from _model import DEFAULT_MODEL, MODEL_HELP
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_kvcache_plugin import attach_prefix_cache, enable_quantized_attention, load_config
@@ -36,15 +36,12 @@ REQUESTS = [
 ]
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--model", default=str(SHARED_MODEL) if SHARED_MODEL.is_dir() else None,
-                    help="Hugging Face id or local path (default: the shared stories260K model when present)")
+parser.add_argument("--model", help=MODEL_HELP)
 parser.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "prefix_reuse.yaml"))
 parser.add_argument("--max-new-tokens", type=int, default=60)
 args = parser.parse_args()
 config = load_config(args.config)  # unknown keys or bad values raise a ValueError naming them
-model_name = args.model or config.model
-if model_name is None:
-    parser.error("pass --model with a Hugging Face model id or a local path")
+model_name = args.model or config.model or str(DEFAULT_MODEL)
 
 tokenizer = AutoTokenizer.from_pretrained(model_name)
 model = AutoModelForCausalLM.from_pretrained(model_name).eval()

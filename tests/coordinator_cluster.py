@@ -38,15 +38,14 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 from hf_kvcache_plugin import CacheConfig, DistributedConfig, PrefixStore, attach_prefix_cache  # noqa: E402
 from hf_kvcache_plugin.distributed import attach_coordinator, generate_new_tokens  # noqa: E402
 from hf_kvcache_plugin.distributed.transport import host_c10d_store  # noqa: E402
+from hf_kvcache_plugin.embedded import embedded_model_path  # noqa: E402
 from hf_kvcache_plugin.resilience import ServingMetrics  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-REAL_MODEL = REPO.parent / "shared" / "models" / "stories260K"
 WORLD = 3
 CHUNK = 32
 NEW_TOKENS = 4
@@ -60,11 +59,7 @@ GENERATE = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=
 
 def load_model():
     torch.manual_seed(0)
-    if (REAL_MODEL / "config.json").is_file():
-        return AutoModelForCausalLM.from_pretrained(REAL_MODEL).eval()
-    config = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512)
-    return LlamaForCausalLM(config).eval()
+    return AutoModelForCausalLM.from_pretrained(embedded_model_path()).eval()
 
 
 def workload(seed: int) -> list[list[list[int]]]:

@@ -32,9 +32,8 @@ from hf_kvcache_plugin.app.stream_text import StreamedText
 from hf_kvcache_plugin.config import ApiServerConfig, ConfigError, parse_config
 from hf_kvcache_plugin.reuse.prefix_store import PrefixStore
 
-from .conftest import HAVE_REAL, REAL_MODEL, REAL_REASON
+from .conftest import REAL_MODEL
 
-pytestmark = pytest.mark.skipif(not HAVE_REAL, reason=REAL_REASON)
 
 MODEL = "stories260K"
 PROMPTS = ["Once upon a time", "Tom and Lily went to the park", "The little dog was sad because", "One day, a bird"]

@@ -10,13 +10,9 @@ import sys
 import threading
 import urllib.request
 
-import pytest
-
 from hf_kvcache_plugin.app.cli import main
 
-from .conftest import HAVE_REAL, REAL_MODEL, REAL_REASON
-
-pytestmark = pytest.mark.skipif(not HAVE_REAL, reason=REAL_REASON)
+from .conftest import REAL_MODEL
 
 
 def test_serve_answers_each_line_and_reports_refused_ones(monkeypatch, capsys, tmp_path):

@@ -21,6 +21,7 @@ NAME = PACKAGE.name
 RANKS = {
     "errors": 0,
     "quantization": 0,
+    "embedded": 0,  # the shipped default model: data and its path, imports nothing of ours
     "quantizers": 1,
     "config": 1,
     "_compat": 1,

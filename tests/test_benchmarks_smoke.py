@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import HAVE_REAL, REAL_REASON
+from .conftest import HAVE_TEXT, TEXT_REASON
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
@@ -36,7 +36,7 @@ def results(tmp_path_factory):
     run("throughput.py", "--tokens", "512", "--repeats", "1", "--out", str(out))
     run("fused_attention.py", "--contexts", "256", "--configs", "dynamic", "ours_int4_dequantize", "ours_int4_fused",
         "--repeats", "1", "--steps", "2", "--out", str(out / "fused_attention.json"))
-    if HAVE_REAL:
+    if HAVE_TEXT:  # quality.py scores TinyStories text
         run("quality.py", "--windows", "1", "--prompts", "2", "--batch", "2", "--new-tokens", "8",
             "--caches", "dynamic", "ours-int4", "quanto-int4", "--out", str(out))
     run("spec_table.py", "--tokens", "64", "--repeats", "1", "--out", str(out))
@@ -92,7 +92,7 @@ def test_fused_attention_rows(results):
     assert mem["stored_bytes"] < by(fused["memory"], config="dynamic")["stored_bytes"]
 
 
-@pytest.mark.skipif(not HAVE_REAL, reason=REAL_REASON)
+@pytest.mark.skipif(not HAVE_TEXT, reason=TEXT_REASON)
 def test_quality_rows(results):
     quality = load(results, "quality")
     assert by(quality["rows"], cache="dynamic")["ppl_delta_pct"] == 0
@@ -106,7 +106,7 @@ def test_report_and_plots(results):
         assert (results / plot).stat().st_size > 1000
 
 
-@pytest.mark.skipif(not HAVE_REAL, reason=REAL_REASON)
+@pytest.mark.skipif(not HAVE_TEXT, reason=TEXT_REASON)
 def test_reuse_agreement_runs_and_every_fresh_hit_meets_the_specification(tmp_path):
     """benchmarks/reuse_agreement.py asserts that hits on freshly stored chunks equal the prefix-quantized
     reference bit for bit; a few requests of it end to end (it raises otherwise)."""
@@ -117,7 +117,7 @@ def test_reuse_agreement_runs_and_every_fresh_hit_meets_the_specification(tmp_pa
     assert summary["reuse_eq_oracle"] - summary["those_eq_oracle"] == fresh
 
 
-@pytest.mark.skipif(not HAVE_REAL, reason=REAL_REASON)
+@pytest.mark.skipif(not HAVE_TEXT, reason=TEXT_REASON)
 def test_budget_quality_holds_every_cache_to_its_budget(tmp_path):
     caches = ("shrink (int8, repack_then_drop)", "int4 fixed (drop)")
     run("budget_quality.py", "--quick", "--chunk", "64", "--variants", *caches, "--out", str(tmp_path))

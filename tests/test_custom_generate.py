@@ -12,9 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from hf_kvcache_plugin import QuantizedKVCache
 from hf_kvcache_plugin.generate_recipe import RECIPE_DIR, recipe_cache_config, write_custom_generate
-from tests.conftest import HAVE_REAL, REAL_MODEL, REAL_REASON
+from tests.conftest import REAL_MODEL
 
-pytestmark = pytest.mark.skipif(not HAVE_REAL, reason=REAL_REASON)
 
 YAML = "cache:\n  quant_type: int4\n  group_size: 8\n  residual_length: 16\n"
 NEW = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)

@@ -14,7 +14,7 @@ from hf_kvcache_plugin.evaluation import (
     perplexity_through_cache,
 )
 
-from .conftest import TEXT
+from .conftest import HAVE_TEXT, TEXT, TEXT_REASON
 
 # stories260K has head_dim 8: groups of 8, and a residual window of 32 tokens.
 SMALL = dict(group_size=8, residual_length=32)
@@ -158,6 +158,8 @@ QUALITY = {
 
 @pytest.fixture(scope="module")
 def windows(real_model_and_tokenizer):
+    if not HAVE_TEXT:
+        pytest.skip(TEXT_REASON)
     _, tok = real_model_and_tokenizer
     return load_token_windows(tok, TEXT, num_windows=2)
 

@@ -19,7 +19,7 @@ from hf_kvcache_plugin.resilience import (
 )
 from hf_kvcache_plugin.resilience.degradation import entry_problem, prefix_store_problems
 
-from .conftest import TEXT
+from .conftest import HAVE_TEXT, TEXT
 
 CHUNK, NEW = 16, 4
 CONFIG = CacheConfig(quant_type="int8", group_size=8, residual_length=16)
@@ -28,7 +28,7 @@ CONFIG = CacheConfig(quant_type="int8", group_size=8, residual_length=16)
 @pytest.fixture(scope="module")
 def prompt(model_and_tokenizer) -> torch.Tensor:
     model, tok = model_and_tokenizer
-    if tok is not None:
+    if HAVE_TEXT:
         return tok(TEXT.read_text()[:400], add_special_tokens=False, return_tensors="pt")["input_ids"][:, :50]
     return torch.randint(3, model.config.vocab_size, (1, 50), generator=torch.Generator().manual_seed(0))
 

@@ -15,7 +15,7 @@ from hf_kvcache_plugin.app.service import build_service
 from hf_kvcache_plugin.config import parse_config
 from hf_kvcache_plugin.resilience.liveness import ProgressWatch
 
-from .conftest import HAVE_REAL, REAL_MODEL, REAL_REASON
+from .conftest import REAL_MODEL
 
 
 class Clock:
@@ -26,7 +26,6 @@ class Clock:
         return self.now
 
 
-@pytest.mark.skipif(not HAVE_REAL, reason=REAL_REASON)
 def test_serve_survives_any_line_with_a_per_line_error(monkeypatch, capsys):
     stdin = (
         b"Once upon a time\n"

@@ -1,35 +1,26 @@
-"""Which model the commands run, and loading it: ``--model`` > the config's ``model:`` > the shared tiny model."""
+"""Which model the commands run, and loading it: ``--model`` > the config's ``model:`` > the embedded stories260K."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..config import PluginConfig
+from ..embedded import embedded_model_path
+from .devices import check_device
 
 __all__ = ["format_bytes", "load_model", "resolve_model"]
 
-_SHARED_MODEL = Path("shared") / "models" / "stories260K"
-
-
-def _default_model_candidates() -> list[Path]:
-    """``../shared/models/stories260K`` beside the working directory or beside this checkout."""
-    checkout = Path(__file__).resolve().parents[1]
-    return [Path.cwd().parent / _SHARED_MODEL, checkout.parent / _SHARED_MODEL]
-
 
 def resolve_model(cli_model: str | None, config: PluginConfig) -> str:
-    """``--model`` > the config's ``model:`` > ``../shared/models/stories260K`` when it exists."""
+    """``--model`` > the config's ``model:`` > the model shipped with the package (stories260K)."""
     if cli_model:
         return cli_model
     if config.model:
         return config.model
-    for candidate in _default_model_candidates():
-        if (candidate / "config.json").is_file():
-            return str(candidate)
-    raise ValueError(
-        "no model given: pass `--model` with a Hugging Face model id (e.g. `--model HuggingFaceTB/SmolLM2-135M`) "
-        "or a local directory holding config.json and weights, or set `model:` in the YAML config"
-    )
+    try:
+        return str(embedded_model_path())
+    except FileNotFoundError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def format_bytes(n: float) -> str:
@@ -40,14 +31,44 @@ def format_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def _is_hub_id(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _check_local_model(name: str) -> None:
+    """A name that is a path (or cannot be a Hugging Face id) has to be a folder holding config.json."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ValueError(
+                f"model path {name!r} has no config.json: pass a folder with config.json, weights and tokenizer "
+                "files (as `save_pretrained` writes it), or leave out `--model` to run the embedded stories260K"
+            )
+    elif not _is_hub_id(name):
+        raise ValueError(
+            f"model path {name!r} does not exist (looked for {path.resolve()}): pass an existing folder with "
+            "config.json, weights and tokenizer files, a Hugging Face id, or leave out `--model` to run the "
+            "embedded stories260K"
+        )
+
+
 def load_model(name: str, device: str):
-    """(model in eval mode on ``device``, tokenizer); an unloadable name is a ``ValueError`` saying what to pass."""
+    """(model in eval mode on ``device``, tokenizer); a missing device or model is a ``ValueError`` saying what to
+    pass, raised before anything is loaded where it can be seen without loading."""
+    target = check_device(device)
+    _check_local_model(name)
     # imported here: transformers' auto classes are slow to import and only a command needs them
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(name).to(target).eval()
     except (OSError, ValueError) as exc:
         raise ValueError(
             f"could not load model {name!r}: {exc}\nPass `--model` with a Hugging Face id or a local path "
