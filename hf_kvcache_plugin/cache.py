@@ -25,12 +25,12 @@ import torch
 from transformers import PretrainedConfig
 from transformers.cache_utils import (
     Cache,
-    DummyLayer,
     DynamicLayer,
     DynamicSlidingWindowLayer,
     get_layer_types_and_kwargs,
 )
 
+from ._compat import DummyLayer
 from .attention.dispatch import QUANTIZED_ATTENTION, prepare_fused_attention, select_fused_attention
 from .attention.history import FusedStep, hand_over
 from .budget import (
