@@ -34,6 +34,7 @@ RANKS = {
     "resilience": 8,
     "distributed": 9,
     "evaluation": 10,
+    "integrations": 10,  # serving engines beside transformers (vLLM), over reuse
     "app": 11,
     "serving": 12,  # compatibility re-export of resilience + app
     "__main__": 12,
