@@ -115,6 +115,11 @@ def connector_settings(extra: dict[str, Any], block_size: int, num_layers: int, 
             raise ValueError(f"kv_connector_extra_config `config`: file {path!r} does not exist")
         with open(path) as f:
             data = yaml.safe_load(f) or {}
+    ignored = set(data) - {"cache", "prefix_store"}
+    if ignored:
+        raise ValueError(
+            f"the vLLM connector applies only the `cache:` and `prefix_store:` sections but the config has {sorted(ignored)}"
+        )
     for section in ("cache", "prefix_store"):
         if section in extra:
             data[section] = {**(data.get(section) or {}), **extra[section]}
