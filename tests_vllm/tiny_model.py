@@ -14,18 +14,20 @@ TOKENIZER = Path(__file__).resolve().parents[1] / ".." / "shared" / "models" / "
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
-def build_tiny_llama(directory: Path, layers: int = 2, max_positions: int = 2048, seed: int = 0) -> Path:
-    """Save a random 2-layer Llama (hidden 128, 2 heads of 64, vocab 512) and the tokenizer to ``directory``."""
+def build_tiny_llama(
+    directory: Path, layers: int = 2, heads: int = 2, max_positions: int = 2048, seed: int = 0
+) -> Path:
+    """Save a random Llama (``heads`` heads of 64, hidden 64 * heads, vocab 512) and the tokenizer to ``directory``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=512,  # stories260K's tokenizer
-        hidden_size=128,
-        intermediate_size=256,
+        hidden_size=64 * heads,
+        intermediate_size=128 * heads,
         num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
         head_dim=64,
         max_position_embeddings=max_positions,
         # measured over 6 prompts x 16 greedy tokens: 0.05 keeps INT8 load-back exact everywhere; wider
