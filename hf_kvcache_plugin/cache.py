@@ -31,12 +31,12 @@ from transformers import PretrainedConfig
 from transformers import cache_utils as _cache_utils
 from transformers.cache_utils import (
     Cache,
-    DummyLayer,
     DynamicLayer,
     DynamicSlidingWindowLayer,
     get_layer_types_and_kwargs,
 )
 
+from ._compat import DummyLayer
 from .attention.dispatch import QUANTIZED_ATTENTION, prepare_fused_attention, select_fused_attention
 from .attention.history import FusedStep, hand_over
 from .budget import (

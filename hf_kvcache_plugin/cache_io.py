@@ -19,8 +19,9 @@ import dataclasses
 from typing import Any
 
 import torch
-from transformers.cache_utils import DummyLayer, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
+from ._compat import DummyLayer
 from .config import CacheConfig
 from .layer import LayerSettings, QuantizedKVLayer
 from .quantization import dtype_from_name, dtype_name, quantized_tensor_problem

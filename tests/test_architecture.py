@@ -44,6 +44,7 @@ RANKS = {
     "resilience": 9,
     "distributed": 10,
     "evaluation": 11,
+    "integrations": 11,  # serving engines beside transformers (vLLM), over reuse
     "app": 12,
     "serving": 13,  # compatibility re-export of resilience + app
     "__main__": 13,
