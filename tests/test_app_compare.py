@@ -27,7 +27,8 @@ def test_compare_quick_prints_one_row_per_cache_and_a_plot(capsys, tmp_path):
     rows = {m.group(1): m for m in map(ROW.match, out[2:5])}
     assert list(rows) == [DYNAMIC, "int8", "int2"], out
     assert rows[DYNAMIC].group(3) == "1.00" and rows[DYNAMIC].group(4) == "32.00"  # float32
-    assert 1.5 < float(rows["int8"].group(3)) < float(rows["int2"].group(3))
+    # 37 tokens, of which the window's buffers hold residual + one block (16) exact: INT8 saves less than 2x
+    assert 1.3 < float(rows["int8"].group(3)) < float(rows["int2"].group(3))
     assert float(rows["int8"].group(6)) >= 90.0  # greedy agreement with DynamicCache
     assert rows[DYNAMIC].group(7).startswith(", there was")
     assert out[5] == f"[plot] {plot}" and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

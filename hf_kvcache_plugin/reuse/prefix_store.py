@@ -26,7 +26,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ import torch
 from ..config import CacheConfig, PluginConfig, PrefixStoreConfig
 from ..config.validation import MAX_SIZE_MB
 from ..quantization import QuantizedTensor
+from .store_lock import StoreLock
 
 __all__ = [
     "PrefixEntry",
@@ -117,47 +117,6 @@ def chunk_keys(namespace: bytes, token_ids: Sequence[int] | torch.Tensor, chunk_
         parent = _digest(parent, ids[start : start + chunk_size].tobytes())
         keys.append(parent)
     return keys
-
-
-class _StoreLock:
-    """The store's re-entrant lock; callbacks queued while it is held run once its outermost holder lets go.
-
-    ``on_evict`` runs that way, outside the lock: a callback that takes a lock of its own, or waits for a
-    thread that uses the store, cannot deadlock against the store. A callback that raises is logged and the
-    others still run (the removal it reports is done).
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.RLock()
-        self._depth = 0
-        self._pending: list[tuple[Callable[..., Any], tuple]] = []
-
-    def __enter__(self) -> "_StoreLock":
-        self._lock.acquire()
-        self._depth += 1
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._depth -= 1
-        pending: list[tuple[Callable[..., Any], tuple]] = []
-        if self._depth == 0:
-            pending, self._pending = self._pending, []
-        self._lock.release()
-        for callback, args in pending:
-            try:
-                callback(*args)
-            except Exception:  # noqa: BLE001 - a notification must not undo or interrupt the others
-                logger.exception("prefix store: `on_evict` raised")
-
-    def after_release(self, callback: Callable[..., Any], *args: Any) -> None:
-        self._pending.append((callback, args))
-
-    def acquire(self, blocking: bool = True) -> bool:
-        """The bare lock (no callbacks): for code that only waits for the store, as a probe of it."""
-        return self._lock.acquire(blocking)
-
-    def release(self) -> None:
-        self._lock.release()
 
 
 @dataclass(frozen=True)
@@ -276,7 +235,7 @@ class PrefixStore:
         self._slots: dict[bytes, _Slot] = {}
         self._used_bytes = 0
         self._tick = 0
-        self._lock = _StoreLock()
+        self._lock = StoreLock()
         self._counters = dict.fromkeys(
             ("lookups", "hit_chunks", "missed_chunks", "puts", "duplicate_puts", "rejected_puts", "evictions"), 0
         )
@@ -564,7 +523,7 @@ class PrefixStore:
         """Remove ``key`` and every chunk extending it: without it they are unreachable.
 
         Iterative (a chain of thousands of chunks is one long path), and leaf first, so every entry leaves
-        after the chunks extending it. ``on_evict`` runs once the store's lock is released (``_StoreLock``)."""
+        after the chunks extending it. ``on_evict`` runs once the store's lock is released (``StoreLock``)."""
         subtree, stack = [], [key]
         while stack:  # pre-order: each key before the chunks extending it
             current = stack.pop()
