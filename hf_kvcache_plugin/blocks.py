@@ -14,6 +14,17 @@ A cache over its byte budget re-packs its oldest blocks to fewer bits
 (``shrink``): those tiers, oldest and fewest bits first, are ``repacked`` and
 precede ``aged``.
 
+A tier is held in parts cut at fixed block positions of the stream: four
+parts of ``PART_TOKENS`` tokens, four of twice that, four of four times, then
+parts of eight times (256 ... 2048 tokens by default). A flush concatenates
+onto the last part only, so its transient copy is at most one part, a small
+fraction of the stream's history however long it grows (peak memory stays
+close to what is stored), while a long history stays in few parts that the
+kernel reads as long runs of memory. The partition depends only on block
+positions, not on how the blocks arrived (one at a time, a prefill flushed at
+once, a loaded prefix), so reads that sum part by part give the same bits
+either way.
+
 A block that cannot be quantized (NaN/Inf values, or a range whose scale
 overflows the scale dtype) is kept in full precision instead: the packed tier
 holds a zero placeholder for it, so every block keeps its position, and its
@@ -44,6 +55,10 @@ from .quantization import QuantizedTensor, dequantize, dequantize_into, quantize
 __all__ = ["BlockCodec", "QuantizedBlocks", "concat_blocks", "unquantizable_blocks"]
 
 _BLOCK_DIM = 2
+
+# tokens of a tier's first parts; later parts double every four parts up to 8x (see the module docstring)
+PART_TOKENS = 256
+_PARTS_PER_SIZE, _SIZE_STEPS = 4, 3  # four parts of each size; sizes x1, x2, x4, then x8 from there on
 
 logger = logging.getLogger(__name__)
 
@@ -187,6 +202,58 @@ def _slice(q: QuantizedTensor, start: int, end: int) -> QuantizedTensor:
     return _from_physical(q, data, scale, zero, end - start)
 
 
+def _blocks_of(parts: Sequence[QuantizedTensor]) -> int:
+    return sum(p.shape[_BLOCK_DIM] for p in parts)
+
+
+def _part_end(block: int, first_part: int) -> int:
+    """The stream position (in blocks) where the part holding ``block`` ends, for first parts of ``first_part``
+    blocks: four parts of each size x1, x2, x4, then x8 parts on."""
+    start = 0
+    for step in range(_SIZE_STEPS):
+        size = first_part << step
+        if block < start + _PARTS_PER_SIZE * size:
+            return start + ((block - start) // size + 1) * size
+        start += _PARTS_PER_SIZE * size
+    size = first_part << _SIZE_STEPS
+    return start + ((block - start) // size + 1) * size
+
+
+def _append_parts(
+    parts: list[QuantizedTensor], new: QuantizedTensor, first_part: int, first_block: int, copy: bool = False
+) -> list[QuantizedTensor]:
+    """``parts`` (a tier whose first block is block ``first_block`` of the stream) with the blocks of ``new``
+    after them, cut where the stream's parts end (``_part_end``): the last part is filled up to its end, then
+    new parts follow. Pieces are compact copies, except all of ``new`` when it is a whole part and ``copy`` is
+    False (a tensor the caller made for this)."""
+    parts = list(parts)
+    n, start = new.shape[_BLOCK_DIM], 0
+    end_of_tier = first_block + _blocks_of(parts)
+    while start < n:
+        end = min(n, _part_end(end_of_tier + start, first_part) - end_of_tier)
+        piece = new if (start, end) == (0, n) and not copy else _slice(new, start, end)
+        if start == 0 and parts and _part_end(end_of_tier - 1, first_part) > end_of_tier:
+            parts[-1] = _cat([parts[-1], piece])  # the last part does not reach its end yet: fill it
+        else:
+            parts.append(piece)
+        start = end
+    return parts
+
+
+def _take(parts: Sequence[QuantizedTensor], start: int, end: int) -> QuantizedTensor:
+    """Blocks [start, end) of consecutive parts as one compact copy."""
+    pieces, pos = [], 0
+    for part in parts:
+        n = part.shape[_BLOCK_DIM]
+        lo, hi = max(start, pos), min(end, pos + n)
+        if lo < hi:
+            pieces.append(_slice(part, lo - pos, hi - pos))
+        pos += n
+    if not pieces:
+        raise ValueError(f"no blocks in [{start}, {end}) of {pos} blocks")
+    return _cat(pieces)
+
+
 def _dequantize_into(q: QuantizedTensor, out: torch.Tensor) -> None:
     """Write the blocks of ``q`` as tokens into ``out`` ([B, H, n*G, D], may be a strided view)."""
     dequantize_into(q, out.view(q.shape))
@@ -200,8 +267,11 @@ class QuantizedBlocks:
         self.aged_bits = aged_bits
         # blocks older than the newest `recent_tokens` are re-packed to `aged_bits`
         self.recent_tokens = recent_tokens
-        self.aged: QuantizedTensor | None = None
-        self.recent: QuantizedTensor | None = None
+        # blocks of a tier's first parts (see the module docstring)
+        self.part_blocks = max(1, PART_TOKENS // codec.group_size)
+        # the tiers, each as its parts oldest first: blocks at the codec's bits, then (mixed) older ones at aged_bits
+        self._recent: list[QuantizedTensor] = []
+        self._aged: list[QuantizedTensor] = []
         # tiers older than `aged`, fewest bits first, made by a budget shrink (`replace_tiers`)
         self.repacked: list[QuantizedTensor] = []
         # block index (aged first, then recent) -> exact tokens [B, H, G, D] of a block that could not be quantized
@@ -247,16 +317,46 @@ class QuantizedBlocks:
 
     @property
     def tiers(self) -> list[QuantizedTensor]:
-        """The stored tiers, oldest blocks first (bits never fall from one tier to the next)."""
-        return [*self.repacked, *(t for t in (self.aged, self.recent) if t is not None)]
+        """The stored blocks as consecutive tensors (tier parts), oldest first; bits never rise from one to the next."""
+        return [*self.repacked, *self._aged, *self._recent]
+
+    @property
+    def recent(self) -> QuantizedTensor | None:
+        """The blocks at the codec's bits as one tensor (a copy when held in several parts: for inspection)."""
+        return _take(self._recent, 0, _blocks_of(self._recent)) if self._recent else None
+
+    @property
+    def aged(self) -> QuantizedTensor | None:
+        """The blocks at ``aged_bits`` (mixed precision) as one tensor (a copy when held in several parts)."""
+        return _take(self._aged, 0, _blocks_of(self._aged)) if self._aged else None
 
     def replace_tiers(self, tiers: list[QuantizedTensor]) -> None:
-        """Store ``tiers`` (oldest first) instead: the newest at the codec's bits is ``recent``, the one before it at
-        ``aged_bits`` is ``aged`` (so aging keeps appending where it did), the rest are ``repacked``."""
+        """Store ``tiers`` (tensors of blocks, oldest first) instead: the newest run at the codec's bits is
+        ``recent``, the run before it at ``aged_bits`` is ``aged`` (so aging keeps appending where it did), the rest
+        are ``repacked``. ``recent`` and ``aged`` are re-cut into parts from their first block."""
         tiers = list(tiers)
-        self.recent = tiers.pop() if tiers and tiers[-1].bits == self.codec.bits else None
-        self.aged = tiers.pop() if tiers and self.aged_bits is not None and tiers[-1].bits == self.aged_bits else None
+        runs: dict[str, list[QuantizedTensor]] = {"recent": [], "aged": []}
+        for name, bits in (("recent", self.codec.bits), ("aged", self.aged_bits)):
+            while bits is not None and tiers and tiers[-1].bits == bits:
+                runs[name].insert(0, tiers.pop())
         self.repacked = tiers
+        self._aged = self._as_parts(runs["aged"], _blocks_of(tiers))
+        self._recent = self._as_parts(runs["recent"], _blocks_of(tiers) + _blocks_of(self._aged))
+
+    def _as_parts(self, tensors: list[QuantizedTensor], first_block: int) -> list[QuantizedTensor]:
+        """Consecutive tensors of one tier (starting at stream block ``first_block``) cut into the stream's parts;
+        tensors that already are such parts are kept, not copied."""
+        parts: list[QuantizedTensor] = []
+        at = first_block
+        for t in tensors:
+            n = t.shape[_BLOCK_DIM]
+            starts_a_part = not parts or _part_end(at - 1, self.part_blocks) == at
+            if starts_a_part and _part_end(at, self.part_blocks) >= at + n:
+                parts.append(t)
+            else:
+                parts = _append_parts(parts, t, self.part_blocks, first_block, copy=True)
+            at += n
+        return parts
 
     def blocks_at_bits(self, bits: int) -> int:
         return sum(t.shape[_BLOCK_DIM] for t in self.tiers if t.bits == bits)
@@ -311,14 +411,22 @@ class QuantizedBlocks:
         grown = self.nbytes * repeat + new_blocks * block
         if self.aged_bits is None:
             return grown
-        recent = (0 if self.recent is None else self.recent.shape[_BLOCK_DIM]) + new_blocks
+        recent = _blocks_of(self._recent) + new_blocks
         aging = max(0, recent - self.recent_tokens // self.codec.group_size)
         return grown - aging * (block - self.codec.block_nbytes(batch, heads, head_dim, dtype, bits=self.aged_bits))
 
     def append(self, tokens: torch.Tensor) -> None:
         """Quantize [B, H, n*G, D] as n new blocks; only they are touched."""
-        new = self._encode_or_keep(tokens, first_block=self.num_blocks)
-        self.recent = new if self.recent is None else _cat([self.recent, new])
+        # encoded part by part: blocks are independent, and a long prefill never holds two copies of its codes
+        g, n = self.codec.group_size, tokens.shape[-2] // self.codec.group_size
+        tier_start = _blocks_of(self.repacked) + _blocks_of(self._aged)
+        start = 0
+        while start < n:
+            at = tier_start + _blocks_of(self._recent)
+            end = min(n, start + _part_end(at, self.part_blocks) - at)
+            new = self._encode_or_keep(tokens[:, :, start * g : end * g], first_block=at)
+            self._recent = _append_parts(self._recent, new, self.part_blocks, tier_start)
+            start = end
         if self.aged_bits is not None:
             self._age()
 
@@ -357,26 +465,31 @@ class QuantizedBlocks:
                 f"blocks {bad} have non-finite scales or zeros (quantized from NaN/Inf values, or a range that "
                 "overflows the scale dtype); they cannot be appended"
             )
-        # imported blocks (a store's slices, another process's tensors) may be laid out otherwise; the
-        # fused attention's matmuls then take other kernels and round differently than on fresh blocks
-        blocks = _slice(blocks, 0, blocks.shape[_BLOCK_DIM])
-        self.recent = blocks if self.recent is None else _cat([self.recent, blocks])
+        # copies: imported blocks (a store's slices, another process's tensors) may be laid out otherwise, and
+        # the fused attention's matmuls would then take other kernels and round differently than on fresh blocks
+        tier_start = _blocks_of(self.repacked) + _blocks_of(self._aged)
+        self._recent = _append_parts(self._recent, blocks, self.part_blocks, tier_start, copy=True)
         if self.aged_bits is not None:
             self._age()
 
     def _age(self) -> None:
+        """Re-pack the blocks that left the newest ``recent_tokens`` to ``aged_bits``, part by part."""
         keep = self.recent_tokens // self.codec.group_size
-        excess = self.recent.shape[_BLOCK_DIM] - keep
-        if excess <= 0:
-            return
-        old = _slice(self.recent, 0, excess)
-        self.recent = _slice(self.recent, excess, self.recent.shape[_BLOCK_DIM]) if keep > 0 else None
-        # The one re-quantization mixed precision allows: INT8 -> aged bits, once per block.
-        first = 0 if self.aged is None else self.aged.shape[_BLOCK_DIM]
-        tokens = dequantize(old).flatten(2, 3)
-        # a range that fits INT8's scale can still overflow the coarser tier's; that block stays exact
-        repacked = self._encode_or_keep(tokens, first_block=first, bits=self.aged_bits)
-        self.aged = repacked if self.aged is None else _cat([self.aged, repacked])
+        excess = _blocks_of(self._recent) - keep
+        aged_start = _blocks_of(self.repacked)
+        while excess > 0:
+            part, rest = self._recent[0], self._recent[1:]
+            n = part.shape[_BLOCK_DIM]
+            take = min(n, excess)
+            old = part if take == n else _slice(part, 0, take)
+            self._recent = rest if take == n else [_slice(part, take, n), *rest]
+            # The one re-quantization mixed precision allows: INT8 -> aged bits, once per block.
+            first = aged_start + _blocks_of(self._aged)
+            tokens = dequantize(old).flatten(2, 3)
+            # a range that fits INT8's scale can still overflow the coarser tier's; that block stays exact
+            repacked = self._encode_or_keep(tokens, first_block=first, bits=self.aged_bits)
+            self._aged = _append_parts(self._aged, repacked, self.part_blocks, aged_start)
+            excess -= take
 
     def dequantize_into(self, out: torch.Tensor) -> None:
         """Write all blocks, oldest first, into ``out`` of shape [B, H, num_tokens, D]."""
@@ -439,7 +552,7 @@ class QuantizedBlocks:
 
     def take_blocks(self, start: int, end: int) -> QuantizedTensor:
         """Blocks [start, end) of a single-tier stream, as stored (for export)."""
-        if self.aged is not None or self.repacked:
+        if self._aged or self.repacked:
             raise ValueError("exporting blocks of a stream with aged or re-packed blocks is not supported")
         exact = sorted(i for i in self.full_precision_blocks if start <= i < end)
         if exact:
@@ -447,23 +560,22 @@ class QuantizedBlocks:
                 f"blocks {exact} hold values that could not be quantized (NaN/Inf or out of the scale range) and "
                 "are kept in full precision; they cannot be exported as quantized blocks"
             )
-        return _slice(self.recent, start, end)
+        return _take(self._recent, start, end)
 
     def map_tensors(self, fn) -> None:
         """Apply ``fn`` to every stored tensor (batch reorder / selection, device moves)."""
         self._unchecked = [(first, bad, fn(tokens)) for first, bad, tokens in self._unchecked]
-        for name in ("aged", "recent"):
-            tier = getattr(self, name)
-            if tier is not None:
-                setattr(self, name, tier.map_tensors(fn))
+        self._aged = [part.map_tensors(fn) for part in self._aged]
+        self._recent = [part.map_tensors(fn) for part in self._recent]
         self.repacked = [tier.map_tensors(fn) for tier in self.repacked]
         self._full_precision_blocks = {i: fn(t) for i, t in self._full_precision_blocks.items()}
 
     # ------------------------------------------------------------------ snapshot state (plain tensors and numbers)
     def snapshot_state(self) -> dict[str, Any]:
+        aged, recent = self.aged, self.recent
         return {
-            "aged": None if self.aged is None else self.aged.to_dict(),
-            "recent": None if self.recent is None else self.recent.to_dict(),
+            "aged": None if aged is None else aged.to_dict(),
+            "recent": None if recent is None else recent.to_dict(),
             "repacked": [tier.to_dict() for tier in self.repacked],
             "full_precision_blocks": dict(self.full_precision_blocks),
             "fallback_events": self.fallback_events,
@@ -487,7 +599,10 @@ class QuantizedBlocks:
                     f"re-packed blocks of (group, axis) = {(tier.group_size, tier.axis)} do not match the codec's "
                     f"{(self.codec.group_size, self.codec.quant_axis)}"
                 )
-        self.aged, self.recent, self.repacked = tiers["aged"], tiers["recent"], repacked
+        self.repacked = repacked
+        self._aged = [] if tiers["aged"] is None else self._as_parts([tiers["aged"]], _blocks_of(repacked))
+        self._recent = [] if tiers["recent"] is None else self._as_parts(
+            [tiers["recent"]], _blocks_of(repacked) + _blocks_of(self._aged))
         self.full_precision_blocks = {int(i): t.to(device) for i, t in state["full_precision_blocks"].items()}
         self.fallback_events = int(state["fallback_events"])
         if any(not 0 <= i < self.num_blocks for i in self.full_precision_blocks):

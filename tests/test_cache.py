@@ -407,3 +407,44 @@ def test_constructor_errors():
         QuantizedKVCache({"num_hidden_layers": 2}, "int4")
     with pytest.raises(ValueError, match=r"`skip_layers` names layers \[5\] but the model has 2 layers"):
         QuantizedKVCache(None, "int4", num_layers=2, skip_layers=[5])
+
+
+@pytest.mark.parametrize("quant_type", ["int4", "mixed"])
+def test_tiers_are_held_in_bounded_parts_that_read_as_one(monkeypatch, quant_type):
+    """A long history is held in parts cut at fixed positions (4 of PART_TOKENS, 4 of twice that, ...): a flush
+    copies at most one part (the peak stays close to what is stored), and the parts hold exactly what one tensor
+    per tier would (codes, bytes, history)."""
+    from hf_kvcache_plugin import blocks
+
+    k, v = kv(300)
+    steps = (90, *([1] * 150), 60)
+    monkeypatch.setattr(blocks, "PART_TOKENS", 10**9)
+    whole = make(quant_type, mixed_int8_tokens=32)
+    fill(whole, k, v, steps=steps)
+
+    monkeypatch.setattr(blocks, "PART_TOKENS", 24)  # 3 blocks of 8 tokens per part
+    cat_blocks = []
+    real_cat = blocks._cat
+    monkeypatch.setattr(blocks, "_cat", lambda parts: cat_blocks.append(sum(p.shape[2] for p in parts))
+                        or real_cat(parts))
+    parted = make(quant_type, mixed_int8_tokens=32)
+    fill(parted, k, v, steps=steps)
+
+    assert max(cat_blocks) <= 6  # no copy of more than one part, however long the history
+    for stream in ("quantized_keys", "quantized_values"):
+        a, b = getattr(whole.layers[0], stream), getattr(parted.layers[0], stream)
+        sizes = [t.shape[2] for t in b.tiers]
+        # 35 blocks of 8 tokens (280 tokens flushed): parts of 3, 3, 3, 3, 6, 6, 6, 6 blocks, then the last one;
+        # mixed: the newest 4 blocks (INT8) are a tier of their own, cut at the same positions
+        expected = [3, 3, 3, 3, 6, 6, 6, 5] if quant_type == "int4" else [3, 3, 3, 3, 6, 6, 6, 1, 4]
+        assert sizes == expected, sizes
+        assert b.num_blocks == a.num_blocks and b.nbytes == a.nbytes
+        assert torch.equal(b.dequantize(torch.float32), a.dequantize(torch.float32))
+        for name in ("recent", "aged"):
+            ta, tb = getattr(a, name), getattr(b, name)
+            assert (ta is None) == (tb is None)
+            if ta is not None:
+                assert torch.equal(ta.data, tb.data) and torch.equal(ta.scale, tb.scale)
+    assert whole.get_stats()["total_bytes"] == parted.get_stats()["total_bytes"]
+    for ka, kb in zip(whole.layers[0].dequantized(), parted.layers[0].dequantized()):
+        assert torch.equal(ka, kb)

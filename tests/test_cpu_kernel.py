@@ -98,8 +98,8 @@ def test_cpu_kernel_off_in_the_config_keeps_the_reference_path(realistic_model, 
 
     from hf_kvcache_plugin.attention import reference
 
-    monkeypatch.setattr(reference, "kernel_key_scores", refuse)
-    monkeypatch.setattr(reference, "kernel_value_output", refuse)
+    monkeypatch.setattr(reference, "kernel_key_scores_parts", refuse)
+    monkeypatch.setattr(reference, "kernel_value_output_parts", refuse)
     off = QuantizedKVCache(model.config, "int4", cpu_kernel="off", **options)
     assert off.uses_fused_attention
     assert _generate(model, off, prompt) == with_kernel
@@ -152,3 +152,38 @@ def test_decode_steps_compile_whole_and_equal_eager(realistic_model):
         eager_logits = _decode_step(model, caches[1], token)
     assert caches[0].get_seq_length() == caches[1].get_seq_length() == 83
     torch.testing.assert_close(compiled_logits, eager_logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("rows", [1, 4])
+def test_a_tier_in_parts_gives_the_sums_of_one_tensor_bit_for_bit(bits, symmetric, rows):
+    """One kernel call reads all parts of a tier with one set of accumulators: the same bits as the tier held
+    whole, so how a history is cut into parts never changes output (prefix reuse stays bit-exact)."""
+    from hf_kvcache_plugin.blocks import _slice
+
+    torch.manual_seed(bits + rows)
+    b, h, n, group, d = 2, 3, 7, 16, 48
+    keys = BlockCodec(bits, group, "channel", symmetric, torch.float16).encode(torch.randn(b, h, n * group, d) * 3)
+    values = BlockCodec(bits, group, "token", symmetric, torch.float16).encode(torch.randn(b, h, n * group, d))
+    query = torch.randn(b, h, rows, d)
+    total, offset = n * group + 9, 4
+    probs = torch.softmax(torch.randn(b, h, rows, total), dim=-1)
+    whole_scores, whole_out = torch.zeros(b, h, rows, total), torch.zeros(b, h, rows, d)
+    cpu_kernel.kernel_key_scores(query, keys, whole_scores, offset)
+    cpu_kernel.kernel_value_output(probs, offset, values, whole_out)
+    for cuts in ([0, 1, 7], [0, 3, 4, 7], [0, 2, 4, 6, 7]):
+        k_parts = [_slice(keys, i, j) for i, j in zip(cuts, cuts[1:])]
+        v_parts = [_slice(values, i, j) for i, j in zip(cuts, cuts[1:])]
+        scores, out = torch.zeros(b, h, rows, total), torch.zeros(b, h, rows, d)
+        cpu_kernel.kernel_key_scores_parts(query, k_parts, scores, offset)
+        cpu_kernel.kernel_value_output_parts(probs, offset, v_parts, out)
+        assert torch.equal(scores, whole_scores) and torch.equal(out, whole_out)
+
+
+def test_parts_that_do_not_belong_together_are_refused():
+    codec = BlockCodec(4, 16, "channel", False, torch.float16)
+    a = codec.encode(torch.randn(1, 2, 32, 16))
+    other = BlockCodec(4, 8, "channel", False, torch.float16).encode(torch.randn(1, 2, 32, 16))
+    with pytest.raises(RuntimeError, match="different group sizes"):
+        cpu_kernel.kernel_key_scores_parts(torch.randn(1, 2, 1, 16), [a, other], torch.zeros(1, 2, 1, 64), 0)

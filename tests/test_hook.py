@@ -409,3 +409,35 @@ def test_unservable_settings_are_refused(model, cfg, chunk, message):
     with pytest.raises(ValueError, match=message):
         attach_prefix_cache(model, PrefixStore(1, chunk_size=chunk), cfg)
     assert "generate" not in model.__dict__
+
+
+@pytest.mark.parametrize("part_tokens", [16, 10**9], ids=["history-in-many-parts", "one-part"])
+def test_fused_reuse_is_bit_exact_however_the_history_is_cut_into_parts(model, store, stream, monkeypatch,
+                                                                      part_tokens):
+    """The specification of a hit, through the fused path: a hit's blocks arrive as loaded chunks, the
+    reference's as one flush, and decode adds them one by one; tiers are cut into parts by block position, so
+    both read the same bits (the kernel sums a tier's parts with one set of accumulators)."""
+    from hf_kvcache_plugin import blocks
+
+    monkeypatch.setattr(blocks, "PART_TOKENS", part_tokens)
+    fused = copy.deepcopy(model)
+    enable_quantized_attention(fused)
+    cfg = cache_config("int4")
+    prefix = stream[:3 * CHUNK + 7]
+    with attach_prefix_cache(fused, store, cfg) as hook:
+        generate_hooked(fused, [prefix])
+        ids = torch.cat([prefix, stream[3000:3009]]).unsqueeze(0)
+        out, scores = generate_scored(fused, ids)
+        assert hook.records[-1].hit_tokens == 3 * CHUNK
+    ref_tokens, ref_scores = prefix_quantized_reference(fused, ids, 3 * CHUNK, cfg)
+    assert torch.equal(out, ref_tokens) and torch.equal(scores, ref_scores)
+    parts = [len(layer.quantized_keys.tiers) for layer in hook_cache_layers(fused, ids, cfg)]
+    assert all(n > 4 for n in parts) if part_tokens == 16 else all(n == 1 for n in parts)
+
+
+def hook_cache_layers(model, ids, cfg):
+    """The layers of a cache that prefilled ``ids`` and decoded a few steps (what the parts look like)."""
+    cache = QuantizedKVCache(model.config, cache_config=cfg)
+    type(model).generate(model, ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                         **{GENERATE_CACHE_KWARG: cache})
+    return cache.layers

@@ -94,9 +94,18 @@ constexpr int kTileTokens = 8;
 
 // scores[bh, m, offset + k*G + t] = sum_d q[bh, m, d] * (code[k, t, d] * s[k, d] + z[k, d])
 //                                 = sum_d (q*s)[d] * code[t, d] + (q . z)
+// One tensor of a tier's parts (blocks.py): its codes, scales and zeros, and its blocks (keys) or tokens (values).
+template <typename S>
+struct Part {
+  const uint8_t* data;
+  const S* scale;
+  const S* zero;  // nullptr: symmetric
+  int64_t n;
+};
+
 template <int BITS, typename S>
-void key_scores_kernel(const float* query, const uint8_t* data, const S* scale, const S* zero, float* scores,
-                       int64_t BH, int64_t M, int64_t n, int64_t G, int64_t D, int64_t total, int64_t offset) {
+void key_scores_kernel(const float* query, const std::vector<Part<S>>& parts, float* scores, int64_t BH, int64_t M,
+                       int64_t G, int64_t D, int64_t total, int64_t offset) {
   constexpr int PB = kPerByte<BITS>;
   const int64_t rows_per_block = G / PB;
   const int64_t vec_d = D - D % kLanes;
@@ -106,6 +115,12 @@ void key_scores_kernel(const float* query, const uint8_t* data, const S* scale, 
     std::vector<float> tile(kTileTokens * D);  // widened codes of up to kTileTokens tokens, token-major
     for (int64_t bh = begin; bh < end; ++bh) {
       const float* q = query + bh * M * D;
+      int64_t part_offset = offset;
+      for (const Part<S>& part : parts) {
+      const int64_t n = part.n;
+      const uint8_t* data = part.data;
+      const S* scale = part.scale;
+      const S* zero = part.zero;
       for (int64_t k = 0; k < n; ++k) {
         const S* s = scale + (bh * n + k) * D;
         const S* z = zero == nullptr ? nullptr : zero + (bh * n + k) * D;
@@ -122,7 +137,7 @@ void key_scores_kernel(const float* query, const uint8_t* data, const S* scale, 
         if (M == 1 && vec_d == D) {
           // one query row (no grouped heads): codes go from bytes to sums in registers
           constexpr int R = kTileTokens / PB;  // byte rows per tile
-          float* out = scores + bh * total + offset + k * G;
+          float* out = scores + bh * total + part_offset + k * G;
           int64_t j0 = 0;
           for (; j0 + R <= rows_per_block; j0 += R) {
             vfloat acc[kTileTokens] = {};
@@ -171,7 +186,7 @@ void key_scores_kernel(const float* query, const uint8_t* data, const S* scale, 
                 if (t < count) acc[t] += qv * load_floats(&tile[t * D + d]);
               }
             }
-            float* out = scores + (bh * M + m) * total + offset + k * G + j0 * PB;
+            float* out = scores + (bh * M + m) * total + part_offset + k * G + j0 * PB;
             for (int64_t t = 0; t < count; ++t) {
               float sum = lane_sum(acc[t]);
               for (int64_t e = d; e < D; ++e) sum += qsm[e] * tile[t * D + e];
@@ -180,15 +195,18 @@ void key_scores_kernel(const float* query, const uint8_t* data, const S* scale, 
           }
         }
       }
+      part_offset += n * G;
+      }
     }
   });
 }
 
 // out[bh, m, :] += sum_t probs[bh, m, offset + t] * (code[t, :] * s[t, group] + z[t, group])
+// The parts are summed in one pass with one set of accumulators, so the result does not depend on how the
+// tokens are cut into parts beyond where tiles of TT tokens start (part sizes are multiples of G).
 template <int BITS, typename S>
-void value_output_kernel(const float* probs, const uint8_t* data, const S* scale, const S* zero, float* out,
-                         int64_t BH, int64_t M, int64_t tokens, int64_t ng, int64_t gs, int64_t total,
-                         int64_t offset) {
+void value_output_kernel(const float* probs, const std::vector<Part<S>>& parts, float* out, int64_t BH, int64_t M,
+                         int64_t ng, int64_t gs, int64_t total, int64_t offset) {
   constexpr int PB = kPerByte<BITS>;
   const int64_t bytes_per_group = gs / PB;
   const int64_t vec_j = bytes_per_group - bytes_per_group % kLanes;
@@ -203,6 +221,11 @@ void value_output_kernel(const float* probs, const uint8_t* data, const S* scale
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(bias.begin(), bias.end(), 0.f);
       const float* p = probs + bh * M * total + offset;
+      for (const Part<S>& part : parts) {
+      const int64_t tokens = part.n;
+      const uint8_t* data = part.data;
+      const S* scale = part.scale;
+      const S* zero = part.zero;
       for (int64_t t0 = 0; t0 < tokens; t0 += TT) {
         const int64_t count = std::min<int64_t>(TT, tokens - t0);
         for (int64_t m = 0; m < M; ++m) {
@@ -255,6 +278,8 @@ void value_output_kernel(const float* probs, const uint8_t* data, const S* scale
           }
         }
       }
+      p += tokens;
+      }
       float* o = out + bh * M * dv;
       for (int64_t m = 0; m < M; ++m) {
         for (int64_t g = 0; g < ng; ++g) {
@@ -295,67 +320,147 @@ void dispatch_bits(int64_t bits, F&& f) {
   }
 }
 
-// query [B, H, M, D] f32; data [B, H, n, G/pb, D]; scale/zero [B, H, n, D]; scores [B, H, M, T] f32
-void key_scores(const at::Tensor& query, const at::Tensor& data, const at::Tensor& scale,
-                const c10::optional<at::Tensor>& zero, int64_t bits, at::Tensor& scores, int64_t offset) {
-  check_common(data, scale, zero, bits);
+template <typename S>
+Part<S> part_of(const at::Tensor& data, const at::Tensor& scale, const c10::optional<at::Tensor>& zero, int64_t n) {
+  return Part<S>{data.data_ptr<uint8_t>(), scale.data_ptr<S>(), zero.has_value() ? zero->data_ptr<S>() : nullptr, n};
+}
+
+// One part's codes, scales and zeros in the layout the kernels read.
+// Keys of one part as the kernel reads them: data [B, H, n, G/pb, D], scale/zero [B, H, n, D]. A QuantizedTensor's
+// channel-grouped keys ([B, H, n, D, 1, G/pb] data, [B, H, n, D, 1] scale) are a permuted view of that memory.
+struct PartTensors {
+  at::Tensor data, scale;
+  c10::optional<at::Tensor> zero;
+};
+
+PartTensors key_tensors(const at::Tensor& data, const at::Tensor& scale, const c10::optional<at::Tensor>& zero) {
+  if (data.dim() == 6) {
+    TORCH_CHECK(data.size(4) == 1 && scale.dim() == 5 && scale.size(4) == 1,
+                "hf_kvcache: grouped key codes have to be [B, H, n, D, 1, G/pb] with scales [B, H, n, D, 1]");
+    c10::optional<at::Tensor> z;
+    if (zero.has_value()) z = zero->squeeze(-1).contiguous();
+    // contiguous(): a no-op for blocks as stored; a batch selection may have copied them in the logical order
+    return {data.squeeze(-2).transpose(-1, -2).contiguous(), scale.squeeze(-1).contiguous(), z};
+  }
+  return {data, scale, zero};
+}
+
+// query [B, H, M, D] f32; per part: data [B, H, n, G/pb, D] (or the grouped view), scale/zero [B, H, n, D];
+// scores [B, H, M, T] f32, written at offset .. offset + sum(n) * G
+void key_scores_parts(const at::Tensor& query, at::TensorList data, at::TensorList scale, at::TensorList zero,
+                      int64_t bits, at::Tensor& scores, int64_t offset) {
   TORCH_CHECK(query.dim() == 4 && query.scalar_type() == at::kFloat && query.is_contiguous(),
               "hf_kvcache: the query has to be a contiguous float32 [B, H, M, D] tensor");
   TORCH_CHECK(scores.dim() == 4 && scores.scalar_type() == at::kFloat && scores.is_contiguous(),
               "hf_kvcache: scores have to be a contiguous float32 [B, H, M, T] tensor");
-  TORCH_CHECK(data.dim() == 5, "hf_kvcache: key codes have to be [B, H, n, G/pb, D]");
-  const int64_t B = query.size(0), H = query.size(1), M = query.size(2), D = query.size(3);
-  const int64_t n = data.size(2), G = data.size(3) * (8 / bits), T = scores.size(3);
-  TORCH_CHECK(data.size(0) == B && data.size(1) == H && data.size(4) == D,
-              "hf_kvcache: key codes ", data.sizes(), " do not match the query ", query.sizes());
-  TORCH_CHECK(scale.dim() == 4 && scale.size(0) == B && scale.size(1) == H && scale.size(2) == n && scale.size(3) == D,
-              "hf_kvcache: key scales have to be [B, H, n, D]");
-  TORCH_CHECK(scores.size(0) == B && scores.size(1) == H && scores.size(2) == M && offset >= 0 &&
-                  offset + n * G <= T,
-              "hf_kvcache: scores ", scores.sizes(), " cannot hold ", n * G, " tokens at offset ", offset);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scale.scalar_type(), "key_scores", [&] {
+  TORCH_CHECK(!data.empty() && scale.size() == data.size() && (zero.empty() || zero.size() == data.size()),
+              "hf_kvcache: key parts need as many scales (and zeros, or none) as codes");
+  const int64_t B = query.size(0), H = query.size(1), M = query.size(2), D = query.size(3), T = scores.size(3);
+  TORCH_CHECK(scores.size(0) == B && scores.size(1) == H && scores.size(2) == M,
+              "hf_kvcache: scores ", scores.sizes(), " do not match the query ", query.sizes());
+  std::vector<PartTensors> parts;
+  int64_t G = 0, tokens = 0;
+  for (size_t i = 0; i < data.size(); ++i) {
+    c10::optional<at::Tensor> z;
+    if (!zero.empty()) z = zero[i];
+    PartTensors k = key_tensors(data[i], scale[i], z);
+    check_common(k.data, k.scale, k.zero, bits);
+    TORCH_CHECK(k.data.dim() == 5, "hf_kvcache: key codes have to be [B, H, n, G/pb, D]");
+    const int64_t n = k.data.size(2), g = k.data.size(3) * (8 / bits);
+    TORCH_CHECK(i == 0 || g == G, "hf_kvcache: key parts have different group sizes");
+    TORCH_CHECK(k.scale.scalar_type() == scale[0].scalar_type(), "hf_kvcache: key parts have different scale dtypes");
+    G = g;
+    TORCH_CHECK(k.data.size(0) == B && k.data.size(1) == H && k.data.size(4) == D,
+                "hf_kvcache: key codes ", k.data.sizes(), " do not match the query ", query.sizes());
+    TORCH_CHECK(k.scale.dim() == 4 && k.scale.size(0) == B && k.scale.size(1) == H && k.scale.size(2) == n &&
+                    k.scale.size(3) == D,
+                "hf_kvcache: key scales have to be [B, H, n, D]");
+    tokens += n * G;
+    parts.push_back(std::move(k));
+  }
+  TORCH_CHECK(offset >= 0 && offset + tokens <= T, "hf_kvcache: scores ", scores.sizes(), " cannot hold ", tokens,
+              " tokens at offset ", offset);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, parts[0].scale.scalar_type(), "key_scores", [&] {
+    std::vector<Part<scalar_t>> raw;
+    for (const PartTensors& k : parts) raw.push_back(part_of<scalar_t>(k.data, k.scale, k.zero, k.data.size(2)));
     dispatch_bits(bits, [&](auto b) {
-      key_scores_kernel<decltype(b)::value, scalar_t>(
-          query.data_ptr<float>(), data.data_ptr<uint8_t>(), scale.data_ptr<scalar_t>(),
-          zero.has_value() ? zero->data_ptr<scalar_t>() : nullptr, scores.data_ptr<float>(), B * H, M, n, G, D, T,
-          offset);
+      key_scores_kernel<decltype(b)::value, scalar_t>(query.data_ptr<float>(), raw, scores.data_ptr<float>(), B * H,
+                                                       M, G, D, T, offset);
     });
   });
 }
 
-// probs [B, H, M, T] f32; data [B, H, tokens, ng, gs/pb]; scale/zero [B, H, tokens, ng]; out [B, H, M, ng*gs] f32
-void value_output(const at::Tensor& probs, int64_t offset, const at::Tensor& data, const at::Tensor& scale,
-                  const c10::optional<at::Tensor>& zero, int64_t bits, at::Tensor& out) {
-  check_common(data, scale, zero, bits);
+void key_scores(const at::Tensor& query, const at::Tensor& data, const at::Tensor& scale,
+                const c10::optional<at::Tensor>& zero, int64_t bits, at::Tensor& scores, int64_t offset) {
+  std::vector<at::Tensor> zeros;
+  if (zero.has_value()) zeros.push_back(*zero);
+  key_scores_parts(query, {data}, {scale}, zeros, bits, scores, offset);
+}
+
+// probs [B, H, M, T] f32; per part: data [B, H, tokens, ng, gs/pb] (or [B, H, n, G, ng, gs/pb]),
+// scale/zero [B, H, tokens, ng] (or [B, H, n, G, ng]); out [B, H, M, ng*gs] f32 += the parts' sum
+void value_output_parts(const at::Tensor& probs, int64_t offset, at::TensorList data, at::TensorList scale,
+                        at::TensorList zero, int64_t bits, at::Tensor& out) {
   TORCH_CHECK(probs.dim() == 4 && probs.scalar_type() == at::kFloat && probs.is_contiguous(),
               "hf_kvcache: probabilities have to be a contiguous float32 [B, H, M, T] tensor");
   TORCH_CHECK(out.dim() == 4 && out.scalar_type() == at::kFloat && out.is_contiguous(),
               "hf_kvcache: the output has to be a contiguous float32 [B, H, M, Dv] tensor");
-  TORCH_CHECK(data.dim() == 5, "hf_kvcache: value codes have to be [B, H, tokens, ng, gs/pb]");
+  TORCH_CHECK(!data.empty() && scale.size() == data.size() && (zero.empty() || zero.size() == data.size()),
+              "hf_kvcache: value parts need as many scales (and zeros, or none) as codes");
   const int64_t B = probs.size(0), H = probs.size(1), M = probs.size(2), T = probs.size(3);
-  const int64_t tokens = data.size(2), ng = data.size(3), gs = data.size(4) * (8 / bits);
-  TORCH_CHECK(data.size(0) == B && data.size(1) == H, "hf_kvcache: value codes ", data.sizes(),
-              " do not match the probabilities ", probs.sizes());
-  TORCH_CHECK(scale.dim() == 4 && scale.size(0) == B && scale.size(1) == H && scale.size(2) == tokens &&
-                  scale.size(3) == ng,
-              "hf_kvcache: value scales have to be [B, H, tokens, ng]");
+  std::vector<PartTensors> parts;
+  int64_t ng = 0, gs = 0, tokens = 0;
+  for (size_t i = 0; i < data.size(); ++i) {
+    at::Tensor d = data[i], s = scale[i];
+    c10::optional<at::Tensor> z;
+    if (!zero.empty()) z = zero[i];
+    if (d.dim() == 6) {  // blocks [B, H, n, G, ...] -> tokens [B, H, n*G, ...] (a view for blocks as stored)
+      d = d.flatten(2, 3).contiguous();
+      s = s.flatten(2, 3).contiguous();
+      if (z.has_value()) z = z->flatten(2, 3).contiguous();
+    }
+    check_common(d, s, z, bits);
+    TORCH_CHECK(d.dim() == 5, "hf_kvcache: value codes have to be [B, H, tokens, ng, gs/pb]");
+    TORCH_CHECK(i == 0 || (d.size(3) == ng && d.size(4) * (8 / bits) == gs),
+                "hf_kvcache: value parts have different channel groups");
+    TORCH_CHECK(s.scalar_type() == scale[0].scalar_type(), "hf_kvcache: value parts have different scale dtypes");
+    ng = d.size(3);
+    gs = d.size(4) * (8 / bits);
+    TORCH_CHECK(d.size(0) == B && d.size(1) == H, "hf_kvcache: value codes ", d.sizes(),
+                " do not match the probabilities ", probs.sizes());
+    TORCH_CHECK(s.dim() == 4 && s.size(0) == B && s.size(1) == H && s.size(2) == d.size(2) && s.size(3) == ng,
+                "hf_kvcache: value scales have to be [B, H, tokens, ng]");
+    tokens += d.size(2);
+    parts.push_back({d, s, z});
+  }
   TORCH_CHECK(out.size(0) == B && out.size(1) == H && out.size(2) == M && out.size(3) == ng * gs,
               "hf_kvcache: the output ", out.sizes(), " does not match ", ng * gs, " value channels");
   TORCH_CHECK(offset >= 0 && offset + tokens <= T, "hf_kvcache: ", tokens, " tokens at offset ", offset,
               " exceed the ", T, " probabilities");
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scale.scalar_type(), "value_output", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, parts[0].scale.scalar_type(), "value_output", [&] {
+    std::vector<Part<scalar_t>> raw;
+    for (const PartTensors& v : parts) raw.push_back(part_of<scalar_t>(v.data, v.scale, v.zero, v.data.size(2)));
     dispatch_bits(bits, [&](auto b) {
-      value_output_kernel<decltype(b)::value, scalar_t>(
-          probs.data_ptr<float>(), data.data_ptr<uint8_t>(), scale.data_ptr<scalar_t>(),
-          zero.has_value() ? zero->data_ptr<scalar_t>() : nullptr, out.data_ptr<float>(), B * H, M, tokens, ng, gs, T,
-          offset);
+      value_output_kernel<decltype(b)::value, scalar_t>(probs.data_ptr<float>(), raw, out.data_ptr<float>(), B * H,
+                                                         M, ng, gs, T, offset);
     });
   });
+}
+
+void value_output(const at::Tensor& probs, int64_t offset, const at::Tensor& data, const at::Tensor& scale,
+                  const c10::optional<at::Tensor>& zero, int64_t bits, at::Tensor& out) {
+  std::vector<at::Tensor> zeros;
+  if (zero.has_value()) zeros.push_back(*zero);
+  value_output_parts(probs, offset, {data}, {scale}, zeros, bits, out);
 }
 
 }  // namespace
 
 TORCH_LIBRARY(hf_kvcache, m) {
+  m.def("key_scores_parts(Tensor query, Tensor[] data, Tensor[] scale, Tensor[] zero, int bits, Tensor(a!) scores, "
+        "int offset) -> ()");
+  m.def("value_output_parts(Tensor probs, int offset, Tensor[] data, Tensor[] scale, Tensor[] zero, int bits, "
+        "Tensor(a!) out) -> ()");
   m.def("key_scores(Tensor query, Tensor data, Tensor scale, Tensor? zero, int bits, Tensor(a!) scores, "
         "int offset) -> ()");
   m.def("value_output(Tensor probs, int offset, Tensor data, Tensor scale, Tensor? zero, int bits, "
@@ -365,4 +470,6 @@ TORCH_LIBRARY(hf_kvcache, m) {
 TORCH_LIBRARY_IMPL(hf_kvcache, CPU, m) {
   m.impl("key_scores", &key_scores);
   m.impl("value_output", &value_output);
+  m.impl("key_scores_parts", &key_scores_parts);
+  m.impl("value_output_parts", &value_output_parts);
 }

@@ -25,7 +25,14 @@ import torch
 
 from ..quantization import QuantizedTensor
 
-__all__ = ["cpu_kernel_available", "cpu_kernel_unsupported", "kernel_key_scores", "kernel_value_output"]
+__all__ = [
+    "cpu_kernel_available",
+    "cpu_kernel_unsupported",
+    "kernel_key_scores",
+    "kernel_key_scores_parts",
+    "kernel_value_output",
+    "kernel_value_output_parts",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +86,8 @@ def _register_fakes() -> None:
 
     Both ops write into a tensor they are given and return nothing: their fake does nothing.
     """
-    for op in ("hf_kvcache::key_scores", "hf_kvcache::value_output"):
+    for op in ("hf_kvcache::key_scores", "hf_kvcache::value_output", "hf_kvcache::key_scores_parts",
+               "hf_kvcache::value_output_parts"):
         torch.library.register_fake(op)(lambda *args: None)
 
 
@@ -130,6 +138,21 @@ def kernel_key_scores(qf: torch.Tensor, keys: QuantizedTensor, scores: torch.Ten
     """scores[..., offset : offset + n*G] = qf @ keys^T for keys grouped per channel (``axis == 3``)."""
     data, scale, zero = _key_layout(keys)
     _ops().key_scores(qf, data, scale, zero, keys.bits, scores, offset)
+
+
+def kernel_key_scores_parts(qf: torch.Tensor, parts: list[QuantizedTensor], scores: torch.Tensor, offset: int) -> None:
+    """``kernel_key_scores`` over consecutive parts of one tier (same bits and codec) in one call: the layout
+    changes are done in C++, so a long history held in many parts costs no Python per part."""
+    zeros = [] if parts[0].zero is None else [p.zero for p in parts]
+    _ops().key_scores_parts(qf, [p.data for p in parts], [p.scale for p in parts], zeros, parts[0].bits, scores,
+                            offset)
+
+
+def kernel_value_output_parts(probs: torch.Tensor, offset: int, parts: list[QuantizedTensor], out: torch.Tensor) -> None:
+    """``kernel_value_output`` over consecutive parts of one tier, summed with one set of accumulators."""
+    zeros = [] if parts[0].zero is None else [p.zero for p in parts]
+    _ops().value_output_parts(probs, offset, [p.data for p in parts], [p.scale for p in parts], zeros,
+                              parts[0].bits, out)
 
 
 def kernel_value_output(probs: torch.Tensor, offset: int, values: QuantizedTensor, out: torch.Tensor) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from ..quantization import QuantizedTensor, dequantize
-from .cpu_kernel import kernel_key_scores, kernel_value_output
+from .cpu_kernel import kernel_key_scores_parts, kernel_value_output_parts
 from .history import QuantizedHistory
 from .masks import keep_mask
 
@@ -59,11 +59,14 @@ def attention_from_layer(
     segments = layer.attention_segments()  # [(keys, values, length)], oldest first
     total = sum(length for _, _, length in segments)
     scores = torch.empty(b, hkv, rows, total, dtype=torch.float32, device=query.device)
+    runs = _kernel_runs(segments) if cpu_kernel else {}
     start = 0
-    for keys, _, length in segments:
+    for i, (keys, _, length) in enumerate(segments):
         target = scores[..., start : start + length]
-        if isinstance(keys, QuantizedTensor) and cpu_kernel and keys.axis == 3:
-            kernel_key_scores(qf, keys, scores, start)
+        if i in runs and keys.axis == 3:
+            kernel_key_scores_parts(qf, [segments[j][0] for j in runs[i]], scores, start)
+        elif cpu_kernel and isinstance(keys, QuantizedTensor) and keys.axis == 3:
+            pass  # read with the run it belongs to
         elif isinstance(keys, QuantizedTensor):
             _quantized_key_scores(qf, keys, target, chunk_tokens)
         else:
@@ -82,16 +85,42 @@ def attention_from_layer(
     dv = layer.value_head_dim
     out = torch.zeros(b, hkv, rows, dv, dtype=torch.float32, device=query.device)
     start = 0
-    for _, values, length in segments:
+    for i, (_, values, length) in enumerate(segments):
         p = probs[..., start : start + length]
-        if isinstance(values, QuantizedTensor) and cpu_kernel and values.axis == 4:
-            kernel_value_output(probs, start, values, out)
+        if i in runs and values.axis == 4:
+            kernel_value_output_parts(probs, start, [segments[j][1] for j in runs[i]], out)
+        elif cpu_kernel and isinstance(values, QuantizedTensor) and values.axis == 4:
+            pass  # read with the run it belongs to
         elif isinstance(values, QuantizedTensor):
             _quantized_value_output(p, values, out, chunk_tokens)
         else:
             out += torch.matmul(p, values.float())
         start += length
     return out.reshape(b, hq, q, dv).to(query.dtype)
+
+
+def _kernel_runs(segments) -> dict[int, list[int]]:
+    """First segment index -> the indices of a run of consecutive quantized segments that one kernel call reads:
+    the parts of a tier (same bits, same symmetry). The kernel sums a run's values with one set of accumulators,
+    so a tier reads the same however its blocks are cut into parts."""
+    runs: dict[int, list[int]] = {}
+    head = None
+    for i, (keys, values, _) in enumerate(segments):
+        if not isinstance(keys, QuantizedTensor):
+            head = None
+            continue
+        prev = segments[head][0:2] if head is not None else None
+        if prev is not None and _same_codec(prev[0], keys) and _same_codec(prev[1], values):
+            runs[head].append(i)
+        else:
+            head = i
+            runs[head] = [i]
+    return runs
+
+
+def _same_codec(a: QuantizedTensor, b: QuantizedTensor) -> bool:
+    return (a.bits, a.axis, a.group_size, a.zero is None, a.scale.dtype) == (
+        b.bits, b.axis, b.group_size, b.zero is None, b.scale.dtype)
 
 
 def _chunks(n_blocks: int, group: int, chunk_tokens: int):
