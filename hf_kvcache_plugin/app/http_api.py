@@ -26,7 +26,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -71,12 +71,14 @@ def create_app(
     model_name: str,
     config: PluginConfig | None = None,
     api_keys: Sequence[str] = (),
+    generate: Callable[..., Any] | None = None,
 ) -> FastAPI:
     """The app for ``model`` behind ``service`` (built from the same ``config``); its batcher starts and stops
     with the app (lifespan).
 
     ``model_name`` is the id ``/v1/models`` lists and requests have to name; ``config.serving.api`` sets the
     caps and the batching; ``api_keys`` (none: no key needed) are compared in constant time and never logged.
+    ``generate`` replaces the service's cached path (``http_cluster.RoutedGeneration`` under a launch).
     """
     config = config if config is not None else PluginConfig()
     settings = config.serving.api
@@ -86,7 +88,7 @@ def create_app(
     pad = generation.pad_token_id if generation.pad_token_id is not None else (eos_ids or [0])[0]
     max_positions = getattr(model.config, "max_position_embeddings", None)
     endpoint = ServingEndpoint(
-        restarting(service.endpoint.generate),
+        restarting(generate if generate is not None else service.endpoint.generate),
         None if service.endpoint.fallback_generate is None else restarting(service.endpoint.fallback_generate),
         name="http",
         metrics=service.metrics,
