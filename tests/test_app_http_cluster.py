@@ -59,3 +59,67 @@ def test_a_killed_rank_loses_no_request(launch):
     assert front["stats"].get("served_local_fallback", 0) == routed_to_dead
     # rank 1 saw it go too, and served on
     assert launch[1]["stats"]["breakers"]["2"] == "open"
+
+
+# ---------------------------------------------------------------------- the parts, in one process
+def test_a_view_carries_a_length_and_a_bad_one_is_refused():
+    from hf_kvcache_plugin.distributed.payloads import PayloadError, encode_json
+    from hf_kvcache_plugin.distributed.wire import parse_view
+
+    view = {"node": {"node_id": 1, "address": "", "capacity_mb": 64.0, "state": "active", "port": None},
+            "prompts": [[3, 4, 5]], "directory_version": 0, "migrations": {}, "evictions": 0}  # fmt: skip
+    assert parse_view(encode_json(view), 1, 100)[0].max_new_tokens is None  # an older peer's view
+    assert parse_view(encode_json({**view, "max_new_tokens": 6}), 1, 100)[0].max_new_tokens == 6
+    for bad, problem in ((0, "greater than or equal to 1"), ("6", "valid integer"), (True, "valid integer")):
+        with pytest.raises(PayloadError, match=problem):
+            parse_view(encode_json({**view, "max_new_tokens": bad}), 1, 100)
+
+
+def test_the_length_reaches_serve_batch_on_every_path():
+    from hf_kvcache_plugin import NodeInfo
+    from hf_kvcache_plugin.distributed import CacheCoordinator
+
+    asked = []
+
+    def serve_batch(prompts, max_new_tokens=3):
+        asked.append(max_new_tokens)
+        return [[7] * max_new_tokens for _ in prompts]
+
+    coordinator = CacheCoordinator(NodeInfo(0), serve_batch=serve_batch)
+    assert coordinator.generate([[1, 2]], max_new_tokens=5) == [[7] * 5]
+    assert coordinator.generate([[1, 2]]) == [[7] * 3]  # none named: serve_batch's own
+    assert asked == [5, 3]
+
+
+def test_replayed_tokens_stream_and_end_rows_as_generate_would():
+    from hf_kvcache_plugin.app.batcher import GenerationJob, _BatchWatcher, _Row
+    from hf_kvcache_plugin.app.http_cluster import RoutedGeneration
+    from hf_kvcache_plugin.app.models import load_model
+
+    from .conftest import REAL_MODEL
+
+    _, tokenizer = load_model(str(REAL_MODEL), "cpu")
+    texts, ends = {0: "", 1: ""}, {}
+    job = GenerationJob("r", [[1, 400], [1, 401]], 4, on_text=lambda r, t: texts.__setitem__(r, texts[r] + t),
+                        on_end=lambda r, e: ends.__setitem__(r, e), on_error=lambda e: None)  # fmt: skip
+    rows = [_Row(job, i, ids, tokenizer, lambda end: None) for i, ids in enumerate(job.rows)]
+    eos = tokenizer.eos_token_id
+    outputs = [[300, 301, eos], [302, 303, 304, 305]]  # row 0 ends at EOS, row 1 at its max_tokens
+    RoutedGeneration._replay(outputs, [_BatchWatcher(rows, frozenset([eos]), None)], pad=0)
+    assert (ends[0].finish_reason, ends[0].completion_tokens) == ("stop", 3)
+    assert (ends[1].finish_reason, ends[1].completion_tokens) == ("length", 4)
+    for row, out in zip((0, 1), outputs):
+        whole = tokenizer.decode([1, 400 + row] + [t for t in out if t != eos], skip_special_tokens=True)
+        assert texts[row] == whole[len(tokenizer.decode([1, 400 + row], skip_special_tokens=True)):]
+
+
+def test_routing_needs_a_launch():
+    from hf_kvcache_plugin import NodeInfo
+    from hf_kvcache_plugin.app.http_cluster import RoutedGeneration, serve_worker
+    from hf_kvcache_plugin.distributed import CacheCoordinator
+
+    alone = CacheCoordinator(NodeInfo(0), serve_batch=lambda prompts: prompts)
+    with pytest.raises(ValueError, match="needs a coordinator with a transport"):
+        RoutedGeneration(alone, local=lambda *a, **k: None)
+    with pytest.raises(ValueError, match="runs on ranks other than 0"):
+        serve_worker(alone)
