@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import math
 import re
 import time
 import uuid
@@ -40,6 +41,7 @@ from ..config import PluginConfig
 from ..resilience.endpoint import ServingEndpoint
 from ..resilience.health import HealthReport
 from ..resilience.rate_limit import RateLimitExceeded
+from .event_bridge import STREAM_FLUSH_S, EventBridge
 from .batcher import GenerationBatcher, GenerationJob, QueueFull, RowEnd, restarting
 from .openai_protocol import (
     FALLBACK_CHAT_TEMPLATE,
@@ -223,12 +225,8 @@ def create_app(
     ) -> Any:
         request_id = f"{prefix}-{request.state.request_id}"
         rows = [ids for ids in prompts for _ in range(body.n)]
-        events: asyncio.Queue[tuple[str, int, Any]] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-
-        def put(event: str, row: int, payload: Any) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop closed: nobody is listening any more
-                loop.call_soon_threadsafe(events.put_nowait, (event, row, payload))
+        bridge = EventBridge(asyncio.get_running_loop(), STREAM_FLUSH_S if body.stream else math.inf)
+        events, put = bridge.queue, bridge.put
 
         job = GenerationJob(
             request_id, rows, max_new,
