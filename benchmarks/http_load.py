@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -119,7 +120,13 @@ class Server:
                 raise RuntimeError("the server did not start")
             time.sleep(0.1)
         self.url = f"http://127.0.0.1:{self.port.value}"
+        self._process = psutil.Process(self.proc.pid)
         return self
+
+    def cpu_s(self) -> float:
+        """CPU seconds the server process has used (user + system): steadier than wall time on a busy machine."""
+        times = self._process.cpu_times()
+        return times.user + times.system
 
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
@@ -265,16 +272,17 @@ def sequential_run(args: argparse.Namespace) -> dict:
     lines = _stdin_lines(args)
     settings = {"threads": args.threads, "api": {"max_batch_size": 1, "max_tokens": 64}, "rate_limit": False}
 
-    async def one_by_one(url: str) -> tuple[list[dict], float]:
+    async def one_by_one(url: str, cpu_s) -> tuple[list[dict], float, dict[str, float]]:
         async with httpx.AsyncClient(timeout=600) as http:
             await _stream_one(http, url, "key-0", lines[0], args.max_tokens)  # warm-up, as for the other runs
-            start, records = time.perf_counter(), []
+            start, records, server_cpu, client_cpu = time.perf_counter(), [], cpu_s(), time.process_time()
             for prompt in lines:
                 records.append(await _stream_one(http, url, "key-0", prompt, args.max_tokens))
-            return records, time.perf_counter() - start
+            cpu = {"server": cpu_s() - server_cpu, "client": time.process_time() - client_cpu}
+            return records, time.perf_counter() - start, cpu
 
     with Server(settings, ["key-0"]) as server:
-        records, wall = asyncio.run(one_by_one(server.url))
+        records, wall, cpu = asyncio.run(one_by_one(server.url, server.cpu_s))
     answered = [r for r in records if r["done"]]
     return {
         "mode": "http, one at a time", "requests": len(records), "answered": len(answered),
@@ -283,6 +291,8 @@ def sequential_run(args: argparse.Namespace) -> dict:
         "latency_p50_s": _quantile([r["latency_s"] for r in answered], 0.5),
         "latency_p99_s": _quantile([r["latency_s"] for r in answered], 0.99),
         "sse_text_chunks_per_answer": sum(r["chunks"] for r in answered) / max(1, len(answered)), "wall_s": wall,
+        "server_cpu_ms_per_answer": 1e3 * cpu["server"] / max(1, len(answered)),
+        "client_cpu_ms_per_answer": 1e3 * cpu["client"] / max(1, len(answered)),
         "latencies_s": sorted(r["latency_s"] for r in answered),
         "lost_records": [{k: r[k] for k in ("status", "text")} for r in records if not r["done"]],
     }  # fmt: skip
@@ -307,6 +317,8 @@ def stdin_run(args: argparse.Namespace) -> dict:
     proc.stdin.write(lines[0] + "\n")  # warm-up, as for the HTTP runs
     proc.stdin.flush()
     proc.stdout.readline()
+    server = psutil.Process(proc.pid)
+    cpu_start = sum(server.cpu_times()[:2])
     start = time.perf_counter()
     proc.stdin.write("".join(line + "\n" for line in lines))
     proc.stdin.close()
@@ -316,6 +328,7 @@ def stdin_run(args: argparse.Namespace) -> dict:
             break
         latencies.append(time.perf_counter() - start)
     wall = time.perf_counter() - start
+    cpu = sum(server.cpu_times()[:2]) - cpu_start  # before it exits: the stdin server's own CPU time
     proc.wait(60)
     os.unlink(f.name)
     os.unlink(log.name)
@@ -323,7 +336,7 @@ def stdin_run(args: argparse.Namespace) -> dict:
         "mode": "stdin (one by one)", "requests": len(lines), "answered": len(latencies),
         "lost": len(lines) - len(latencies), "answers_per_s": len(latencies) / wall,
         "latency_p50_s": _quantile(latencies, 0.5), "latency_p99_s": _quantile(latencies, 0.99), "wall_s": wall,
-        "latencies_s": latencies,
+        "server_cpu_ms_per_answer": 1e3 * cpu / max(1, len(latencies)), "latencies_s": latencies,
     }  # fmt: skip
 
 
@@ -376,7 +389,8 @@ def main() -> int:
         rec.add(**row)
     columns = ["mode", "requests", "answered", "lost", "wrong", "during_fault", "answers_per_s", "ttft_p50_s",
                "ttft_p99_s", "latency_p50_s", "latency_p99_s", "noisy_429", "noisy_200", "normal_429",
-               "breaker_opens", "sse_text_chunks_per_answer"]  # fmt: skip
+               "breaker_opens", "sse_text_chunks_per_answer", "server_cpu_ms_per_answer",
+               "client_cpu_ms_per_answer"]  # fmt: skip
     print(format_table(rows, columns))
     rec.write()
     plot(rows, rec.out_dir / f"{args.name}.png")
