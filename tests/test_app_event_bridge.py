@@ -1,5 +1,6 @@
-"""``EventBridge``: a request's events reach the event loop in order, text joined between handovers, the first
-piece and every end at once. A manual clock; the loop runs only to deliver."""
+"""The HTTP server's plumbing. ``EventBridge``: a request's events reach the event loop in order, text joined
+between handovers, the first piece and every end at once (a manual clock; the loop runs only to deliver). And
+idle connections: the server keeps them longer than clients do."""
 
 from __future__ import annotations
 
@@ -70,3 +71,15 @@ def test_a_closed_loop_drops_events_quietly():
     bridge = EventBridge(loop, flush_s=0.0, clock=Clock())
     loop.close()
     bridge.put("end", 0, "stop")  # the client went away and the loop with it: nothing raises
+
+
+def test_the_server_keeps_idle_connections_longer_than_clients_do():
+    import httpx
+    import openai
+
+    from hf_kvcache_plugin.app.http_serve import ApiServer
+
+    server = ApiServer(app=None)
+    # the client closes an idle pooled connection first: no request is sent onto one the server is closing
+    for client_expiry in (httpx.Limits().keepalive_expiry, openai.DEFAULT_CONNECTION_LIMITS.keepalive_expiry):
+        assert server.config.timeout_keep_alive > client_expiry

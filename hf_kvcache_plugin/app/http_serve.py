@@ -61,12 +61,20 @@ def check_exposure(host: str, keys: list[str], settings: ApiServerConfig) -> Non
         )
 
 
+# Idle keep-alive connections are closed by the server after this long. Longer than the 5 s after which
+# httpx (and so the openai client) drops an idle pooled connection: the client closes first. With both at
+# 5 s a client can send a request onto a connection the server is closing at that moment and get "Server
+# disconnected without sending a response" (encode/httpx#2487, a lost answer in a load test).
+KEEP_ALIVE_S = 65
+
+
 class ApiServer:
     """uvicorn serving ``app`` on (host, port) in a daemon thread; ``port=0`` picks a free port."""
 
     def __init__(self, app: object, host: str = "127.0.0.1", port: int = 0, *, log_level: str = "warning"):
         self.app, self.host, self.port = app, host, port
-        self.config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=5)
+        self.config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=5,
+                                     timeout_keep_alive=KEEP_ALIVE_S)  # fmt: skip
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._socket: socket.socket | None = None
