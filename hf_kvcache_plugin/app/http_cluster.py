@@ -73,10 +73,10 @@ class RoutedGeneration:
         if kwargs.get("do_sample"):
             with self._lock:
                 return self.local(input_ids, **kwargs)
+        rows = input_ids.cpu()
         mask = kwargs.get("attention_mask")
-        # [batch, width] left-padded -> each row's prompt tokens
-        prompts = [row[m.bool()].tolist() if mask is not None else row.tolist() for row, m in
-                   zip(input_ids.cpu(), mask.cpu() if mask is not None else input_ids.cpu())]  # fmt: skip
+        keep = torch.ones_like(rows, dtype=torch.bool) if mask is None else mask.cpu().bool()
+        prompts = [row[k].tolist() for row, k in zip(rows, keep)]  # [batch, width] left-padded -> each row's tokens
         with self._lock:
             outputs = self.coordinator.generate(prompts, client="http", max_new_tokens=kwargs["max_new_tokens"])
             self._last_round = time.monotonic()
