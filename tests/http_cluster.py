@@ -24,7 +24,6 @@ import os
 
 os.environ["OMP_NUM_THREADS"] = "1"  # before torch: forked ranks must not inherit an OpenMP pool
 
-import argparse  # noqa: E402
 import json  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
@@ -35,7 +34,7 @@ from pathlib import Path  # noqa: E402
 import openai  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from coordinator_cluster import launch_ranks  # noqa: E402
+from coordinator_cluster import launch_ranks, launcher_args  # noqa: E402
 
 from hf_kvcache_plugin.app.http_api import create_app  # noqa: E402
 from hf_kvcache_plugin.app.http_cluster import RoutedGeneration, serve_worker  # noqa: E402
@@ -136,11 +135,7 @@ def worker(rank: int, out_dir: Path, model) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--timeout", type=float, default=120.0)
-    args = parser.parse_args()
-    args.out_dir.mkdir(parents=True, exist_ok=True)
+    args = launcher_args(120.0)
     model, tokenizer = load_model(str(embedded_model_path()), "cpu")
 
     def run_rank(rank: int) -> None:
