@@ -2,6 +2,7 @@
 
     python benchmarks/http_load.py            # 32 clients x 8 requests + 48 over the rate limit
     python benchmarks/http_load.py --quick    # 8 clients x 4 requests
+    python benchmarks/http_load.py --sequential  # the stdin run's 64 requests over HTTP one at a time, and stdin
 
 The server runs in a child process (``ApiServer`` around ``create_app`` on
 ``build_service``: stories260K, INT8 cache, prefix store) with one API key
@@ -41,6 +42,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -91,7 +93,10 @@ def _serve(settings: dict, keys: list[str], port: "mp.Value", fault: "mp.Event",
                 raise OSError("injected store fault (insert)")
             return super().put_chain(*args, **kwargs)
 
-    config = parse_config({**CONFIG, "serving": {**CONFIG["serving"], "api": settings["api"]}})
+    serving = {**CONFIG["serving"], "api": settings["api"]}
+    if not settings.get("rate_limit", True):
+        serving.pop("rate_limit")
+    config = parse_config({**CONFIG, "serving": serving})
     model, tokenizer = load_model(str(MODEL_PATH), "cpu")
     service = build_service(model, config, http=False, store=FaultyStore.from_config(config))
     server = ApiServer(create_app(service, model, tokenizer, "stories260K", config, keys)).start()
@@ -115,7 +120,13 @@ class Server:
                 raise RuntimeError("the server did not start")
             time.sleep(0.1)
         self.url = f"http://127.0.0.1:{self.port.value}"
+        self._process = psutil.Process(self.proc.pid)
         return self
+
+    def cpu_s(self) -> float:
+        """CPU seconds the server process has used (user + system): steadier than wall time on a busy machine."""
+        times = self._process.cpu_times()
+        return times.user + times.system
 
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
@@ -127,7 +138,7 @@ class Server:
 # ---------------------------------------------------------------------- the clients
 async def _stream_one(http: httpx.AsyncClient, url: str, key: str, prompt: str, max_tokens: int) -> dict:
     body = {"model": "stories260K", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
-    start, first, text, done, status = time.perf_counter(), None, "", False, None
+    start, first, text, done, status, chunks = time.perf_counter(), None, "", False, None, 0
     try:
         async with http.stream("POST", url + "/v1/completions", json=body,
                                headers={"Authorization": f"Bearer {key}"}) as response:  # fmt: skip
@@ -143,14 +154,15 @@ async def _stream_one(http: httpx.AsyncClient, url: str, key: str, prompt: str, 
                 if "error" in event:
                     status = event["error"]["message"]
                 for choice in event.get("choices", []):
-                    if choice["text"] and first is None:
-                        first = time.perf_counter()
+                    if choice["text"]:
+                        first = time.perf_counter() if first is None else first
+                        chunks += 1
                     text += choice["text"]
     except httpx.HTTPError as exc:
-        status = f"{type(exc).__name__}"
+        status = f"{type(exc).__name__}: {exc}"  # the message too: a lost answer has to say why
     end = time.perf_counter()
     return {"prompt": prompt, "text": text, "done": done, "status": status, "ttft_s": None if first is None else
-            first - start, "latency_s": end - start}  # fmt: skip
+            first - start, "latency_s": end - start, "chunks": chunks}  # fmt: skip
 
 
 async def _load(url: str, args: argparse.Namespace, fault: "mp.Event") -> tuple[list[dict], list[int], float]:
@@ -237,6 +249,7 @@ def http_run(args: argparse.Namespace, batch: int) -> dict:
         "noisy_200": noisy.count(200),
         "normal_429": sum(r["status"] == 429 for r in records),
         "breaker_opens": float(opens.group(1)) if opens else 0.0,
+        "sse_text_chunks_per_answer": sum(r["chunks"] for r in answered) / max(1, len(answered)),
         "wall_s": wall,
         "latencies_s": sorted(r["latency_s"] for r in answered),
         # what went wrong, to read in the JSON
@@ -248,10 +261,46 @@ def http_run(args: argparse.Namespace, batch: int) -> dict:
     }
 
 
+def _stdin_lines(args: argparse.Namespace) -> list[str]:
+    lines = [SYSTEM + QUESTIONS[(c + i) % len(QUESTIONS)] for i in range(args.per_client) for c in range(args.clients)]
+    return lines[: args.stdin_requests]
+
+
+def sequential_run(args: argparse.Namespace) -> dict:
+    """The stdin run's requests over HTTP, one at a time from one client (``max_batch_size`` 1, no rate limit,
+    no faults, no noisy client): what serving one request after another costs over HTTP."""
+    lines = _stdin_lines(args)
+    settings = {"threads": args.threads, "api": {"max_batch_size": 1, "max_tokens": 64}, "rate_limit": False}
+
+    async def one_by_one(url: str, cpu_s) -> tuple[list[dict], float, dict[str, float]]:
+        async with httpx.AsyncClient(timeout=600) as http:
+            await _stream_one(http, url, "key-0", lines[0], args.max_tokens)  # warm-up, as for the other runs
+            start, records, server_cpu, client_cpu = time.perf_counter(), [], cpu_s(), time.process_time()
+            for prompt in lines:
+                records.append(await _stream_one(http, url, "key-0", prompt, args.max_tokens))
+            cpu = {"server": cpu_s() - server_cpu, "client": time.process_time() - client_cpu}
+            return records, time.perf_counter() - start, cpu
+
+    with Server(settings, ["key-0"]) as server:
+        records, wall, cpu = asyncio.run(one_by_one(server.url, server.cpu_s))
+    answered = [r for r in records if r["done"]]
+    return {
+        "mode": "http, one at a time", "requests": len(records), "answered": len(answered),
+        "lost": len(records) - len(answered), "answers_per_s": len(answered) / wall,
+        "ttft_p50_s": _quantile([r["ttft_s"] for r in answered], 0.5),
+        "latency_p50_s": _quantile([r["latency_s"] for r in answered], 0.5),
+        "latency_p99_s": _quantile([r["latency_s"] for r in answered], 0.99),
+        "sse_text_chunks_per_answer": sum(r["chunks"] for r in answered) / max(1, len(answered)), "wall_s": wall,
+        "server_cpu_ms_per_answer": 1e3 * cpu["server"] / max(1, len(answered)),
+        "client_cpu_ms_per_answer": 1e3 * cpu["client"] / max(1, len(answered)),
+        "latencies_s": sorted(r["latency_s"] for r in answered),
+        "lost_records": [{k: r[k] for k in ("status", "text")} for r in records if not r["done"]],
+    }  # fmt: skip
+
+
 def stdin_run(args: argparse.Namespace) -> dict:
     """The same normal requests (no faults, no noisy client) through ``hf-kvcache serve`` on stdin."""
-    lines = [SYSTEM + QUESTIONS[(c + i) % len(QUESTIONS)] for i in range(args.per_client) for c in range(args.clients)]
-    lines = lines[: args.stdin_requests]
+    lines = _stdin_lines(args)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         json.dump({k: v for k, v in CONFIG.items() if k != "serving"}, f)  # JSON is YAML; no rate limit
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.threads)}
@@ -268,6 +317,8 @@ def stdin_run(args: argparse.Namespace) -> dict:
     proc.stdin.write(lines[0] + "\n")  # warm-up, as for the HTTP runs
     proc.stdin.flush()
     proc.stdout.readline()
+    server = psutil.Process(proc.pid)
+    cpu_start = sum(server.cpu_times()[:2])
     start = time.perf_counter()
     proc.stdin.write("".join(line + "\n" for line in lines))
     proc.stdin.close()
@@ -277,6 +328,7 @@ def stdin_run(args: argparse.Namespace) -> dict:
             break
         latencies.append(time.perf_counter() - start)
     wall = time.perf_counter() - start
+    cpu = sum(server.cpu_times()[:2]) - cpu_start  # before it exits: the stdin server's own CPU time
     proc.wait(60)
     os.unlink(f.name)
     os.unlink(log.name)
@@ -284,7 +336,7 @@ def stdin_run(args: argparse.Namespace) -> dict:
         "mode": "stdin (one by one)", "requests": len(lines), "answered": len(latencies),
         "lost": len(lines) - len(latencies), "answers_per_s": len(latencies) / wall,
         "latency_p50_s": _quantile(latencies, 0.5), "latency_p99_s": _quantile(latencies, 0.99), "wall_s": wall,
-        "latencies_s": latencies,
+        "server_cpu_ms_per_answer": 1e3 * cpu / max(1, len(latencies)), "latencies_s": latencies,
     }  # fmt: skip
 
 
@@ -321,17 +373,24 @@ def main() -> int:
     parser.add_argument("--stdin-requests", type=int, default=64, help="requests of the stdin run (the first N)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--name", default="http_load")
+    parser.add_argument("--sequential", action="store_true",
+                        help="only the stdin run's requests over HTTP one at a time, next to the stdin run")
+    parser.add_argument("--name")
     args = parser.parse_args()
     if args.quick:
         args.clients, args.per_client, args.noisy, args.stdin_requests, args.batch_sizes = 8, 4, 24, 16, "1,8"
+    args.name = args.name or ("http_load_sequential" if args.sequential else "http_load")
     rec = Recorder(args.name, {k: v for k, v in vars(args).items() if k != "quick"} | {"config": CONFIG})
-    rows = [http_run(args, int(b)) for b in args.batch_sizes.split(",")] + [stdin_run(args)]
+    if args.sequential:
+        rows = [sequential_run(args), stdin_run(args)]
+    else:
+        rows = [http_run(args, int(b)) for b in args.batch_sizes.split(",")] + [stdin_run(args)]
     for row in rows:
         rec.add(**row)
     columns = ["mode", "requests", "answered", "lost", "wrong", "during_fault", "answers_per_s", "ttft_p50_s",
                "ttft_p99_s", "latency_p50_s", "latency_p99_s", "noisy_429", "noisy_200", "normal_429",
-               "breaker_opens"]  # fmt: skip
+               "breaker_opens", "sse_text_chunks_per_answer", "server_cpu_ms_per_answer",
+               "client_cpu_ms_per_answer"]  # fmt: skip
     print(format_table(rows, columns))
     rec.write()
     plot(rows, rec.out_dir / f"{args.name}.png")

@@ -246,12 +246,18 @@ def launch_ranks(world: int, run_rank, timeout_s: float, waited: list[int]) -> i
     return 1 if failed else 0
 
 
-def main() -> int:
+def launcher_args(timeout_s: float) -> argparse.Namespace:
+    """``OUT_DIR [--timeout SECONDS]`` of a launcher script; OUT_DIR is created."""
     parser = argparse.ArgumentParser()
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--timeout", type=float, default=45.0)
+    parser.add_argument("--timeout", type=float, default=timeout_s)
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def main() -> int:
+    args = launcher_args(45.0)
     model = load_model()
     return launch_ranks(WORLD, lambda rank: Rank(rank, model, args.out_dir).run(), args.timeout, waited=[0, 1])
 

@@ -23,10 +23,11 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import math
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -40,6 +41,7 @@ from ..config import PluginConfig
 from ..resilience.endpoint import ServingEndpoint
 from ..resilience.health import HealthReport
 from ..resilience.rate_limit import RateLimitExceeded
+from .event_bridge import STREAM_FLUSH_S, EventBridge
 from .batcher import GenerationBatcher, GenerationJob, QueueFull, RowEnd, restarting
 from .openai_protocol import (
     FALLBACK_CHAT_TEMPLATE,
@@ -71,12 +73,14 @@ def create_app(
     model_name: str,
     config: PluginConfig | None = None,
     api_keys: Sequence[str] = (),
+    generate: Callable[..., Any] | None = None,
 ) -> FastAPI:
     """The app for ``model`` behind ``service`` (built from the same ``config``); its batcher starts and stops
     with the app (lifespan).
 
     ``model_name`` is the id ``/v1/models`` lists and requests have to name; ``config.serving.api`` sets the
     caps and the batching; ``api_keys`` (none: no key needed) are compared in constant time and never logged.
+    ``generate`` replaces the service's cached path (``http_cluster.RoutedGeneration`` under a launch).
     """
     config = config if config is not None else PluginConfig()
     settings = config.serving.api
@@ -86,7 +90,7 @@ def create_app(
     pad = generation.pad_token_id if generation.pad_token_id is not None else (eos_ids or [0])[0]
     max_positions = getattr(model.config, "max_position_embeddings", None)
     endpoint = ServingEndpoint(
-        restarting(service.endpoint.generate),
+        restarting(generate if generate is not None else service.endpoint.generate),
         None if service.endpoint.fallback_generate is None else restarting(service.endpoint.fallback_generate),
         name="http",
         metrics=service.metrics,
@@ -221,12 +225,8 @@ def create_app(
     ) -> Any:
         request_id = f"{prefix}-{request.state.request_id}"
         rows = [ids for ids in prompts for _ in range(body.n)]
-        events: asyncio.Queue[tuple[str, int, Any]] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-
-        def put(event: str, row: int, payload: Any) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop closed: nobody is listening any more
-                loop.call_soon_threadsafe(events.put_nowait, (event, row, payload))
+        bridge = EventBridge(asyncio.get_running_loop(), STREAM_FLUSH_S if body.stream else math.inf)
+        events, put = bridge.queue, bridge.put
 
         job = GenerationJob(
             request_id, rows, max_new,

@@ -1,5 +1,8 @@
 """``hf-kvcache serve --http``: the OpenAI-compatible API on uvicorn, and ``ApiServer`` to run it in a thread.
 
+With a ``distributed:`` section under ``torchrun`` only rank 0 binds the port;
+the other ranks serve the prompts routed to them (``http_cluster``).
+
 API keys are ``serving.api.api_keys`` plus the comma-separated environment
 variable named by ``serving.api.api_keys_env``. Without any, the server
 refuses to bind anything but a loopback address: an open model on a network
@@ -24,6 +27,7 @@ import uvicorn
 
 from ..config import ApiServerConfig, PluginConfig
 from .http_api import create_app
+from .http_cluster import FRONT_RANK, RoutedGeneration, serve_worker
 from .models import load_model, resolve_model
 from .service import OUTCOMES, build_service
 
@@ -57,12 +61,20 @@ def check_exposure(host: str, keys: list[str], settings: ApiServerConfig) -> Non
         )
 
 
+# Idle keep-alive connections are closed by the server after this long. Longer than the 5 s after which
+# httpx (and so the openai client) drops an idle pooled connection: the client closes first. With both at
+# 5 s a client can send a request onto a connection the server is closing at that moment and get "Server
+# disconnected without sending a response" (encode/httpx#2487, a lost answer in a load test).
+KEEP_ALIVE_S = 65
+
+
 class ApiServer:
     """uvicorn serving ``app`` on (host, port) in a daemon thread; ``port=0`` picks a free port."""
 
     def __init__(self, app: object, host: str = "127.0.0.1", port: int = 0, *, log_level: str = "warning"):
         self.app, self.host, self.port = app, host, port
-        self.config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=5)
+        self.config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=5,
+                                     timeout_keep_alive=KEEP_ALIVE_S)  # fmt: skip
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._socket: socket.socket | None = None
@@ -128,8 +140,27 @@ def serve_http(args: argparse.Namespace, config: PluginConfig) -> int:
     name = resolve_model(args.model, config)
     model, tokenizer = load_model(name, args.device)
     served_name = Path(name).name if Path(name).is_dir() else name
-    with build_service(model, config, http=False) as service:
-        app = create_app(service, model, tokenizer, served_name, config, keys)
+    # greedy unless a request samples: rounds (under a launch) serve what rank 0 routes with these
+    with build_service(model, config, http=False, generate_kwargs={"do_sample": False}) as service:
+        routed = None
+        coordinator = service.coordinator
+        if coordinator is not None and coordinator.transport is not None:  # `distributed:` under torchrun
+            if coordinator.node_id != FRONT_RANK:
+                print(f"[http] rank {coordinator.node_id}: serving rounds for rank {FRONT_RANK}", file=sys.stderr,
+                      flush=True)  # fmt: skip
+                previous = signal.signal(signal.SIGTERM, _interrupt)
+                try:
+                    rounds = serve_worker(coordinator)
+                except KeyboardInterrupt:  # the launcher stops every rank: leave (peers stop waiting at once)
+                    rounds = coordinator.stats()["round"]
+                finally:
+                    signal.signal(signal.SIGTERM, previous)
+                served = coordinator.stats().get("served_for_others", 0)
+                print(f"[serve] rank {coordinator.node_id}: {rounds} rounds, {served} prompts served for rank "
+                      f"{FRONT_RANK}", file=sys.stderr)  # fmt: skip
+                return 0
+            routed = RoutedGeneration(coordinator, service.endpoint.generate).start()
+        app = create_app(service, model, tokenizer, served_name, config, keys, generate=routed)
         server = ApiServer(app, host, port, log_level="info")
         sock = server.bind()
         print(f"[http] OpenAI API on {server.url}/v1 (model {served_name!r}; /healthz /readyz /metrics; "
@@ -144,6 +175,8 @@ def serve_http(args: argparse.Namespace, config: PluginConfig) -> int:
         finally:
             signal.signal(signal.SIGTERM, previous)
             sock.close()
+            if routed is not None:
+                routed.stop()
         value = service.metrics.value
         counts = {o: int(value("hf_kvcache_requests_total", entry_point="http", outcome=o) or 0) for o in OUTCOMES}
     print("[serve] generate calls: " + ", ".join(f"{k} {v}" for k, v in counts.items()), file=sys.stderr)

@@ -66,7 +66,7 @@ logger = logging.getLogger(__name__)
 MIB = 2**20
 ENTRY_POINT = "coordinator"  # the entry point and component label in ServingMetrics
 
-ServeBatch = Callable[[list[list[int]]], list[list[int]]]
+ServeBatch = Callable[..., list[list[int]]]  # (prompts[, max_new_tokens]) -> the new tokens of each
 PromptKeys = Callable[[Sequence[int]], list[bytes]]
 
 
@@ -266,8 +266,12 @@ class CacheCoordinator:
         """A round without prompts: keeps migrations, directories and evictions moving (never rate-limited)."""
         self._generate([])
 
-    def generate(self, prompts: Sequence[Sequence[int]], *, client: str = "default") -> list[list[int]]:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], *, client: str = "default", max_new_tokens: int | None = None
+    ) -> list[list[int]]:
         """New tokens for each prompt, in order, served wherever its prefix is; see the module docstring.
+
+        ``max_new_tokens`` (None: ``serve_batch``'s own) goes with the prompts to whichever process serves them.
 
         Raises ``RateLimitExceeded`` when ``client`` is over its rate limit (after taking part in the round).
         """
@@ -288,7 +292,7 @@ class CacheCoordinator:
                 self._generate([])  # the peers expect this process's view in this round
             raise ValueError(f"`prompts` has to be a list of token id lists: {exc}") from exc
         try:
-            outputs, recomputed = self._generate(prompts)
+            outputs, recomputed = self._generate(prompts, max_new_tokens)
         except Exception as exc:  # noqa: BLE001 - counted, then re-raised as it was
             if self.metrics is not None:
                 self.metrics.record_error(ENTRY_POINT, exc)
@@ -297,17 +301,17 @@ class CacheCoordinator:
         self._count("degraded" if recomputed else "served")
         return outputs
 
-    def _generate(self, prompts: list[list[int]]) -> tuple[list[list[int]], int]:
+    def _generate(self, prompts: list[list[int]], max_new_tokens: int | None = None) -> tuple[list[list[int]], int]:
         """The outputs, and how many prompts were recomputed here because their server did not answer."""
         if self.transport is None or self.node.state == NodeState.OFFLINE:
             self.counters["served_local"] += len(prompts)
-            outputs = self._serve(prompts)
+            outputs = self._serve(prompts, max_new_tokens)
             self.entry_exchange.publish()
             return outputs, 0
         self.start()
         reason = "peer_unavailable"
         try:
-            outputs = self.rounds.run(prompts)
+            outputs = self.rounds.run(prompts, max_new_tokens)
         except (dist.DistError, pybreaker.CircuitBreakerError) as exc:
             # the store itself failed (its breaker is open, or it went away): this round is served here
             logger.warning("rank %d: round %d served locally, the store failed: %s", self.node_id,
@@ -321,7 +325,7 @@ class CacheCoordinator:
             self.counters["served_local_fallback"] += len(missing)
             if self.metrics is not None:
                 self.metrics.record_fallback(ENTRY_POINT, "generate", reason, len(missing))
-            outputs.update(zip(missing, self._serve([prompts[i] for i in missing])))
+            outputs.update(zip(missing, self._serve([prompts[i] for i in missing], max_new_tokens)))
         return [outputs[i] for i in range(len(prompts))], len(missing)
 
     def _check_prompts(self, prompts: list[list[int]]) -> None:
@@ -339,12 +343,13 @@ class CacheCoordinator:
     def _keys_of(self, prompt: list[int]) -> list[bytes]:
         return [] if self.prompt_keys is None else list(self.prompt_keys(prompt))
 
-    def _serve(self, prompts: list[list[int]]) -> list[list[int]]:
+    def _serve(self, prompts: list[list[int]], max_new_tokens: int | None = None) -> list[list[int]]:
         if not prompts:
             return []
         if self.serve_batch is None:
             raise ValueError("this coordinator has no `serve_batch`; pass one to serve prompts")
-        outputs = self.serve_batch(prompts)
+        # a `serve_batch` of one argument serves callers that never name a length
+        outputs = self.serve_batch(prompts) if max_new_tokens is None else self.serve_batch(prompts, max_new_tokens)
         if len(outputs) != len(prompts):
             raise ValueError(f"`serve_batch` returned {len(outputs)} outputs for {len(prompts)} prompts")
         return [[int(t) for t in out] for out in outputs]

@@ -112,7 +112,10 @@ def attach_coordinator(
         config,
         local_entries=PrefixStoreAdapter(prefix_store, checks=(layout.problem, guard)),
         transport=transport,
-        serve_batch=lambda prompts: generate_new_tokens(hook.model, prompts, pad_token_id, **(generate_kwargs or {})),
+        serve_batch=lambda prompts, max_new_tokens=None: generate_new_tokens(
+            hook.model, prompts, pad_token_id,
+            **{**(generate_kwargs or {}), **({} if max_new_tokens is None else {"max_new_tokens": max_new_tokens})},
+        ),  # fmt: skip
         # the hook never reuses a prompt's last token (its logits start generation): route on the rest
         prompt_keys=lambda prompt: chunk_keys(namespace, list(prompt)[:-1], chunk),
         metrics=metrics,

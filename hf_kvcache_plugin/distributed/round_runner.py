@@ -48,7 +48,7 @@ __all__ = ["RoundRunner", "RoundState"]
 
 logger = logging.getLogger(__name__)
 
-Serve = Callable[[list[list[int]]], list[list[int]]]
+Serve = Callable[..., list[list[int]]]  # (prompts, max_new_tokens=None) -> new tokens of each
 KeysOf = Callable[[list[int]], list[bytes]]
 
 
@@ -101,13 +101,15 @@ class RoundRunner:
     def node_id(self) -> int:
         return self.cluster.node_id
 
-    def run(self, prompts: list[list[int]]) -> dict[int, list[int]]:
-        """One round (see the module docstring); returns the outputs that came, by prompt index."""
+    def run(self, prompts: list[list[int]], max_new_tokens: int | None = None) -> dict[int, list[int]]:
+        """One round (see the module docstring); returns the outputs that came, by prompt index.
+
+        ``max_new_tokens`` travels with this process's prompts: whoever serves them generates that many."""
         state = RoundState(self.messages.begin())
         try:
             state.keys[self.node_id] = [self.keys_of(p) for p in prompts]
             self.entry_exchange.publish()
-            view = self._view(prompts)
+            view = self._view(prompts, max_new_tokens)
             body = encode_json(view)
             if len(body) > self.messages.transport.max_payload_bytes:
                 # too big to send: this process's prompts stay out of the plan and are served here
@@ -128,12 +130,12 @@ class RoundRunner:
         finally:
             self.messages.forget_settled()  # every round old enough, skipped ones and failed ones too
 
-    def _view(self, prompts: list[list[int]]) -> dict[str, Any]:
-        return {
-            "node": decode_json(self.cluster.node.to_json()),
-            "prompts": prompts,
-            **self.entry_exchange.announcements(),
-        }
+    def _view(self, prompts: list[list[int]], max_new_tokens: int | None = None) -> dict[str, Any]:
+        view = {"node": decode_json(self.cluster.node.to_json()), "prompts": prompts,
+                **self.entry_exchange.announcements()}  # fmt: skip
+        if max_new_tokens is not None:  # absent otherwise: the view of a process that never sets it is unchanged
+            view["max_new_tokens"] = max_new_tokens
+        return view
 
     def _read_views(self, state: RoundState) -> None:
         for peer in self.cluster.peers_to_hear():
@@ -178,9 +180,13 @@ class RoundRunner:
     def _serve_round(self, state: RoundState) -> dict[int, list[int]]:
         """Serve what the plan gives this process; post each origin its part. Returns this process's own."""
         mine = sorted(key for key, route in state.routes.items() if route.server == self.node_id)
-        batch = [state.views[origin]["prompts"][i] for origin, i in mine]
         try:
-            served = dict(zip(mine, self.serve(batch))) if batch else {}
+            served = {}
+            # one generate per length asked for (origins may ask for different ones)
+            for new_tokens in sorted({state.views[o].get("max_new_tokens") for o, _ in mine}, key=str):
+                part = [(o, i) for o, i in mine if state.views[o].get("max_new_tokens") == new_tokens]
+                batch = [state.views[origin]["prompts"][i] for origin, i in part]
+                served.update(zip(part, self.serve(batch, new_tokens)))
         except Exception as exc:  # noqa: BLE001 - a peer's prompt must not fail this process's round
             if all(origin == self.node_id for origin, _ in mine):
                 raise

@@ -33,13 +33,15 @@ class _Message(BaseModel):
 
 
 class ViewMessage(_Message):
-    """A process's round view (``round_runner``): its record, its prompts, its announcements."""
+    """A process's round view (``round_runner``): its record, its prompts, its announcements, and how many new
+    tokens its prompts want (None: the server's own ``generate_kwargs``)."""
 
     node: dict[str, Any]
     prompts: list[list[Token]]
     directory_version: Count
     migrations: dict[str, Count]
     evictions: Count
+    max_new_tokens: Annotated[int, Field(ge=1)] | None = None
 
 
 class DirectoryMessage(_Message):
