@@ -459,12 +459,6 @@ class QuantizedKVCache(Cache):
     # ------------------------------------------------------------------ snapshot files
     def save(self, path: str | Path) -> int:
         """Write this cache to ``path`` as a checksummed snapshot, atomically; returns the file size in bytes."""
-        sliding = [i for i, layer in enumerate(self.layers) if isinstance(layer, QuantizedSlidingWindowLayer)]
-        if sliding:
-            raise ValueError(
-                f"layers {sliding} are quantized sliding-window layers, which snapshots do not hold yet; build the "
-                "cache with `skip_layers` naming them to save it"
-            )
         state, meta = cache_state(self.layers, self.cache_config, self.get_seq_length())
         return write_snapshot(path, _SNAPSHOT_KIND, state, meta)
 

@@ -51,6 +51,15 @@ class QuantizedSlidingWindowLayer(QuantizedKVLayer):
         self._dropped = 0  # tokens that left the window and were dropped from the front
 
     @property
+    def window_dropped_tokens(self) -> int:
+        """Tokens that left the window and were dropped from the front (counted by ``get_seq_length``)."""
+        return self._dropped
+
+    @window_dropped_tokens.setter
+    def window_dropped_tokens(self, count: int) -> None:  # a snapshot's restore
+        self._dropped = count
+
+    @property
     def _keep(self) -> int:
         """Tokens the next step still attends to, as ``DynamicSlidingWindowLayer`` keeps them."""
         return max(self.sliding_window - 1, 0)
