@@ -37,7 +37,12 @@ from transformers.cache_utils import (
 )
 
 from ._compat import DummyLayer
-from .attention.dispatch import QUANTIZED_ATTENTION, prepare_fused_attention, select_fused_attention
+from .attention.dispatch import (
+    QUANTIZED_ATTENTION,
+    position_bias_follows_keys,
+    prepare_fused_attention,
+    select_fused_attention,
+)
 from .attention.history import FusedStep, hand_over
 from .budget import (
     MIB,
@@ -332,12 +337,14 @@ class QuantizedKVCache(Cache):
 
     @property
     def uses_fused_attention(self) -> bool:
-        """True when the model runs ``kvquant_sdpa`` and the config asks for the fused path."""
+        """True when the model runs ``kvquant_sdpa`` and the config asks for the fused path (never for a model
+        whose position bias follows the returned keys' length: T5, see ``position_bias_follows_keys``)."""
         return (
             self.cache_config.attention == "fused"
             and not self.offloading
             and self._attention_config is not None
             and getattr(self._attention_config, "_attn_implementation", None) == QUANTIZED_ATTENTION
+            and not position_bias_follows_keys(self._attention_config)
         )
 
     def batch_select_indices(self, indices: torch.Tensor | Sequence[int]) -> None:

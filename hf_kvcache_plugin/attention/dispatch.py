@@ -34,6 +34,7 @@ from .triton_attention import triton_attention_from_layer, triton_available, tri
 __all__ = [
     "QUANTIZED_ATTENTION",
     "enable_quantized_attention",
+    "position_bias_follows_keys",
     "prepare_fused_attention",
     "quantized_attention_forward",
     "register_quantized_attention",
@@ -87,6 +88,14 @@ def select_fused_attention(decoder_config) -> bool:
     return True
 
 
+def position_bias_follows_keys(config) -> bool:
+    """True for models whose attention derives a relative position bias from the length of the keys the cache
+    returns (T5 and its family: ``relative_attention_num_buckets``). A fused step returns only the new tokens' keys,
+    so such a model would build its bias for those alone and add it to every position of the history: their
+    decode steps have to get the whole history from the cache (the dequantized path)."""
+    return getattr(config, "relative_attention_num_buckets", None) is not None
+
+
 def prepare_fused_attention() -> None:
     """Build or load the CPU kernel now (once per process), outside any decode step or compiled region."""
     cpu_kernel_available()
@@ -113,6 +122,14 @@ def quantized_attention_forward(
                                    "standard path")
         key, value = history.dequantized()
         step.finish()
+        bias = kwargs.get("position_bias")
+        if bias is not None and bias.shape[-1] != key.shape[-2]:
+            # made by the model from the keys `update` returned (this step's alone): added to the whole history, it
+            # would shift every score by one position's bias; wrong logits, silently
+            raise RuntimeError(
+                f"{QUANTIZED_ATTENTION}: the model built its position bias for {bias.shape[-1]} key(s) but the "
+                f"history holds {key.shape[-2]}; build the cache with attention='dequantize' for this model"
+            )
         if kwargs.get("output_attentions") or kwargs.get("softcap") is not None:
             return _eager_attention(query, key, value, attention_mask, dropout, scaling, kwargs.get("softcap"))
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
