@@ -211,8 +211,7 @@ class QuantizedKVCache(Cache):
         self._admit_update(layer_idx, key_states, value_states)
         layer = self.layers[layer_idx]
         if (
-            isinstance(layer, QuantizedKVLayer) and layer.holds_tokens and not layer.is_sliding
-            and self.uses_fused_attention
+            isinstance(layer, QuantizedKVLayer) and layer.holds_tokens and self.uses_fused_attention
             and not tracks_grad(key_states, value_states)  # the fused kernels have no backward: dense K/V then
         ):  # fmt: skip
             # transformers >= 5.24 passes the attention kwargs as `kwargs=` (the same dict reaches the attention
@@ -250,9 +249,6 @@ class QuantizedKVCache(Cache):
         layer = self.layers[layer_idx]
         if not isinstance(layer, QuantizedKVLayer) or not layer.holds_tokens:
             raise ValueError(f"layer {layer_idx} holds no quantized history to attend to; call `update` for a prefill")
-        if layer.is_sliding:
-            raise ValueError(f"layer {layer_idx} is a sliding-window layer, which fused attention does not read; "
-                             "call `update`")
         self._admit_update(layer_idx, key_states, value_states)
         return self._fused_step(layer, key_states, value_states, attention_kwargs)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 from transformers import DynamicCache, MistralConfig, MistralForCausalLM
@@ -9,6 +11,8 @@ from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from hf_kvcache_plugin import CacheConfig, PrefixStore, QuantizedKVCache, attach_prefix_cache
 from hf_kvcache_plugin.budget import layer_nbytes
+from hf_kvcache_plugin.attention import FUSED_STEP_KEY, FusedStep, dispatch
+from hf_kvcache_plugin.attention.dispatch import quantized_attention_forward
 from hf_kvcache_plugin.sliding_layer import QuantizedSlidingWindowLayer
 from hf_kvcache_plugin.snapshot_file import SnapshotError, read_snapshot, write_snapshot
 
@@ -78,6 +82,70 @@ def test_crop_within_the_held_tokens_and_refused_beyond():
     assert ours.get_seq_length() == ref.get_seq_length()
     with pytest.raises(RuntimeError, match="sliding-window layer holds the last"):
         ours.crop(-1)
+
+
+def _sliding_mask(seen: int, n: int, visible: int) -> torch.Tensor:
+    """The model's mask over the window: query i at position seen - n + i, key j at seen - visible + j."""
+    q_pos = torch.arange(seen - n, seen)[:, None]
+    k_pos = torch.arange(seen - visible, seen)[None, :]
+    return ((k_pos <= q_pos) & (q_pos - k_pos < WINDOW))[None, None]
+
+
+@pytest.mark.parametrize("case", ["mask", "no mask", "fallback"])
+def test_fused_attention_reads_the_window_and_masks_the_tokens_held_before_it(case):
+    """kvquant_sdpa over the packed blocks equals SDPA over the dequantized window, at every step: the tokens the
+    layer holds before the window (a block straddling its start) are left out; so does its dequantizing fallback
+    (attention weights asked for)."""
+    layer = _layer(bits=4)
+    generator = torch.Generator().manual_seed(8)
+    layer.update(torch.randn(B, H, 27, D, generator=generator), torch.randn(B, H, 27, D, generator=generator))
+    hidden_seen = set()
+    for n in (1, 1, 1, 1, 1, 3, 1, 1, 1, 1, 2, 1):
+        k, v = torch.randn(B, H, n, D, generator=generator), torch.randn(B, H, n, D, generator=generator)
+        query = torch.randn(B, 2 * H, n, D, generator=generator)  # two query heads per KV head
+        layer.append(k, v, defer_flush=True)
+        seen = layer.get_seq_length()
+        visible = min(seen - n, WINDOW - 1) + n  # what DynamicSlidingWindowLayer shows this step
+        keys, values = layer._materialize()  # every token held, dequantized
+        hidden_seen.add(keys.shape[2] - visible)
+        assert layer.attention_window(n) == (keys.shape[2] - visible, visible)
+        torch.testing.assert_close(layer.window_dequantized(n), (keys[:, :, -visible:], values[:, :, -visible:]))
+        keys, values = keys[:, :, -visible:], values[:, :, -visible:]
+        mask = _sliding_mask(seen, n, visible)
+        want = torch.nn.functional.scaled_dot_product_attention(
+            query, keys.repeat_interleave(2, 1), values.repeat_interleave(2, 1), attn_mask=mask, scale=0.3
+        ).transpose(1, 2)
+        module = torch.nn.Module()
+        module.sliding_window = WINDOW
+        step = FusedStep(history=layer, finish=layer.flush_deferred, cpu_kernel=False)
+        got, weights = quantized_attention_forward(
+            module, query, k, v, None if case == "no mask" and n == 1 else mask, scaling=0.3, sliding_window=WINDOW,
+            output_attentions=case == "fallback", **{FUSED_STEP_KEY: step},
+        )
+        assert (weights is not None) == (case == "fallback")
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert not layer.flush_pending
+    assert max(hidden_seen) > 0 and 0 in hidden_seen
+
+
+def test_mistral_fused_generates_as_dequantized_with_a_left_padded_batch():
+    model = _tiny_mistral()
+    ids = torch.randint(3, 96, (2, 30), generator=torch.Generator().manual_seed(9))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # the second row is 25 tokens, left-padded
+    kwargs = dict(do_sample=False, max_new_tokens=14, min_new_tokens=14, attention_mask=mask, pad_token_id=0)
+    options = dict(group_size=GROUP, residual_length=4)
+    plain = model.generate(ids, past_key_values=QuantizedKVCache(model.config, "int8", attention="dequantize",
+                                                                 **options), **kwargs)
+    calls = []
+    original = dispatch.attention_from_layer
+    cache = QuantizedKVCache(model.config, "int8", **options)
+    assert cache.uses_fused_attention
+    with mock.patch.object(dispatch, "attention_from_layer", lambda *a, **k: calls.append(1) or original(*a, **k)):
+        fused = model.generate(ids, past_key_values=cache, **kwargs)
+    model.set_attn_implementation("sdpa")
+    assert len(calls) == 2 * 13  # every decode step of both (sliding) layers read the packed blocks
+    assert torch.equal(fused, plain)
 
 
 def _tiny_mistral() -> MistralForCausalLM:
