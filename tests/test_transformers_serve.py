@@ -77,7 +77,7 @@ def _transformers_serve(model_dir: Path, log_path: Path, env: dict):
         deadline = time.monotonic() + _WAIT_S
         while True:
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2).close()
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
                 break
             except OSError:
                 if server.poll() is not None or time.monotonic() > deadline:
