@@ -37,7 +37,12 @@ from transformers.cache_utils import (
 )
 
 from ._compat import DummyLayer
-from .attention.dispatch import QUANTIZED_ATTENTION, prepare_fused_attention, select_fused_attention
+from .attention.dispatch import (
+    QUANTIZED_ATTENTION,
+    position_bias_follows_keys,
+    prepare_fused_attention,
+    select_fused_attention,
+)
 from .attention.history import FusedStep, hand_over
 from .budget import (
     MIB,
@@ -206,8 +211,7 @@ class QuantizedKVCache(Cache):
         self._admit_update(layer_idx, key_states, value_states)
         layer = self.layers[layer_idx]
         if (
-            isinstance(layer, QuantizedKVLayer) and layer.holds_tokens and not layer.is_sliding
-            and self.uses_fused_attention
+            isinstance(layer, QuantizedKVLayer) and layer.holds_tokens and self.uses_fused_attention
             and not tracks_grad(key_states, value_states)  # the fused kernels have no backward: dense K/V then
         ):  # fmt: skip
             # transformers >= 5.24 passes the attention kwargs as `kwargs=` (the same dict reaches the attention
@@ -245,9 +249,6 @@ class QuantizedKVCache(Cache):
         layer = self.layers[layer_idx]
         if not isinstance(layer, QuantizedKVLayer) or not layer.holds_tokens:
             raise ValueError(f"layer {layer_idx} holds no quantized history to attend to; call `update` for a prefill")
-        if layer.is_sliding:
-            raise ValueError(f"layer {layer_idx} is a sliding-window layer, which fused attention does not read; "
-                             "call `update`")
         self._admit_update(layer_idx, key_states, value_states)
         return self._fused_step(layer, key_states, value_states, attention_kwargs)
 
@@ -332,12 +333,14 @@ class QuantizedKVCache(Cache):
 
     @property
     def uses_fused_attention(self) -> bool:
-        """True when the model runs ``kvquant_sdpa`` and the config asks for the fused path."""
+        """True when the model runs ``kvquant_sdpa`` and the config asks for the fused path (never for a model
+        whose position bias follows the returned keys' length: T5, see ``position_bias_follows_keys``)."""
         return (
             self.cache_config.attention == "fused"
             and not self.offloading
             and self._attention_config is not None
             and getattr(self._attention_config, "_attn_implementation", None) == QUANTIZED_ATTENTION
+            and not position_bias_follows_keys(self._attention_config)
         )
 
     def batch_select_indices(self, indices: torch.Tensor | Sequence[int]) -> None:
@@ -459,12 +462,6 @@ class QuantizedKVCache(Cache):
     # ------------------------------------------------------------------ snapshot files
     def save(self, path: str | Path) -> int:
         """Write this cache to ``path`` as a checksummed snapshot, atomically; returns the file size in bytes."""
-        sliding = [i for i, layer in enumerate(self.layers) if isinstance(layer, QuantizedSlidingWindowLayer)]
-        if sliding:
-            raise ValueError(
-                f"layers {sliding} are quantized sliding-window layers, which snapshots do not hold yet; build the "
-                "cache with `skip_layers` naming them to save it"
-            )
         state, meta = cache_state(self.layers, self.cache_config, self.get_seq_length())
         return write_snapshot(path, _SNAPSHOT_KIND, state, meta)
 

@@ -1,13 +1,15 @@
 """Snapshots: a cache's layers to plain tensors and numbers and back, every part checked on the way in.
 
-``cache_state`` / ``layers_from_state`` turn the layers (ours, transformers'
-dynamic, sliding and dummy ones) into plain tensors and numbers and back;
+``cache_state`` / ``layers_from_state`` turn the layers (ours, full-attention
+and sliding-window, transformers' dynamic, sliding and dummy ones) into plain
+tensors and numbers and back;
 ``QuantizedKVCache.save`` / ``load`` write and read them with
 ``snapshot_file`` (safetensors, checksummed). A file that passed the
 checksum may still be crafted or written by a buggy build, so
 ``layers_from_state`` checks what it builds from: each quantized layer's
 settings against the file's ``cache_config``, dtypes, shapes against the
-recorded ``[batch, heads, head_dim, value_head_dim]``, every block tier's
+recorded ``[batch, heads, head_dim, value_head_dim]``, a sliding layer's
+window and the tokens that left it, every block tier's
 codes, scales and zeros (finite), token counts against the recorded length,
 and one length for every full-attention layer. Any fault is a
 ``SnapshotError`` naming the layer.
@@ -25,6 +27,7 @@ from ._compat import DummyLayer
 from .config import CacheConfig
 from .layer import LayerSettings, QuantizedKVLayer
 from .quantization import dtype_from_name, dtype_name, quantized_tensor_problem
+from .sliding_layer import QuantizedSlidingWindowLayer
 from .snapshot_file import SNAPSHOT_FORMAT_VERSION, SnapshotError, read_snapshot, write_snapshot
 
 __all__ = [
@@ -60,10 +63,10 @@ def layers_from_state(state: dict[str, Any], device: torch.device | str, cache_c
     if not isinstance(layer_states, list) or not layer_states:
         raise SnapshotError(f"`layers` has to be a non-empty list but got {type(layer_states).__name__}")
     layers = [_layer_from_state(idx, s, device, cache_config) for idx, s in enumerate(layer_states)]
+    # an empty layer counts 0 tokens: a forward step fills every layer, so one empty beside full ones is a fault
     full = {
         idx: layer.get_seq_length() for idx, layer in enumerate(layers)
         if isinstance(layer, (QuantizedKVLayer, DynamicLayer)) and not isinstance(layer, DynamicSlidingWindowLayer)
-        and layer.is_initialized
     }  # fmt: skip
     if len(set(full.values())) > 1:
         raise SnapshotError(f"the full-attention layers hold different numbers of tokens: {full}")
@@ -73,10 +76,14 @@ def layers_from_state(state: dict[str, Any], device: torch.device | str, cache_c
 def _quantized_layer_state(layer: QuantizedKVLayer) -> dict[str, Any]:
     """Settings and every held tensor, as plain tensors and numbers."""
     state: dict[str, Any] = {"settings": dataclasses.asdict(layer.settings), "initialized": layer.is_initialized}
+    if isinstance(layer, QuantizedSlidingWindowLayer):
+        state["sliding_window"] = layer.sliding_window
+        if layer.is_initialized:
+            state["window_dropped_tokens"] = layer.window_dropped_tokens
     if layer.is_initialized:
         state.update(
             dtype=dtype_name(layer.dtype),
-            length=layer.get_seq_length(),
+            length=layer.get_seq_length() - state.get("window_dropped_tokens", 0),  # seen, less those that left a window
             dropped_tokens=layer.dropped_tokens,
             shape=[layer.batch_size, layer.num_heads, layer.head_dim, layer.value_head_dim],
             sink_keys=layer.sink_keys, sink_values=layer.sink_values,
@@ -87,10 +94,15 @@ def _quantized_layer_state(layer: QuantizedKVLayer) -> dict[str, Any]:
 
 
 def _quantized_layer_from_state(
-    idx: int, state: dict[str, Any], device: torch.device | str, cache_config: CacheConfig
+    idx: int, state: dict[str, Any], device: torch.device | str, cache_config: CacheConfig, sliding: bool = False
 ) -> QuantizedKVLayer:
     settings = LayerSettings(**state["settings"])
     expected = LayerSettings.for_layer(cache_config, idx)
+    if sliding:
+        window = state["sliding_window"]
+        if type(window) is not int or window < 1:
+            raise SnapshotError(f"layer {idx}: `sliding_window` has to be a positive integer but got {window!r}")
+        expected = dataclasses.replace(expected, sink_tokens=0)  # a window keeps no sinks (sliding_layer)
     differences = [
         f"{f.name} {getattr(settings, f.name)!r} (the cache_config gives {getattr(expected, f.name)!r})"
         for f in dataclasses.fields(LayerSettings)
@@ -98,7 +110,7 @@ def _quantized_layer_from_state(
     ]
     if differences:
         raise SnapshotError(f"layer {idx} was saved with other settings than the file's cache_config: {differences}")
-    layer = QuantizedKVLayer(settings)
+    layer = QuantizedSlidingWindowLayer(settings, sliding_window=window) if sliding else QuantizedKVLayer(settings)
     if state["initialized"] is False:
         return layer
     if state["initialized"] is not True:
@@ -128,6 +140,13 @@ def _quantized_layer_from_state(
     if type(dropped) is not int or not 0 <= dropped <= length:
         raise SnapshotError(f"layer {idx}: `dropped_tokens` has to be an integer in [0, {length}] but got {dropped!r}")
     layer.dropped_tokens = dropped
+    if sliding:
+        window_dropped = state["window_dropped_tokens"]
+        if type(window_dropped) is not int or window_dropped < 0:
+            raise SnapshotError(
+                f"layer {idx}: `window_dropped_tokens` has to be an integer >= 0 but got {window_dropped!r}"
+            )
+        layer.window_dropped_tokens = window_dropped
     for name, (sink, blocks, residual, width) in {
         "keys": (layer.sink_keys, layer.quantized_keys, layer.residual_keys, d),
         "values": (layer.sink_values, layer.quantized_values, layer.residual_values, dv),
@@ -166,7 +185,8 @@ def _check_tokens(
 
 def _layer_state(idx: int, layer: Any) -> dict[str, Any]:
     if isinstance(layer, QuantizedKVLayer):
-        return {"kind": "quantized", **_quantized_layer_state(layer)}
+        kind = "quantized_sliding" if isinstance(layer, QuantizedSlidingWindowLayer) else "quantized"
+        return {"kind": kind, **_quantized_layer_state(layer)}
     if isinstance(layer, DummyLayer):
         return {"kind": "dummy"}
     if isinstance(layer, DynamicLayer):  # DynamicSlidingWindowLayer included
@@ -179,8 +199,8 @@ def _layer_state(idx: int, layer: Any) -> dict[str, Any]:
 
 def _layer_from_state(idx: int, state: dict[str, Any], device: torch.device | str, cache_config: CacheConfig) -> Any:
     kind = state["kind"]
-    if kind == "quantized":
-        return _quantized_layer_from_state(idx, state, device, cache_config)
+    if kind in ("quantized", "quantized_sliding"):
+        return _quantized_layer_from_state(idx, state, device, cache_config, sliding=kind == "quantized_sliding")
     if kind == "dummy":
         return DummyLayer()
     if kind not in ("dynamic", "sliding"):
@@ -221,7 +241,10 @@ def _layout_of(layer: Any) -> tuple:
         heads, head_dim = layer.settings.expected_num_heads, layer.settings.expected_head_dim
         if layer.is_initialized:
             heads, head_dim = layer.num_heads, layer.head_dim
-        return ("quantized", heads, head_dim, layer.key_bits, layer.value_bits)
+        layout = ("quantized", heads, head_dim, layer.key_bits, layer.value_bits)
+        if isinstance(layer, QuantizedSlidingWindowLayer):
+            layout = ("quantized_sliding", *layout[1:], layer.sliding_window)
+        return layout
     if isinstance(layer, DynamicSlidingWindowLayer):
         return ("sliding", layer.sliding_window)
     return (type(layer).__name__,)
@@ -236,7 +259,7 @@ def check_same_layout(expected: list, loaded: list) -> None:
         if len(a) != len(b) or any(x is not None and y is not None and x != y for x, y in zip(a, b)):
             raise SnapshotError(
                 f"it is from another model or setting: layer {idx} was saved as {b} "
-                "(kind, kv heads, head_dim, key bits, value bits) but this model and config give " + str(a)
+                "(kind, kv heads, head_dim, key bits, value bits[, sliding window]) but this model and config give " + str(a)
             )
 
 

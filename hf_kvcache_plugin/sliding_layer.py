@@ -12,9 +12,11 @@ Attention sees exactly what ``DynamicSlidingWindowLayer`` shows it: ``update``
 returns the last ``min(seen, sliding_window - 1)`` tokens plus the new ones,
 and ``get_mask_sizes`` gives the same length and offset, so the model's
 sliding mask is built as for ``DynamicCache`` and a hybrid model can mix these
-layers with full ones. Decode steps dequantize the visible window (the fused
-``kvquant_sdpa`` path serves full-attention layers only): one
-``sliding_window x head_dim`` dequantization per layer and step.
+layers with full ones. Decode steps through ``kvquant_sdpa`` read the packed
+blocks as for full-attention layers, the held tokens before the window (at
+most ``group_size - 1``, in the block straddling its start) masked out
+(``attention_window``); with ``attention="dequantize"`` a step dequantizes
+the visible window instead.
 
 Sinks make no sense in a window (they leave it), so this layer keeps none.
 ``residual_length`` still holds the newest tokens exact; a window no larger
@@ -49,6 +51,15 @@ class QuantizedSlidingWindowLayer(QuantizedKVLayer):
     def _clear(self) -> None:
         super()._clear()
         self._dropped = 0  # tokens that left the window and were dropped from the front
+
+    @property
+    def window_dropped_tokens(self) -> int:
+        """Tokens that left the window and were dropped from the front (counted by ``get_seq_length``)."""
+        return self._dropped
+
+    @window_dropped_tokens.setter
+    def window_dropped_tokens(self, count: int) -> None:  # a snapshot's restore
+        self._dropped = count
 
     @property
     def _keep(self) -> int:
@@ -116,6 +127,20 @@ class QuantizedSlidingWindowLayer(QuantizedKVLayer):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         seen = self.get_seq_length()
         return min(seen, self._keep) + query_length, max(seen - self._keep, 0)
+
+    def attention_window(self, query_length: int) -> tuple[int, int]:
+        """(held tokens before the window, tokens in it) for a step whose ``query_length`` new tokens were appended
+        already (the fused path): the model's mask covers the second count, ``get_mask_sizes``' length."""
+        held = self._length - self.dropped_tokens
+        visible = min(self.get_seq_length() - query_length, self._keep) + query_length
+        return held - visible, visible
+
+    def window_dequantized(self, query_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values such a step attends to (``attention_window``'s second count), dense: what the fused
+        path falls back to. (``dequantized()`` is the window the *next* step sees.)"""
+        _, visible = self.attention_window(query_length)
+        keys, values = self._materialize()
+        return keys[:, :, keys.shape[2] - visible :], values[:, :, values.shape[2] - visible :]
 
     # ------------------------------------------------------------------ accounting and edits
     def nbytes_after_append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> int:

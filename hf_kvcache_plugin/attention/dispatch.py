@@ -8,8 +8,10 @@ tensors when triton is installed (``triton_attention``), the C++ kernel for
 CPU tensors (``cpu_kernel``, built once per machine), else the PyTorch
 reference (``reference``). Everything else -- prefill, any other cache -- is
 plain SDPA, and so is anything the fused path does not support (attention
-weights output, softcapping, sliding windows, dropout, position bias), with
-one log line saying so.
+weights output, softcapping, a sliding window over a full-attention layer's
+history, dropout, position bias), with one log line saying so. A sliding-window
+layer's history (``QuantizedSlidingWindowLayer``) is read fused: the tokens it
+holds before its window are masked out.
 
 ``select_fused_attention(config)`` is how a cache makes this path the default:
 a decoder on plain SDPA is switched to ``kvquant_sdpa``; eager, flash and
@@ -34,6 +36,7 @@ from .triton_attention import triton_attention_from_layer, triton_available, tri
 __all__ = [
     "QUANTIZED_ATTENTION",
     "enable_quantized_attention",
+    "position_bias_follows_keys",
     "prepare_fused_attention",
     "quantized_attention_forward",
     "register_quantized_attention",
@@ -87,6 +90,14 @@ def select_fused_attention(decoder_config) -> bool:
     return True
 
 
+def position_bias_follows_keys(config) -> bool:
+    """True for models whose attention derives a relative position bias from the length of the keys the cache
+    returns (T5 and its family: ``relative_attention_num_buckets``). A fused step returns only the new tokens' keys,
+    so such a model would build its bias for those alone and add it to every position of the history: their
+    decode steps have to get the whole history from the cache (the dequantized path)."""
+    return getattr(config, "relative_attention_num_buckets", None) is not None
+
+
 def prepare_fused_attention() -> None:
     """Build or load the CPU kernel now (once per process), outside any decode step or compiled region."""
     cpu_kernel_available()
@@ -107,16 +118,28 @@ def quantized_attention_forward(
     if step is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
     history = step.history
-    unsupported = _unsupported(module, dropout, kwargs)
+    # a sliding layer holds up to a block's worth of tokens before its window, which the model's mask leaves out
+    window = history.attention_window(query.shape[2]) if getattr(history, "is_sliding", False) else None
+    unsupported = _unsupported(module, dropout, kwargs, window)
     if unsupported:
         _log_once(logging.WARNING, f"{QUANTIZED_ATTENTION}: {unsupported}; dequantizing the history for the "
                                    "standard path")
-        key, value = history.dequantized()
+        key, value = history.dequantized() if window is None else history.window_dequantized(query.shape[2])
         step.finish()
+        bias = kwargs.get("position_bias")
+        if bias is not None and bias.shape[-1] != key.shape[-2]:
+            # made by the model from the keys `update` returned (this step's alone): added to the whole history, it
+            # would shift every score by one position's bias; wrong logits, silently
+            raise RuntimeError(
+                f"{QUANTIZED_ATTENTION}: the model built its position bias for {bias.shape[-1]} key(s) but the "
+                f"history holds {key.shape[-2]}; build the cache with attention='dequantize' for this model"
+            )
         if kwargs.get("output_attentions") or kwargs.get("softcap") is not None:
             return _eager_attention(query, key, value, attention_mask, dropout, scaling, kwargs.get("softcap"))
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if window is not None and window[0]:
+        attention_mask = _mask_before_window(attention_mask, *window, query)
     if _use_triton(query, history):
         out = triton_attention_from_layer(query, history, attention_mask, scaling)
     else:
@@ -165,13 +188,28 @@ def _eager_attention(query, key, value, attention_mask, dropout, scaling, softca
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
-def _unsupported(module, dropout: float, kwargs: dict) -> str | None:
+def _mask_before_window(attention_mask, hidden: int, visible: int, query: torch.Tensor) -> torch.Tensor:
+    """The model's mask over a sliding layer's window (``visible`` keys), preceded by ``hidden`` masked keys: the
+    held tokens that left the window. Boolean [B, 1, q, hidden + visible]."""
+    b, _, q, _ = query.shape
+    keep = keep_mask(attention_mask, b, q, visible, query.device)
+    if keep is None:
+        keep = torch.ones(b, 1, q, visible, dtype=torch.bool, device=query.device)
+    keep = keep.expand(b, 1, q, visible)
+    return torch.cat([torch.zeros(b, 1, q, hidden, dtype=torch.bool, device=query.device), keep], dim=-1)
+
+
+def _unsupported(module, dropout: float, kwargs: dict, window: tuple[int, int] | None = None) -> str | None:
+    """Why the fused path cannot serve this step (None: it can). ``window``: a sliding layer's (held tokens before
+    its window, tokens in it), whose sliding mask the fused path serves; None for a full-attention layer."""
     if kwargs.get("output_attentions"):
         return "output_attentions=True needs the attention weights"
     if kwargs.get("softcap") is not None:
         return "softcapping"
-    if kwargs.get("sliding_window") is not None or getattr(module, "sliding_window", None):
-        return "sliding-window attention"
+    if window is None and (kwargs.get("sliding_window") is not None or getattr(module, "sliding_window", None)):
+        return "sliding-window attention over a full-attention layer's history"
+    if window is not None and window[0] < 0:
+        return "a sliding-window layer that no longer holds its whole window (a budget shrink dropped part of it)"
     if dropout:
         return "attention dropout"
     if kwargs.get("position_bias") is not None:

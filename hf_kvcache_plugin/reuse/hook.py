@@ -161,9 +161,16 @@ class PrefixCacheHook:
         probe = QuantizedKVCache(model.config, cache_config=cache_config)
         for idx, layer in enumerate(probe.layers):
             if not isinstance(layer, QuantizedKVLayer) or layer.is_sliding:
+                window = getattr(layer, "sliding_window", None)
+                why = "" if window is None else (
+                    f": a prefix entry holds every layer's blocks from the prompt's first token, but a sliding-window "
+                    f"layer keeps only the last {window - 1} tokens (`sliding_window` {window}, older ones dropped), "
+                    "so by the time a prompt is stored the blocks of any prefix longer than the window are gone, and "
+                    "a hit would need the window ending where the hit ends, which no entry holds"
+                )
                 raise ValueError(
                     f"layer {idx} of this model is cached as a {type(layer).__name__}; prefix reuse needs every "
-                    "layer to be a quantized full-attention layer"
+                    f"layer to be a quantized full-attention layer{why}"
                 )
         self.cache_config = probe.cache_config  # group_size resolved for this model
         self._num_layers = len(probe.layers)
