@@ -9,8 +9,8 @@ Shared by benchmarks/soak_cluster.py and the process tests
   TORCHELASTIC_USE_AGENT_STORE=True in their environment, a per-launch
   secret in ``HF_KVCACHE_CLUSTER_SECRET``) around a c10d store hosted here on
   loopback, as torchrun's agent does;
-- prompts whose greedy tokens no legitimate reuse can change (``greedy_margin``,
-  ``same_under_reuse``): any difference from a single-process run is then a
+- prompts whose greedy tokens no legitimate reuse can change
+  (``reference_tokens``): any difference from a single-process run is then a
   fault getting through;
 - faults: entry batches a peer holding the secret could sign (``bad_batch``:
   NaN scales, one layer, scrambled codes), messages posted unsigned or altered
@@ -36,7 +36,13 @@ from hf_kvcache_plugin.distributed import PrefixStoreAdapter, generate_new_token
 from hf_kvcache_plugin.distributed.payloads import encode_entries
 from hf_kvcache_plugin.distributed.transport import host_c10d_store
 
-__all__ = ["after_view", "bad_batch", "corrupt_posts", "greedy_margin", "launch_ranks", "same_under_reuse"]
+__all__ = ["CACHE", "CHUNK", "GENERATE", "after_view", "bad_batch", "corrupt_posts", "launch_ranks", "reference_tokens"]
+
+# the fault clusters' settings: chunks of 32 tokens, INT8, 4 greedy new tokens
+CHUNK = 32
+CACHE = CacheConfig(quant_type="int8", group_size=8, residual_length=32)
+GENERATE = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+MARGIN = 0.1  # logits: smaller top-2 margins are near-ties that quantized reuse may flip legitimately
 
 
 def launch_ranks(world: int, run_rank, timeout_s: float, waited: list[int]) -> int:
@@ -94,28 +100,32 @@ def launch_ranks(world: int, run_rank, timeout_s: float, waited: list[int]) -> i
 
 
 # ---------------------------------------------------------------------- prompts no legitimate reuse changes
+def reference_tokens(model, prompt: list[int]) -> list[int] | None:
+    """The plain single-process greedy tokens of ``prompt`` if no legitimate reuse can change them (every step's
+    top-2 logit margin at least ``MARGIN``, and the same however its chunks were stored and hit), else None."""
+    tokens, margin = _greedy_margin(model, prompt)
+    return tokens if margin >= MARGIN and _same_under_reuse(model, prompt, tokens) else None
+
+
 @torch.inference_mode()
-def greedy_margin(model, prompt: list[int], generate: dict) -> tuple[list[int], float]:
-    """The plain single-process greedy tokens of ``prompt`` and the smallest top-2 logit margin among them."""
+def _greedy_margin(model, prompt: list[int]) -> tuple[list[int], float]:
     out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                         pad_token_id=0, output_scores=True, return_dict_in_generate=True, **generate)
+                         pad_token_id=0, output_scores=True, return_dict_in_generate=True, **GENERATE)
     margins = [float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in out.scores]
     return out.sequences[0, len(prompt):].tolist(), min(margins)
 
 
-def same_under_reuse(model, prompt: list[int], expected: list[int], chunk: int, cache: CacheConfig,
-                     generate: dict) -> bool:
-    """Whether ``prompt`` gives ``expected`` however its chunks were stored and hit (single process)."""
+def _same_under_reuse(model, prompt: list[int], expected: list[int]) -> bool:
     def run(store: PrefixStore, tokens: list[int]) -> list[int]:
-        hook = attach_prefix_cache(model, store, cache)
+        hook = attach_prefix_cache(model, store, CACHE)
         try:
-            return generate_new_tokens(model, [tokens], 0, **generate)[0]
+            return generate_new_tokens(model, [tokens], 0, **GENERATE)[0]
         finally:
             hook.detach()
 
-    chunk_first = PrefixStore(max_size_mb=64, chunk_size=chunk)
-    run(chunk_first, prompt[:chunk + 1])  # the first chunk alone
-    whole_first = PrefixStore(max_size_mb=64, chunk_size=chunk)
+    chunk_first = PrefixStore(max_size_mb=64, chunk_size=CHUNK)
+    run(chunk_first, prompt[:CHUNK + 1])  # the first chunk alone
+    whole_first = PrefixStore(max_size_mb=64, chunk_size=CHUNK)
     outputs = [run(chunk_first, prompt), run(chunk_first, prompt), run(whole_first, prompt), run(whole_first, prompt)]
     return all(out == expected for out in outputs)
 
@@ -140,15 +150,16 @@ def bad_batch(store: PrefixStore, kinds: list[str]) -> bytes:
     return encode_entries(payloads)
 
 
-def corrupt_posts(coordinator, count: int | None = None, on_corrupt: Callable[[str], None] | None = None) -> None:
-    """This rank's next ``count`` posts (None: every one from now on) go out unsigned or altered after signing,
-    in turn; ``on_corrupt(kind)`` is told each time."""
+def corrupt_posts(coordinator, count: int | None = None, on_corrupt: Callable[[str], None] | None = None,
+                  views_only: bool = False) -> None:
+    """This rank's next ``count`` posts (None: every one from now on; ``views_only``: of its round views) go out
+    unsigned or altered after signing, in turn; ``on_corrupt(kind)`` is told each time."""
     transport = coordinator.transport
     original = transport.post
     done = [0]
 
     def post(key: str, payload: bytes) -> None:
-        if count is not None and done[0] >= count:
+        if (count is not None and done[0] >= count) or (views_only and "/view/" not in key):
             original(key, payload)
             return
         done[0] += 1

@@ -18,9 +18,10 @@ the others misbehave while the honest ones serve ``ROUNDS`` batches:
   its heartbeat thread keeps running.
 
 The honest ranks' prompts are chosen before the launch: prompts whose greedy
-tokens are no near-ties (the top-2 logit margin of every step is at least
-``MARGIN`` in a plain single-process run) and come out the same with every
-way a prefix can be reused here (no hit, the first chunk, both chunks stored
+tokens are no near-ties (benchmarks/cluster_faults.py ``reference_tokens``:
+a top-2 logit margin of at least ``MARGIN`` at every step in a plain
+single-process run) and come out the same with every way a prefix can be
+reused here (no hit, the first chunk, both chunks stored
 either way), so legitimate reuse cannot change them and any difference is a
 fault getting through. Each honest rank writes
 ``OUT_DIR/rank<r>.json``: its outputs, the single-process reference, the time
@@ -46,14 +47,16 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.cluster_faults import (  # noqa: E402
+    CACHE,
+    CHUNK,
+    GENERATE,
     after_view,
     bad_batch,
     corrupt_posts,
-    greedy_margin,
     launch_ranks,
-    same_under_reuse,
+    reference_tokens,
 )
-from hf_kvcache_plugin import CacheConfig, DistributedConfig, PrefixStore, attach_prefix_cache  # noqa: E402
+from hf_kvcache_plugin import DistributedConfig, PrefixStore, attach_prefix_cache  # noqa: E402
 from hf_kvcache_plugin.distributed import attach_coordinator, generate_new_tokens  # noqa: E402
 from hf_kvcache_plugin.resilience import ServingMetrics  # noqa: E402
 from tests.coordinator_cluster import load_model  # noqa: E402
@@ -61,14 +64,9 @@ from tests.coordinator_cluster import load_model  # noqa: E402
 WORLD = 5
 HONEST = (0, 1)
 CORRUPT, KILLED, STALLED = 2, 3, 4
-CHUNK = 32
-NEW_TOKENS = 4
 ROUNDS = 4
 BATCH = 2
 PREFIXES = 4
-MARGIN = 0.1  # logits: smaller top-2 margins are near-ties that quantized reuse may flip legitimately
-CACHE = CacheConfig(quant_type="int8", group_size=8, residual_length=32)
-GENERATE = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
 CONFIG = dict(namespace="faults", replication_factor=1, heartbeat_interval_s=0.1, heartbeat_timeout_s=1.0,
               round_deadline_s=4.0, startup_timeout_s=30.0, breaker={"fail_max": 2, "reset_timeout_s": 300.0})
 
@@ -87,8 +85,8 @@ def workloads(model) -> tuple[dict[int, list[list[list[int]]]], dict[int, list[l
             prompt = prefix + torch.randint(3, 500, (int(torch.randint(5, 12, (1,), generator=own)),),
                                             generator=own).tolist()
             if rank in HONEST:
-                tokens, margin = greedy_margin(model, prompt, GENERATE)
-                if margin < MARGIN or not same_under_reuse(model, prompt, tokens, CHUNK, CACHE, GENERATE):
+                tokens = reference_tokens(model, prompt)
+                if tokens is None:
                     continue
                 outputs.append(tokens)
             prompts.append(prompt)

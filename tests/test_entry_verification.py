@@ -70,6 +70,14 @@ def chain(hook, prompt) -> list:
     return [hook.store.get(k) for k in keys]
 
 
+def learned(model, made, how: str) -> tuple[EntryVerifier, list]:
+    """A verifier that saw the prompt made ``how``, and that prompt's 3 stored chunks."""
+    hook, prompt = made[how]
+    verifier = verifier_for(model, hook)
+    verifier.learn(prompt[:-1].tolist())
+    return verifier, chain(hook, prompt)
+
+
 def with_codes(entry, layer: int, stream: str, change):
     """``entry`` with the codes of one layer's keys or values replaced by ``change(codes)``."""
     blocks = list(getattr(entry, stream))
@@ -95,10 +103,7 @@ def test_honest_chunks_pass_however_they_were_made(model, made, how):
 
 
 def test_scrambled_codes_are_caught(model, made):
-    hook, prompt = made["after_first_chunk"]
-    verifier = verifier_for(model, hook)
-    verifier.learn(prompt[:-1].tolist())
-    entries = chain(hook, prompt)
+    verifier, entries = learned(model, made, "after_first_chunk")
     order = torch.randperm(entries[1].keys[0].data.shape[-1], generator=torch.Generator().manual_seed(0))
     for layer, stream in [(0, "keys"), (3, "values")]:
         bad = [entries[0], with_codes(entries[1], layer, stream, lambda data: data[..., order])]
@@ -108,10 +113,7 @@ def test_scrambled_codes_are_caught(model, made):
 
 def test_two_quantization_steps_in_one_code_of_the_first_layer_are_caught(model, made):
     # the rounding error is at most half a step: a code moved by 2 steps is off by at least 1.5 steps
-    hook, prompt = made["fresh"]
-    verifier = verifier_for(model, hook)
-    verifier.learn(prompt[:-1].tolist())
-    entries = chain(hook, prompt)
+    verifier, entries = learned(model, made, "fresh")
     for stream in ("keys", "values"):
         bad = entries[:2] + [with_codes(entries[2], 0, stream, lambda data: moved_code(data, 2))]
         with pytest.raises(EntryMismatch, match=r"layer 0 .* by [2-9]\.\d times the quantization bound"):
@@ -121,10 +123,7 @@ def test_two_quantization_steps_in_one_code_of_the_first_layer_are_caught(model,
 def test_a_deeper_layer_bound_leaves_room_only_for_what_quantized_parents_move(model, made):
     # deeper layers allow twice how far quantized parents move the chunk: a few INT8 steps, far below a
     # tenth of a group's range (25 steps)
-    hook, prompt = made["after_every_chunk"]
-    verifier = verifier_for(model, hook)
-    verifier.learn(prompt[:-1].tolist())
-    entries = chain(hook, prompt)
+    verifier, entries = learned(model, made, "after_every_chunk")
     for layer in (1, 4):
         with pytest.raises(EntryMismatch, match=f"layer {layer} values"):
             verifier.check(entries[:2] + [with_codes(entries[2], layer, "values", lambda d: moved_code(d, 25))])

@@ -160,8 +160,9 @@ class EntryVerifier:
         skipped (the store refuses them anyway)."""
         started = time.perf_counter()
         batch = {e.key: e for e in entries}
+        self.stats["batches_checked"] += 1
         try:
-            exact: list[tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]] = []
+            todo = []
             for entry in entries:
                 known = self._prefix_tokens(entry.key)
                 if known is None:
@@ -171,11 +172,13 @@ class EntryVerifier:
                 if entry.parent != (chain[-2] if len(chain) > 1 else None):
                     self._mismatch(f"entry {entry.key.hex()[:12]}: its parent is not the chunk before it")
                 parents = [batch.get(k) or self.stored_entry(k) for k in chain[:-1]]
-                if any(p is None for p in parents):
-                    continue
-                self._check_entry(entry, tokens, parents, self._exact_kv(tokens, exact))
+                if all(p is not None for p in parents):
+                    todo.append((entry, tokens, parents))
+            exact: list[tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]] = []
+            # longest first: the forward over a chain's last chunk serves every chunk before it
+            for entry, tokens, parents in sorted(todo, key=lambda item: -len(item[1])):
                 self.stats["entries_checked"] += 1
-            self.stats["batches_checked"] += 1
+                self._check_entry(entry, tokens, parents, self._exact_kv(tokens, exact))
         finally:
             self.stats["seconds"] += time.perf_counter() - started
 
