@@ -23,7 +23,9 @@ random``: a random tiny Llama) with a small prefix store behind a
   model's ``EntryLayout`` and the insert guard), in turn: valid (chunks a
   fault-free hook made), unsigned, a bit flipped after signing, NaN scales,
   one layer only, wrong bit width. Valid entries serve later hits (checked
-  like every output); no damaged one may be stored.
+  like every output); no damaged one may be stored. The same faults from
+  real processes (a lying peer, a SIGKILLed one, a stalled one):
+  benchmarks/soak_cluster.py.
 
 Breakers run on a virtual clock of 10 ms per request, so opens and
 recoveries do not depend on the machine's speed. Reported: requests served,

@@ -2,11 +2,9 @@
 
     python tests/coordinator_cluster.py OUT_DIR [--timeout SECONDS]
 
-Does what ``torchrun --nproc_per_node 3`` does, minus the import cost paid
-three times: this process imports everything and loads the model once, forks
-the ranks (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT and
-TORCHELASTIC_USE_AGENT_STORE=True in their environment) and hosts the c10d
-store they rendezvous on, as torchrun's agent does. Each rank initialises a
+Does what ``torchrun --nproc_per_node 3`` does (``launch_ranks`` in
+benchmarks/cluster_faults.py): this process imports everything and loads the
+model once, forks the ranks and hosts the c10d store they rendezvous on. Each rank initialises a
 gloo process group and runs, each scenario in its own coordinator namespace:
 
 - ``routing``: the same workload with independent stores, then coordinated;
@@ -29,11 +27,9 @@ os.environ["OMP_NUM_THREADS"] = "1"
 import argparse  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
-import secrets  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -42,9 +38,10 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from hf_kvcache_plugin import CacheConfig, DistributedConfig, PrefixStore, attach_prefix_cache  # noqa: E402
 from hf_kvcache_plugin.distributed import attach_coordinator, generate_new_tokens  # noqa: E402
-from hf_kvcache_plugin.distributed.transport import host_c10d_store  # noqa: E402
 from hf_kvcache_plugin.embedded import embedded_model_path  # noqa: E402
 from hf_kvcache_plugin.resilience import ServingMetrics  # noqa: E402
+
+from benchmarks.cluster_faults import launch_ranks  # noqa: E402
 
 WORLD = 3
 CHUNK = 32
@@ -190,60 +187,6 @@ class Rank:
             self.report["drain"] = {"keys_after": keys_after, "rounds": rounds, "stats": coordinator.stats()}
         coordinator.close()
         self.save()
-
-
-def launch_ranks(world: int, run_rank, timeout_s: float, waited: list[int]) -> int:
-    """Fork ``world`` ranks (each calls ``run_rank(rank)``) around a loopback store, as torchrun would; wait for
-    the ``waited`` ranks (at most ``timeout_s``), kill every rank still running. 0 when the waited ranks exited 0."""
-    # a per-launch secret every rank signs its messages with, as a launcher would set it
-    os.environ["HF_KVCACHE_CLUSTER_SECRET"] = secrets.token_hex(32)
-    children = []
-    for rank in range(world):
-        read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(write_end)
-            port = int(os.read(read_end, 32))
-            os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True")
-            code = 0
-            try:
-                run_rank(rank)
-            except BaseException:  # noqa: BLE001 - a rank reports any failure and exits non-zero
-                traceback.print_exc()
-                code = 1
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        os.close(read_end)
-        children.append((pid, write_end))
-    # the store outlives every rank, as torchrun's agent store does
-    store = host_c10d_store("127.0.0.1", 0, timeout_s=timeout_s)  # listening on loopback only
-    for _, write_end in children:
-        os.write(write_end, str(store.port).encode())
-        os.close(write_end)
-    deadline = time.monotonic() + timeout_s
-    codes: dict[int, int] = {}
-    pids = [children[r][0] for r in waited]
-    while len(codes) < len(pids) and time.monotonic() < deadline:
-        for pid in pids:
-            if pid not in codes:
-                done, status = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    codes[pid] = os.waitstatus_to_exitcode(status)
-        time.sleep(0.05)
-    for pid, _ in children:
-        if pid not in codes:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass  # it ended by itself (a rank killed on purpose)
-    failed = [pid for pid in pids if codes.get(pid) != 0]
-    if failed:
-        print(f"ranks with pids {failed} failed or timed out (exit codes {codes})", file=sys.stderr)
-    return 1 if failed else 0
 
 
 def launcher_args(timeout_s: float) -> argparse.Namespace:

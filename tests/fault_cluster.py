@@ -1,9 +1,11 @@
-"""5 ranks on loopback with injected faults, for tests/test_fault_injection_cluster.py (and benchmarks/soak.py).
+"""5 ranks on loopback with injected faults, for tests/test_fault_injection_cluster.py.
 
     python tests/fault_cluster.py OUT_DIR [--timeout SECONDS]
 
 Forked like tests/coordinator_cluster.py (the c10d store hosted here, on
-loopback; a per-launch secret in the environment). Ranks 0 and 1 are honest;
+loopback; a per-launch secret in the environment); the faults are those of
+benchmarks/cluster_faults.py, which benchmarks/soak_cluster.py repeats for
+minutes. Ranks 0 and 1 are honest;
 the others misbehave while the honest ones serve ``ROUNDS`` batches:
 
 - rank 2 sends bad data: in round 1 one signed migration batch to each honest
@@ -16,9 +18,10 @@ the others misbehave while the honest ones serve ``ROUNDS`` batches:
   its heartbeat thread keeps running.
 
 The honest ranks' prompts are chosen before the launch: prompts whose greedy
-tokens are no near-ties (the top-2 logit margin of every step is at least
-``MARGIN`` in a plain single-process run) and come out the same with every
-way a prefix can be reused here (no hit, the first chunk, both chunks stored
+tokens are no near-ties (benchmarks/cluster_faults.py ``reference_tokens``:
+a top-2 logit margin of at least ``MARGIN`` at every step in a plain
+single-process run) and come out the same with every way a prefix can be
+reused here (no hit, the first chunk, both chunks stored
 either way), so legitimate reuse cannot change them and any difference is a
 fault getting through. Each honest rank writes
 ``OUT_DIR/rank<r>.json``: its outputs, the single-process reference, the time
@@ -43,50 +46,29 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hf_kvcache_plugin import CacheConfig, DistributedConfig, PrefixStore, attach_prefix_cache  # noqa: E402
-from hf_kvcache_plugin.distributed import PrefixStoreAdapter, attach_coordinator, generate_new_tokens  # noqa: E402
-from hf_kvcache_plugin.distributed.payloads import encode_entries  # noqa: E402
+from benchmarks.cluster_faults import (  # noqa: E402
+    CACHE,
+    CHUNK,
+    GENERATE,
+    after_view,
+    bad_batch,
+    corrupt_posts,
+    launch_ranks,
+    reference_tokens,
+)
+from hf_kvcache_plugin import DistributedConfig, PrefixStore, attach_prefix_cache  # noqa: E402
+from hf_kvcache_plugin.distributed import attach_coordinator, generate_new_tokens  # noqa: E402
 from hf_kvcache_plugin.resilience import ServingMetrics  # noqa: E402
-from tests.coordinator_cluster import launch_ranks, load_model  # noqa: E402
+from tests.coordinator_cluster import load_model  # noqa: E402
 
 WORLD = 5
 HONEST = (0, 1)
 CORRUPT, KILLED, STALLED = 2, 3, 4
-CHUNK = 32
-NEW_TOKENS = 4
 ROUNDS = 4
 BATCH = 2
 PREFIXES = 4
-MARGIN = 0.1  # logits: smaller top-2 margins are near-ties that quantized reuse may flip legitimately
-CACHE = CacheConfig(quant_type="int8", group_size=8, residual_length=32)
-GENERATE = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
 CONFIG = dict(namespace="faults", replication_factor=1, heartbeat_interval_s=0.1, heartbeat_timeout_s=1.0,
               round_deadline_s=4.0, startup_timeout_s=30.0, breaker={"fail_max": 2, "reset_timeout_s": 300.0})
-
-
-@torch.inference_mode()
-def greedy_margin(model, prompt: list[int]) -> tuple[list[int], float]:
-    """The plain single-process greedy tokens of ``prompt`` and the smallest top-2 logit margin among them."""
-    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                         pad_token_id=0, output_scores=True, return_dict_in_generate=True, **GENERATE)
-    margins = [float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in out.scores]
-    return out.sequences[0, len(prompt):].tolist(), min(margins)
-
-
-def same_under_reuse(model, prompt: list[int], expected: list[int]) -> bool:
-    """Whether ``prompt`` gives ``expected`` however its chunks were stored and hit (single process)."""
-    def run(store: PrefixStore, tokens: list[int]) -> list[int]:
-        hook = attach_prefix_cache(model, store, CACHE)
-        try:
-            return generate_new_tokens(model, [tokens], 0, **GENERATE)[0]
-        finally:
-            hook.detach()
-
-    chunk_first = PrefixStore(max_size_mb=64, chunk_size=CHUNK)
-    run(chunk_first, prompt[:CHUNK + 1])  # the first chunk alone
-    whole_first = PrefixStore(max_size_mb=64, chunk_size=CHUNK)
-    outputs = [run(chunk_first, prompt), run(chunk_first, prompt), run(whole_first, prompt), run(whole_first, prompt)]
-    return all(out == expected for out in outputs)
 
 
 def workloads(model) -> tuple[dict[int, list[list[list[int]]]], dict[int, list[list[list[int]]]]]:
@@ -103,54 +85,14 @@ def workloads(model) -> tuple[dict[int, list[list[list[int]]]], dict[int, list[l
             prompt = prefix + torch.randint(3, 500, (int(torch.randint(5, 12, (1,), generator=own)),),
                                             generator=own).tolist()
             if rank in HONEST:
-                tokens, margin = greedy_margin(model, prompt)
-                if margin < MARGIN or not same_under_reuse(model, prompt, tokens):
+                tokens = reference_tokens(model, prompt)
+                if tokens is None:
                     continue
                 outputs.append(tokens)
             prompts.append(prompt)
         batches[rank] = [prompts[i:i + BATCH] for i in range(0, len(prompts), BATCH)]
         references[rank] = [outputs[i:i + BATCH] for i in range(0, len(outputs), BATCH)]
     return batches, references
-
-
-def bad_batch(hook) -> bytes:
-    """One batch of two entries as this rank holds them, damaged: NaN scales, and a single layer."""
-    store = hook.store
-    root = next(info.key for info in store.entry_infos() if info.parent is None)
-    nan, one_layer = PrefixStoreAdapter(store).export_entries([root, root])
-    nan["keys"][0]["scale"] = nan["keys"][0]["scale"].clone().fill_(float("nan"))
-    one_layer["keys"], one_layer["values"] = one_layer["keys"][:1], one_layer["values"][:1]
-    return encode_entries([nan, one_layer])
-
-
-def corrupt_every_post(coordinator) -> None:
-    """From now on each message this rank posts is unsigned or altered after signing, in turn."""
-    transport = coordinator.transport
-    count = [0]
-
-    def post(key: str, payload: bytes) -> None:
-        count[0] += 1
-        if count[0] % 2:
-            transport.c10d_store.set(key, payload)  # unsigned
-        else:
-            sealed = bytearray(transport.signer.seal(key, payload))
-            sealed[-1] ^= 0x01  # one bit flipped after signing
-            transport.c10d_store.set(key, bytes(sealed))
-
-    transport.post = post
-
-
-def after_round_view(coordinator, round_no: int, action) -> None:
-    """Run ``action`` right after this rank posts its view of ``round_no`` (mid-round for the others)."""
-    messages = coordinator.messages
-    original = messages.post
-
-    def post(number: int, key: str, payload: bytes) -> None:
-        original(number, key, payload)
-        if number == round_no and "/view/" in key:
-            action()
-
-    messages.post = post
 
 
 def run_rank(rank: int, model, batches, references, out_dir: Path) -> None:
@@ -161,15 +103,15 @@ def run_rank(rank: int, model, batches, references, out_dir: Path) -> None:
         generate_new_tokens(model, batches[rank][0], 0, **GENERATE)  # real entries to damage
     coordinator = attach_coordinator(hook, config, generate_kwargs=GENERATE, metrics=metrics)
     if rank == CORRUPT:
-        payload = bad_batch(hook)
+        payload = bad_batch(hook.store, ["nan_scales", "one_layer"])
         for target in HONEST:  # signed, announced in the round-1 view: the honest ranks import and refuse it
             coordinator.entry_exchange.migrations_sent[target] = 1
             coordinator.transport.post(coordinator.entry_exchange._batch_key(rank, target, 1), payload)
-        after_round_view(coordinator, 1, lambda: corrupt_every_post(coordinator))
+        after_view(coordinator, lambda number: corrupt_posts(coordinator) if number == 1 else None)
     elif rank == KILLED:
-        after_round_view(coordinator, 2, lambda: os.kill(os.getpid(), signal.SIGKILL))
+        after_view(coordinator, lambda number: os.kill(os.getpid(), signal.SIGKILL) if number == 2 else None)
     elif rank == STALLED:
-        after_round_view(coordinator, 2, lambda: time.sleep(3600))
+        after_view(coordinator, lambda number: time.sleep(3600) if number == 2 else None)
     outputs, seconds = [], []
     for batch in batches[rank]:
         started = time.monotonic()

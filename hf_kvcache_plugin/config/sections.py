@@ -417,6 +417,9 @@ class DistributedConfig(Checked):
     ``migration_mb_per_step`` MiB per round. ``store_port``: only when not
     launched by torchrun / ``accelerate launch``, the port where rank 0 hosts
     the coordinator's store, listening on ``bind_address`` only.
+    ``verify_sample_rate``: the share of peers' migration batches recomputed
+    with the local model before they are stored (every batch of a peer until
+    one passed, then this share; see ``distributed.entry_verification``).
     """
 
     MOVED_KEYS: ClassVar[dict[str, str]] = {
@@ -441,6 +444,7 @@ class DistributedConfig(Checked):
     namespace: Str = "hf_kvcache"
     secret_env: Str = "HF_KVCACHE_CLUSTER_SECRET"
     bind_address: Str = "127.0.0.1"
+    verify_sample_rate: Annotated[float, Strict(), Field(ge=0, le=1)] = 0.1
 
     @pydantic.field_validator("breaker", mode="before")
     @classmethod

@@ -17,7 +17,10 @@ Placement (the ring, the replication factor) and reachability come from the
 itself there.
 
 What a peer sends is checked before it is used (``wire``, and the adapter's
-entry checks for batches). A bad one is deleted from the store, counted
+entry checks for batches; with an ``EntryVerifier``, sampled batches are also
+recomputed with this process's model, and one whose values are not the K/V
+of their tokens is refused under the reason ``verification``). A bad one is
+deleted from the store, counted
 against the peer's breaker (``RoundMessages.reject``) and skipped: nothing
 it holds is stored, and the sender's next batch may go. Eviction orders are
 deleted by their poster ``KEEP_POSTS_ROUNDS`` rounds later.
@@ -25,9 +28,11 @@ deleted by their poster ``KEEP_POSTS_ROUNDS`` rounds later.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 
 from .cluster_view import ClusterView
+from .entry_verification import EntryMismatch, EntryUnverifiable, EntryVerifier
 from .eviction import plan_local_eviction
 from .local_entries import LocalEntries, chains_parent_first
 from .migration import plan_migration, split_into_steps
@@ -38,6 +43,8 @@ from .transport import StoreTransport
 from .wire import parse_directory, parse_evictions
 
 __all__ = ["EntryExchange"]
+
+logger = logging.getLogger(__name__)
 
 _RESEND_AFTER_ROUNDS = 8  # a migrated chunk the directory still does not show at its target is sent again
 
@@ -58,6 +65,7 @@ class EntryExchange:
         counters: Counter[str],
         max_bytes_per_step: int,
         messages: RoundMessages | None = None,
+        verifier: EntryVerifier | None = None,
     ):
         self.cluster = cluster
         self.node_id = cluster.node_id
@@ -67,6 +75,7 @@ class EntryExchange:
         self.counters = counters
         self.max_bytes_per_step = max_bytes_per_step
         self.messages = messages
+        self.verifier = verifier  # None: batches are checked for form only
         self.directory_version = 0
         self._published_sizes: dict[bytes, int] | None = None
         self._known_versions: dict[int, int] = {}
@@ -182,16 +191,31 @@ class EntryExchange:
             data = self.transport.read_or_none(key, peer)
             if data is None:
                 continue
+            stored = 0
             try:
-                stored = self.local_entries.import_entries(decode_entries(data)) if self.local_entries else 0
+                stored = self._import(peer, decode_entries(data)) if self.local_entries else 0
+            except EntryUnverifiable as exc:  # not the peer's fault: this process never saw those tokens
+                self.counters["unverifiable_migration_batches"] += 1
+                logger.info("rank %d: a batch of rank %d not stored: %s", self.node_id, peer, exc)
+            except EntryMismatch as exc:
+                self.counters["rejected_migration_batches"] += 1
+                self.messages.reject(peer, key, str(exc), reason="verification")
             except PayloadError as exc:
                 self.counters["rejected_migration_batches"] += 1
                 self.messages.reject(peer, key, str(exc))
-                stored = 0
             finally:
                 self.transport.delete([key])  # also tells the sender the next batch may go
             self.counters["migrated_in_entries"] += stored
             self.counters["migrated_in_bytes"] += len(data)
+
+    def _import(self, peer: int, payloads: list[dict]) -> int:
+        """Store a peer's batch; recomputed first when the verifier samples it."""
+        if self.verifier is None or not self.verifier.wants(peer):
+            return self.local_entries.import_entries(payloads)
+        stored = self.local_entries.import_entries(payloads, verify=self.verifier.check)
+        self.verifier.passed(peer)
+        self.counters["verified_migration_batches"] += 1
+        return stored
 
     # ------------------------------------------------------------------ global eviction
     def post_eviction(self, shares: dict[int, int]) -> None:

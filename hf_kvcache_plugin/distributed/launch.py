@@ -13,11 +13,12 @@ import torch.distributed as dist
 from ..config import DistributedConfig
 from ..reuse.entry_layout import EntryLayout
 from ..reuse.hook import PrefixCacheHook
-from ..reuse.prefix_store import PrefixStore, chunk_keys
+from ..reuse.prefix_store import PrefixStore
 from ..resilience.degradation import entry_problem
 from ..resilience.metrics import ServingMetrics
 from ..resilience.rate_limit import RateLimiter
 from .coordinator import CacheCoordinator
+from .entry_verification import EntryVerifier
 from .nodes import NodeInfo
 from .prefix_adapter import PrefixStoreAdapter
 from .signing import launch_secret
@@ -73,7 +74,8 @@ def attach_coordinator(
 
     Trust: messages are signed with the secret in ``$<config.secret_env>`` (refused when unset and the store is
     not on loopback); imported entries have to match this model's ``EntryLayout`` and pass the store's insert
-    guard; peers' prompts have to be within the model's vocabulary.
+    guard, and sampled batches have to be the K/V this model computes for their tokens
+    (``config.verify_sample_rate``, ``EntryVerifier``); peers' prompts have to be within the model's vocabulary.
     """
     config = config or DistributedConfig()
     prefix_store = hook.store if isinstance(hook.store, PrefixStore) else getattr(hook.store, "wrapped", hook.store)
@@ -107,6 +109,10 @@ def attach_coordinator(
     # a hardened store's own insert guard too: an imported entry passes what a local insert passes
     guard = getattr(hook.store, "validate_entry", None) or entry_problem
     text_config = hook.model.config.get_text_config(decoder=True)
+    # it learns the tokens of every prompt hashed below (this process's and its peers'), so that it can
+    # recompute a peer's entries for those prompts
+    verifier = EntryVerifier(hook.model, hook.cache_config, namespace, chunk, prefix_store.get,
+                             config.verify_sample_rate)
     coordinator = CacheCoordinator(
         node,
         config,
@@ -117,9 +123,10 @@ def attach_coordinator(
             **{**(generate_kwargs or {}), **({} if max_new_tokens is None else {"max_new_tokens": max_new_tokens})},
         ),  # fmt: skip
         # the hook never reuses a prompt's last token (its logits start generation): route on the rest
-        prompt_keys=lambda prompt: chunk_keys(namespace, list(prompt)[:-1], chunk),
+        prompt_keys=lambda prompt: verifier.learn(list(prompt)[:-1]),
         metrics=metrics,
         limiter=limiter,
         vocab_size=getattr(text_config, "vocab_size", None),
     )
+    coordinator.entry_exchange.verifier = verifier
     return coordinator.start(wait_for=wait_for)

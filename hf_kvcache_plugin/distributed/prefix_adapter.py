@@ -11,8 +11,10 @@ Imported payloads come from other processes, so each one is checked before
 anything is stored: it has to build a ``PrefixEntry``, and pass every check
 in ``checks`` (by default the serving layer's insert guard,
 ``entry_problem``: no non-finite scales; ``attach_coordinator`` puts the
-model's ``EntryLayout`` first). One bad entry refuses the whole batch with a
-``PayloadError``: the sender is misbehaving.
+model's ``EntryLayout`` first), then, for a batch the exchange samples, the
+``EntryVerifier``'s recomputation. One bad entry refuses the whole batch
+with a ``PayloadError`` before any of it is stored: the sender is
+misbehaving.
 """
 
 from __future__ import annotations
@@ -64,9 +66,15 @@ class PrefixStoreAdapter:
             )
         return payloads
 
-    def import_entries(self, payloads: Sequence[dict[str, Any]]) -> int:
-        """Store a peer's payloads (all checked first); raises ``PayloadError`` naming the first bad one."""
+    def import_entries(
+        self, payloads: Sequence[dict[str, Any]], verify: Callable[[list[PrefixEntry]], None] | None = None
+    ) -> int:
+        """Store a peer's payloads (all checked first); raises ``PayloadError`` naming the first bad one.
+        ``verify`` sees the whole batch as entries before any is stored, and raises a ``PayloadError`` to refuse
+        it (``EntryVerifier.check``)."""
         entries = [self._entry(i, p) for i, p in enumerate(payloads)]
+        if verify is not None:
+            verify(entries)
         stored = 0
         for entry in entries:
             # one by one: a refused entry (parent evicted meanwhile) does not refuse unrelated ones

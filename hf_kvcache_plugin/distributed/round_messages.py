@@ -108,11 +108,11 @@ class RoundMessages:
             self.cluster.note_missed(peer, left=isinstance(exc, PeerLeft))
             return None
 
-    def reject(self, peer: int, key: str, problem: str) -> None:
+    def reject(self, peer: int, key: str, problem: str, reason: str = "malformed") -> None:
         """A signed message of ``peer`` that cannot be used: dropped and counted against its breaker (which may
         take it off the ring)."""
         self.counters["rejected_messages"] += 1
-        self.transport.reject(peer, key, problem)
+        self.transport.reject(peer, key, problem, reason)
         self.cluster.note_missed(peer, left=False)
 
     def forget(self, round_no: int) -> None:

@@ -49,7 +49,8 @@ _REMEMBERED_KEYS = 65536  # latest sequence number per (sender, key), the oldest
 
 class BadMessage(Exception):
     """A message that must not be acted on. ``reason`` is one of ``unsigned``, ``bad_signature``,
-    ``wrong_sender``, ``stale``, ``oversized``, ``malformed`` (it names the counter it is counted under).
+    ``wrong_sender``, ``stale``, ``oversized``, ``malformed``, ``verification`` (it names the counter it is
+    counted under).
 
     Not a ``ValueError``: the transport's breakers exclude ``ValueError`` (bad input of this process), and a
     peer that sends bad messages has to count against its breaker."""

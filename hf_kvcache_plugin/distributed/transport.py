@@ -369,10 +369,11 @@ class StoreTransport:
             self._dropped.labels(str(self.rank), str(sender), exc.reason).inc()
         logger.warning("rank %d: dropped a message: %s", self.rank, exc)
 
-    def reject(self, peer: int, key: str, problem: str) -> None:
-        """``peer`` sent a signed message under ``key`` that cannot be used (malformed, bad entries): dropped,
-        counted, and a failure on ``peer``'s breaker (it is the peer's own doing)."""
-        exc = BadMessage("malformed", f"{key!r} from rank {peer}: {problem}")
+    def reject(self, peer: int, key: str, problem: str, reason: str = "malformed") -> None:
+        """``peer`` sent a signed message under ``key`` that cannot be used (``malformed``; ``verification``:
+        entries that are not the K/V of their tokens): dropped, counted under ``reason``, and a failure on
+        ``peer``'s breaker (it is the peer's own doing)."""
+        exc = BadMessage(reason, f"{key!r} from rank {peer}: {problem}")
         self._drop(key, peer, exc)
 
         def fail() -> None:

@@ -179,7 +179,6 @@ class PrefixCacheHook:
         self.store = store
         self.sizer = sizer
         self.records: deque[RequestRecord] = deque(maxlen=max_records)
-        self._totals_lock = threading.Lock()
         self._owns_sizer = owns_sizer
         self._clock = clock
         self._fingerprint = model_fingerprint(model)
