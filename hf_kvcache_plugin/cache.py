@@ -59,7 +59,7 @@ from .cache_io import (
 from .config import CacheConfig, PluginConfig, parse_config
 from .layer import LayerSettings, QuantizedKVLayer, batch_indices, tracks_grad
 from .quantization import QuantizedTensor
-from .shrink import ShrinkLog, budget_stats, fit_to_budget
+from .shrink import ShrinkLog, budget_stats, fit_to_budget, smallest_nbytes_after
 from .sliding_layer import QuantizedSlidingWindowLayer
 
 __all__ = [
@@ -142,6 +142,9 @@ class QuantizedKVCache(Cache):
         # the layers of the step admitted at its first layer that are still to come, and the K/V shapes admitted
         self._admitted_step: tuple[set[int], Any] = (set(), None)
         self._shrink_log = ShrinkLog()  # what getting under the budget has done (get_stats()["budget"])
+        # the layer after whose update the cache shrinks to its budget: a step admitted only with its own new
+        # blocks shrunk (a prompt larger than the budget, `shrink.fit_to_budget`); None: no such step pending
+        self._shrink_after_layer: int | None = None
         if self.cache_config.attention == "fused" and self._attention_config is not None and not encoder_decoder:
             # the default: kvquant_sdpa is plain SDPA for every other cache, so the model loses nothing
             if select_fused_attention(self._attention_config) and self.cache_config.cpu_kernel == "auto":
@@ -217,8 +220,12 @@ class QuantizedKVCache(Cache):
             return self._fused_step(layer, key_states, value_states, attention_kwargs)
         if self.offloading and key_states.device.type == "cpu":
             # already where offloading puts it, and transformers' offloading waits on CUDA streams
-            return layer.update(key_states, value_states, *args, **kwargs)
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+            out = layer.update(key_states, value_states, *args, **kwargs)
+        else:
+            out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if layer_idx == self._shrink_after_layer:
+            self._shrink_after_step()  # the returned K/V are copies: this step's attention reads what it was given
+        return out
 
     def _refuse_as_whole_encoder_decoder_cache(self, layer_idx: int, key_states: torch.Tensor) -> None:
         update = (layer_idx, key_states.shape[-2])
@@ -265,7 +272,11 @@ class QuantizedKVCache(Cache):
                 "build the cache with attention='dequantize' for this model"
             )
         layer.append(key_states, value_states, defer_flush=True)
-        step = FusedStep(history=layer, finish=layer.flush_deferred, cpu_kernel=self.cache_config.cpu_kernel == "auto")
+        finish = layer.flush_deferred
+        if self._shrink_after_layer is not None and layer is self.layers[self._shrink_after_layer]:
+            # the step's last layer: shrink once attention has read it and its blocks are flushed
+            finish = lambda: (layer.flush_deferred(), self._shrink_after_step())  # noqa: E731
+        step = FusedStep(history=layer, finish=finish, cpu_kernel=self.cache_config.cpu_kernel == "auto")
         hand_over(step, attention_kwargs, key_states)
         return key_states, value_states
 
@@ -304,13 +315,22 @@ class QuantizedKVCache(Cache):
         (what was shrunk stays shrunk). Call it between forward steps, on the thread that runs the model."""
         self._admit(lambda: {}, f"holding the cache under {self.max_size_mb} MiB")
 
-    def _admit(self, after: Callable[[], dict[int, int]], what: str) -> None:
+    def _admit(
+        self, after: Callable[[], dict[int, int]], what: str, smallest: Callable[[], dict[int, int]] | None = None
+    ) -> bool:
         """Make room for what ``after()`` predicts (bytes per layer about to change), shrinking as the policy
-        allows, or refuse. ``after`` is called again after each shrink step: shrinking changes the prediction."""
+        allows, or refuse. ``after`` is called again after each shrink step: shrinking changes the prediction.
+        True: admitted only with its own new blocks shrunk (``smallest``; see ``fit_to_budget``), so the caller
+        shrinks once the update is in."""
         # whatever is admitted now changes what an earlier admission foresaw: its remaining layers are checked again
         self._admitted_step = (set(), None)
         policy = self.cache_config.budget_policy
-        fit_to_budget(self.layers, after, self.budget_bytes, policy, self._shrink_log, what)
+        return fit_to_budget(self.layers, after, self.budget_bytes, policy, self._shrink_log, what, smallest)
+
+    def _shrink_after_step(self) -> None:
+        """The step admitted with its own blocks shrunk is in: shrink the cache to its budget now."""
+        self._shrink_after_layer = None
+        self._admit(lambda: {}, f"holding the cache under {self.max_size_mb} MiB after a step larger than it")
 
     def _admit_update(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         if self.max_size_mb is None:
@@ -325,8 +345,11 @@ class QuantizedKVCache(Cache):
         step: Iterable[int] = range(len(self.layers)) if layer_idx == self._first_layer else (layer_idx,)
         step = list(step)
         after = lambda: {i: layer_nbytes_after(self.layers[i], key_states, value_states) for i in step}
+        policy = self.cache_config.budget_policy
+        smallest = lambda: {i: smallest_nbytes_after(self.layers[i], key_states, value_states, policy) for i in step}
         what = f"layer {layer_idx}: an update of {key_states.shape[-2]} token(s)"
-        self._admit(after, what + (f" for each of the {len(step)} layers" if len(step) > 1 else ""))
+        if self._admit(after, what + (f" for each of the {len(step)} layers" if len(step) > 1 else ""), smallest):
+            self._shrink_after_layer = max(i for i in step if not isinstance(self.layers[i], DummyLayer))
         if len(step) > 1:
             self._admitted_step = (set(step) - {layer_idx}, shapes)
 
@@ -410,11 +433,16 @@ class QuantizedKVCache(Cache):
         key_states = _one_of("key_states", key_states, "k", k)
         value_states = _one_of("value_states", value_states, "v", v)
         self._check_layer_idx(layer_id, "layer_id")
+        shrink_after = False
         if self.max_size_mb is not None:
             after = lambda: {layer_id: layer_nbytes_after(self.layers[layer_id], key_states, value_states)}
-            self._admit(after, f"layer {layer_id}: storing {key_states.shape[-2]} token(s)")
+            policy = self.cache_config.budget_policy
+            smallest = lambda: {layer_id: smallest_nbytes_after(self.layers[layer_id], key_states, value_states, policy)}
+            shrink_after = self._admit(after, f"layer {layer_id}: storing {key_states.shape[-2]} token(s)", smallest)
         # the plain path (never the fused hand-over, which expects the model's attention to read the layer)
         super().update(key_states, value_states, layer_id)
+        if shrink_after:
+            self._shrink_after_step()
 
     def retrieve(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """All K/V of layer ``layer_id``, dequantized to the compute dtype."""
