@@ -59,6 +59,7 @@ from .cache_io import (
 from .config import CacheConfig, PluginConfig, parse_config
 from .layer import LayerSettings, QuantizedKVLayer, batch_indices, tracks_grad
 from .quantization import QuantizedTensor
+from .padding import left_padding_counts
 from .shrink import ShrinkLog, budget_stats, fit_to_budget, smallest_nbytes_after
 from .sliding_layer import QuantizedSlidingWindowLayer
 
@@ -145,6 +146,7 @@ class QuantizedKVCache(Cache):
         # the layer after whose update the cache shrinks to its budget: a step admitted only with its own new
         # blocks shrunk (a prompt larger than the budget, `shrink.fit_to_budget`); None: no such step pending
         self._shrink_after_layer: int | None = None
+        self._left_padding: torch.Tensor | None = None  # padding tokens before each row (`set_left_padding`)
         if self.cache_config.attention == "fused" and self._attention_config is not None and not encoder_decoder:
             # the default: kvquant_sdpa is plain SDPA for every other cache, so the model loses nothing
             if select_fused_attention(self._attention_config) and self.cache_config.cpu_kernel == "auto":
@@ -325,19 +327,61 @@ class QuantizedKVCache(Cache):
         # whatever is admitted now changes what an earlier admission foresaw: its remaining layers are checked again
         self._admitted_step = (set(), None)
         policy = self.cache_config.budget_policy
-        return fit_to_budget(self.layers, after, self.budget_bytes, policy, self._shrink_log, what, smallest)
+        return fit_to_budget(self.layers, after, self.budget_bytes, policy, self._shrink_log, what, smallest,
+                             self._left_padding)  # fmt: skip
+
+    def set_left_padding(self, attention_mask: torch.Tensor | Sequence[int] | None) -> None:
+        """Declare the left padding of the batch this cache holds: the ``[batch, length]`` attention mask given to
+        ``generate`` (or the padding tokens per row; None: none). Only drops (``budget_policy``) read it: each row
+        then keeps its own first tokens as sinks and loses its padding first (module ``padding``). Batch
+        selection, reordering and repetition keep it in step; ``reset`` forgets it."""
+        self._left_padding = left_padding_counts(attention_mask)
+
+    def reset(self) -> None:
+        super().reset()
+        self._left_padding = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self._left_padding is not None:
+            self._left_padding = self._left_padding[beam_idx.cpu()]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self._left_padding is not None:
+            self._left_padding = self._left_padding.repeat_interleave(repeats)
 
     def _shrink_after_step(self) -> None:
         """The step admitted with its own blocks shrunk is in: shrink the cache to its budget now."""
         self._shrink_after_layer = None
         self._admit(lambda: {}, f"holding the cache under {self.max_size_mb} MiB after a step larger than it")
 
+    def get_mask_sizes(self, query_length: int, *args: Any, **kwargs: Any) -> tuple[int, int]:
+        # the model builds the step's mask from these sizes before any layer updates: a step that has to shrink the
+        # cache (drop blocks) does it now, so that the mask's columns are those of what the step attends to (a
+        # drop later in the step would leave the mask one drop behind: padding read at the wrong columns)
+        if self.max_size_mb is not None and isinstance(query_length, int) and query_length > 0:
+            self._admit_step_of(query_length)
+        return super().get_mask_sizes(query_length, *args, **kwargs)
+
+    def _admit_step_of(self, query_length: int) -> None:
+        """Admit the coming forward step of ``query_length`` tokens, from the shapes the layers hold."""
+        held = next((layer for layer in self.layers if isinstance(layer, QuantizedKVLayer) and layer.is_initialized
+                     and not layer.is_sliding), None)  # fmt: skip
+        if held is None:
+            return  # a prefill: nothing held yet, so nothing dropped under the mask
+        shape = (held.batch_size, held.num_heads, query_length)
+        key_states = torch.empty(*shape, held.head_dim, dtype=held.dtype, device="meta")
+        value_states = torch.empty(*shape, held.value_head_dim, dtype=held.dtype, device="meta")
+        self._admit_update(self._first_layer, key_states, value_states)
+        self._admitted_step[0].add(self._first_layer)  # its own update need not be admitted again
+
     def _admit_update(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         if self.max_size_mb is None:
             return
         shapes = (key_states.shape, value_states.shape)
         pending, admitted_shapes = self._admitted_step
-        if layer_idx != self._first_layer and layer_idx in pending and shapes == admitted_shapes:
+        if layer_idx in pending and shapes == admitted_shapes:
             pending.discard(layer_idx)  # admitted with its step, and untouched since
             return
         # A forward step updates every layer in turn: it is admitted whole at its first layer, so that a refusal
@@ -370,7 +414,10 @@ class QuantizedKVCache(Cache):
         if batch is None:
             batch = next((layer.keys.shape[0] for layer in self.layers if getattr(layer, "is_initialized", False)
                           and getattr(layer, "keys", None) is not None), 0)  # fmt: skip
-        super().batch_select_indices(batch_indices(indices, batch, torch.device("cpu")))
+        selected = batch_indices(indices, batch, torch.device("cpu"))
+        super().batch_select_indices(selected)
+        if self._left_padding is not None:
+            self._left_padding = self._left_padding[selected]
         self._admitted_step = (set(), None)
 
     def crop(self, tokens_to_remove: int) -> None:

@@ -60,6 +60,7 @@ import torch
 from .budget import check_budget, layer_nbytes, layer_nbytes_after
 from .config import BUDGET_POLICIES
 from .layer import QuantizedKVLayer
+from .padding import move_sinks_past_padding
 
 __all__ = ["BUDGET_POLICIES", "ShrinkLog", "budget_stats", "fit_to_budget", "smallest_nbytes_after"]
 
@@ -117,8 +118,9 @@ def _repack(layers: list[QuantizedKVLayer], from_bits: int, to_bits: int) -> tup
     return apply, saving
 
 
-def _drop(layers: list[QuantizedKVLayer]) -> tuple[Callable[[int], int], int]:
-    """(apply(k): drop the oldest k blocks of every layer, blocks done; bytes per k, at the oldest blocks' bits)."""
+def _drop(layers: list[QuantizedKVLayer], left_padding: torch.Tensor | None) -> tuple[Callable[[int], int], int]:
+    """(apply(k): drop the oldest k blocks of every layer, blocks done; bytes per k, at the oldest blocks' bits).
+    ``left_padding``: padding tokens per row of a left-padded batch, whose rows keep their own sinks (``padding``)."""
     holding = [layer for layer in layers if layer.quantized_keys.num_blocks]
     saving = sum(
         _block_saving(layer, name, getattr(layer, f"quantized_{name}").tiers[0].bits, None)
@@ -130,6 +132,8 @@ def _drop(layers: list[QuantizedKVLayer]) -> tuple[Callable[[int], int], int]:
         done = 0
         for layer in holding:
             n = min(k, layer.quantized_keys.num_blocks)
+            if left_padding is not None:
+                move_sinks_past_padding(layer, n, left_padding)
             layer.quantized_keys.drop_oldest(n)
             layer.quantized_values.drop_oldest(n)
             layer.dropped_tokens += n * layer.group_size
@@ -165,6 +169,7 @@ def fit_to_budget(
     log: ShrinkLog,
     what: str,
     smallest: Callable[[], dict[int, int]] | None = None,
+    left_padding: torch.Tensor | None = None,
 ) -> bool:
     """Shrink ``layers`` until what they will hold (``after()``: bytes per layer about to change, as
     ``check_budget`` takes it) fits ``budget_bytes``, by the steps ``policy`` allows; else refuse.
@@ -172,7 +177,8 @@ def fit_to_budget(
     ``smallest()``: what the layers about to change would hold once the update is in and they have shrunk as far
     as the policy goes (``smallest_nbytes_after``). An update whose own new blocks have to shrink to fit (a
     prompt larger than the budget) is then admitted when that fits: True is returned, and the caller shrinks
-    the cache (``fit_to_budget`` with nothing about to change) once the update is in."""
+    the cache (``fit_to_budget`` with nothing about to change) once the update is in. ``left_padding``: see
+    ``padding``."""
     if budget_bytes is None:
         return False
 
@@ -185,7 +191,7 @@ def fit_to_budget(
         while need > budget_bytes:
             quantized = _quantized(layers)
             if name == "drop":
-                apply, saving = _drop(quantized)
+                apply, saving = _drop(quantized, left_padding)
             else:
                 from_bits, to_bits = (8, 4) if name == "repack_8_to_4" else (4, 2)
                 apply, saving = _repack(quantized, from_bits, to_bits)
