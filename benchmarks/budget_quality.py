@@ -139,6 +139,13 @@ def main(argv: list[str] | None = None) -> dict:
     full_bytes = sum(layer_nbytes(layer) for layer in dynamic.layers)  # a whole window in full precision
     rec.extra["dynamic_cache"] = {"perplexity": base_ppl, "bytes": full_bytes}
     print(f"DynamicCache: perplexity {base_ppl:.4f}, {full_bytes} bytes for {dynamic.get_seq_length()} tokens")
+    with torch.inference_mode():  # what the prompt alone holds at INT8: budgets below it shrink the prompt itself
+        probe = QuantizedKVCache(cfg, "int8", group_size=args.group_size, residual_length=args.residual_length,
+                                 sink_tokens=args.sink_tokens)  # fmt: skip
+        model(input_ids=windows[0][:, : args.prompt], **{FORWARD_CACHE_KWARG: probe})
+    rec.extra["prompt_int8_bytes"] = probe.get_stats()["total_bytes"]
+    print(f"the {args.prompt}-token prompt at INT8: {rec.extra['prompt_int8_bytes']} bytes "
+          f"({rec.extra['prompt_int8_bytes'] / full_bytes:.1%} of DynamicCache's window)")
     for fraction in fractions:
         for name in args.variants:
             quant_type, policy = VARIANTS[name]

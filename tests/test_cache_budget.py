@@ -143,7 +143,7 @@ def test_a_model_step_is_refused_whole_so_every_layer_keeps_the_same_length(smal
 
 
 def test_a_model_step_is_checked_once_and_a_lone_layer_update_on_its_own(small_model, monkeypatch):
-    import hf_kvcache_plugin.cache as cache_module
+    import hf_kvcache_plugin.cache_budget as cache_module
 
     checks = []
     real = cache_module.fit_to_budget

@@ -14,7 +14,7 @@ from hf_kvcache_plugin import DistributedConfig, create_distributed_cache_optimi
 from hf_kvcache_plugin.distributed import ConsistentHashRing, EntryDirectory, EntryInfo, NodeState
 from hf_kvcache_plugin.distributed.entry_exchange import EntryExchange
 from hf_kvcache_plugin.distributed.migration_pacing import MigrationPacer
-from hf_kvcache_plugin.distributed.payloads import decode_entries, encode_entries
+from hf_kvcache_plugin.distributed.payloads import decode_entries
 from hf_kvcache_plugin.resilience.metrics import ServingMetrics
 
 MIB = 2**20
