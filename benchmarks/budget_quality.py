@@ -16,7 +16,14 @@ its ratio to DynamicCache's, the bytes held at the end against the budget,
 the tokens per bit width and dropped at the end (summed over layers, keys),
 and what each shrink step did.
 
+With ``--prompt 384 --score-after-prompt`` the prompt alone is over the
+smaller budgets: its own blocks are re-packed (or dropped) once stored, and
+only the predictions that read the shrunk cache are scored
+(``budget_quality_prompt384.json``); a budget under the policy's smallest form
+of the prompt is refused, and the row says how many bytes it needs.
+
     python benchmarks/budget_quality.py [--quick]
+    python benchmarks/budget_quality.py --windows 2 --prompt 384 --score-after-prompt
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from models import FORWARD_CACHE_KWARG, TINYSTORIES_VAL, stories_model  # noqa: E402
 from records import RESULTS_DIR, Recorder, format_table, set_threads  # noqa: E402
 
-from hf_kvcache_plugin import QuantizedKVCache  # noqa: E402
+from hf_kvcache_plugin import CacheBudgetExceeded, QuantizedKVCache  # noqa: E402
 from hf_kvcache_plugin.budget import layer_nbytes  # noqa: E402
 from hf_kvcache_plugin.evaluation import load_token_windows  # noqa: E402
 
@@ -51,8 +58,9 @@ VARIANTS = {  # name: (quant_type, budget_policy)
 
 
 @torch.inference_mode()
-def perplexity(model, windows, make_cache, prompt: int, chunk: int) -> tuple[float, object]:
-    """Perplexity over ``windows`` where every prediction after ``prompt`` tokens reads the cache; the last cache."""
+def perplexity(model, windows, make_cache, prompt: int, chunk: int, after_prompt: bool = False) -> tuple[float, object]:
+    """Perplexity over ``windows`` where every prediction after ``prompt`` tokens reads the cache; the last cache.
+    ``after_prompt``: only those predictions are scored (the prefill's own are exact in every cache)."""
     nll, count, cache = 0.0, 0, None
     for ids in windows:
         cache = make_cache()
@@ -64,6 +72,8 @@ def perplexity(model, windows, make_cache, prompt: int, chunk: int) -> tuple[flo
             start = end
         all_logits = torch.cat(logits, dim=1).float()
         targets = ids[:, 1:]
+        if after_prompt:
+            all_logits, targets = all_logits[:, prompt:], targets[:, prompt:]
         nll += torch.nn.functional.cross_entropy(all_logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
         count += targets.numel()
     return math.exp(nll / count), cache
@@ -77,7 +87,7 @@ def plot(rows: list[dict], base_ppl: float, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4))
     for name in dict.fromkeys(r["cache"] for r in rows):
-        mine = [r for r in rows if r["cache"] == name]
+        mine = [r for r in rows if r["cache"] == name and r["perplexity"] is not None]
         ax.plot([100 * r["budget_fraction"] for r in mine], [r["perplexity"] for r in mine], marker="o", label=name)
     ax.axhline(base_ppl, color="gray", linestyle="--", label="DynamicCache")
     ax.set_xlabel("budget, % of DynamicCache bytes for a 512-token window")
@@ -98,6 +108,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--windows", type=int, default=4, help="511-token windows")
     p.add_argument("--prompt", type=int, default=32, help="tokens prefilled before predictions read the cache")
     p.add_argument("--chunk", type=int, default=1, help="tokens per forward step after the prefill")
+    p.add_argument("--score-after-prompt", action="store_true",
+                   help="score only the predictions after the prefill (with a long --prompt: a prompt over the "
+                        "budget, re-packed or dropped once stored)")
     p.add_argument("--group-size", type=int, default=8, help="must divide head_dim 8")
     p.add_argument("--residual-length", type=int, default=16)
     p.add_argument("--sink-tokens", type=int, default=4)
@@ -114,16 +127,25 @@ def main(argv: list[str] | None = None) -> dict:
     windows = load_token_windows(tok, TINYSTORIES_VAL, window=511, num_windows=windows_n)
     settings = {
         "model": "stories260K", "text": TINYSTORIES_VAL.name, "windows": windows_n, "window_tokens": 512,
-        "prompt_tokens": args.prompt, "chunk_tokens": args.chunk, "group_size": args.group_size,
+        "prompt_tokens": args.prompt, "score_after_prompt": args.score_after_prompt, "chunk_tokens": args.chunk, "group_size": args.group_size,
         "residual_length": args.residual_length, "sink_tokens": args.sink_tokens, "fractions": fractions,
         "variants": {name: {"quant_type": q, "budget_policy": pol} for name, (q, pol) in VARIANTS.items()},
     }  # fmt: skip
-    rec = Recorder("budget_quality" + ("_quick" if args.quick else ""), settings, args.out)
+    name = "budget_quality" + (f"_prompt{args.prompt}" if args.score_after_prompt else "")
+    rec = Recorder(name + ("_quick" if args.quick else ""), settings, args.out)
+    scoring = (args.prompt, args.chunk, args.score_after_prompt)
 
-    base_ppl, dynamic = perplexity(model, windows, lambda: DynamicCache(config=cfg), args.prompt, args.chunk)
+    base_ppl, dynamic = perplexity(model, windows, lambda: DynamicCache(config=cfg), *scoring)
     full_bytes = sum(layer_nbytes(layer) for layer in dynamic.layers)  # a whole window in full precision
     rec.extra["dynamic_cache"] = {"perplexity": base_ppl, "bytes": full_bytes}
     print(f"DynamicCache: perplexity {base_ppl:.4f}, {full_bytes} bytes for {dynamic.get_seq_length()} tokens")
+    with torch.inference_mode():  # what the prompt alone holds at INT8: budgets below it shrink the prompt itself
+        probe = QuantizedKVCache(cfg, "int8", group_size=args.group_size, residual_length=args.residual_length,
+                                 sink_tokens=args.sink_tokens)  # fmt: skip
+        model(input_ids=windows[0][:, : args.prompt], **{FORWARD_CACHE_KWARG: probe})
+    rec.extra["prompt_int8_bytes"] = probe.get_stats()["total_bytes"]
+    print(f"the {args.prompt}-token prompt at INT8: {rec.extra['prompt_int8_bytes']} bytes "
+          f"({rec.extra['prompt_int8_bytes'] / full_bytes:.1%} of DynamicCache's window)")
     for fraction in fractions:
         for name in args.variants:
             quant_type, policy = VARIANTS[name]
@@ -135,7 +157,13 @@ def main(argv: list[str] | None = None) -> dict:
                     sink_tokens=args.sink_tokens, max_size_mb=budget_mb, budget_policy=policy,
                 )  # fmt: skip
 
-            ppl, cache = perplexity(model, windows, make_cache, args.prompt, args.chunk)
+            try:
+                ppl, cache = perplexity(model, windows, make_cache, *scoring)
+            except CacheBudgetExceeded as exc:  # under the policy's smallest form of the prompt
+                rec.add(cache=name, budget_fraction=fraction, budget_bytes=int(budget_mb * 2**20), perplexity=None,
+                        refused=exc.needed_bytes)  # fmt: skip
+                print(f"{100 * fraction:g}% {name}: refused, the prompt needs {exc.needed_bytes} bytes at least")
+                continue
             stats = cache.get_stats()
             steps = stats["budget"]["steps"]
             rec.add(
@@ -149,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
             )  # fmt: skip
             print(f"{100 * fraction:g}% {name}: perplexity {ppl:.4f}")
     columns = ["cache", "budget_fraction", "perplexity", "ppl_ratio", "held_fraction", "key_tokens_at_bits",
-               "dropped_tokens", "repack_ms", "drop_ms"]  # fmt: skip
+               "dropped_tokens", "repack_ms", "drop_ms", "refused"]  # fmt: skip
     print(format_table(rec.rows, columns, floatfmt=".4g"))
     out_dir = Path(args.out) if args.out else RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)

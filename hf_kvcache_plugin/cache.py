@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,14 +44,8 @@ from .attention.dispatch import (
     select_fused_attention,
 )
 from .attention.history import FusedStep, hand_over
-from .budget import (
-    MIB,
-    CacheBudgetExceeded,
-    budget_problem,
-    layer_nbytes,
-    layer_nbytes_after,
-    layer_stats,
-)
+from .budget import CacheBudgetExceeded, layer_nbytes_after, layer_stats
+from .cache_budget import BudgetedCache
 from .cache_io import (
     SnapshotError,
     cache_state,
@@ -64,7 +58,7 @@ from .cache_io import (
 from .config import CacheConfig, PluginConfig, parse_config
 from .layer import LayerSettings, QuantizedKVLayer, batch_indices, tracks_grad
 from .quantization import QuantizedTensor
-from .shrink import ShrinkLog, budget_stats, fit_to_budget
+from .shrink import ShrinkLog, budget_stats, smallest_nbytes_after
 from .sliding_layer import QuantizedSlidingWindowLayer
 
 __all__ = [
@@ -81,7 +75,7 @@ _SNAPSHOT_KIND = "QuantizedKVCache"
 logger = logging.getLogger(__name__)
 
 
-class QuantizedKVCache(Cache):
+class QuantizedKVCache(BudgetedCache, Cache):
     """Quantized KV cache for ``model.generate(..., past_key_values=QuantizedKVCache(model.config))``.
 
     Args:
@@ -147,6 +141,10 @@ class QuantizedKVCache(Cache):
         # the layers of the step admitted at its first layer that are still to come, and the K/V shapes admitted
         self._admitted_step: tuple[set[int], Any] = (set(), None)
         self._shrink_log = ShrinkLog()  # what getting under the budget has done (get_stats()["budget"])
+        # the layer after whose update the cache shrinks to its budget: a step admitted only with its own new
+        # blocks shrunk (a prompt larger than the budget, `shrink.fit_to_budget`); None: no such step pending
+        self._shrink_after_layer: int | None = None
+        self._left_padding: torch.Tensor | None = None  # padding tokens before each row (`set_left_padding`)
         if self.cache_config.attention == "fused" and self._attention_config is not None and not encoder_decoder:
             # the default: kvquant_sdpa is plain SDPA for every other cache, so the model loses nothing
             if select_fused_attention(self._attention_config) and self.cache_config.cpu_kernel == "auto":
@@ -221,8 +219,12 @@ class QuantizedKVCache(Cache):
             return self._fused_step(layer, key_states, value_states, attention_kwargs)
         if self.offloading and key_states.device.type == "cpu":
             # already where offloading puts it, and transformers' offloading waits on CUDA streams
-            return layer.update(key_states, value_states, *args, **kwargs)
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+            out = layer.update(key_states, value_states, *args, **kwargs)
+        else:
+            out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if layer_idx == self._shrink_after_layer:
+            self._shrink_after_step()  # the returned K/V are copies: this step's attention reads what it was given
+        return out
 
     def _refuse_as_whole_encoder_decoder_cache(self, layer_idx: int, key_states: torch.Tensor) -> None:
         update = (layer_idx, key_states.shape[-2])
@@ -266,70 +268,13 @@ class QuantizedKVCache(Cache):
                 "build the cache with attention='dequantize' for this model"
             )
         layer.append(key_states, value_states, defer_flush=True)
-        step = FusedStep(history=layer, finish=layer.flush_deferred, cpu_kernel=self.cache_config.cpu_kernel == "auto")
+        finish = layer.flush_deferred
+        if self._shrink_after_layer is not None and layer is self.layers[self._shrink_after_layer]:
+            # the step's last layer: shrink once attention has read it and its blocks are flushed
+            finish = lambda: (layer.flush_deferred(), self._shrink_after_step())  # noqa: E731
+        step = FusedStep(history=layer, finish=finish, cpu_kernel=self.cache_config.cpu_kernel == "auto")
         hand_over(step, attention_kwargs, key_states)
         return key_states, value_states
-
-    # ------------------------------------------------------------------ the byte budget (module `budget`)
-    @property
-    def max_size_mb(self) -> float | None:
-        """The byte budget in MiB (2**20 bytes); None: unbounded."""
-        return self.cache_config.max_size_mb
-
-    @property
-    def budget_bytes(self) -> int | None:
-        return None if self.max_size_mb is None else int(self.max_size_mb * MIB)
-
-    def resize(self, new_size_mb: float) -> None:
-        """Set the byte budget to ``new_size_mb`` MiB (what ``create_adaptive_sizer(resize_callback=cache.resize)``
-        calls). Only the number changes here, so any thread may call it (the sizer's runs beside ``generate``, and
-        re-packing under a forward step would pull its history away). The next update, on the model's thread, is
-        admitted against the new budget: the cache shrinks then as ``budget_policy`` allows, or the update is refused
-        (``CacheBudgetExceeded``). ``shrink_to_budget()`` shrinks at once, between forward steps.
-        """
-        problem = budget_problem("new_size_mb", new_size_mb)
-        if problem:
-            raise ValueError(problem)
-        self.cache_config = dataclasses.replace(self.cache_config, max_size_mb=float(new_size_mb))
-        self._admitted_step = (set(), None)
-        held = sum(layer_nbytes(layer) for layer in self.layers)
-        if held > self.budget_bytes:
-            logger.warning(
-                "cache budget set to %d bytes (%.3f MiB) while the cache holds %d bytes: the next update shrinks it "
-                "(budget_policy %r) or is refused", self.budget_bytes, new_size_mb, held,
-                self.cache_config.budget_policy,
-            )  # fmt: skip
-
-    def shrink_to_budget(self) -> None:
-        """Shrink the cache under its budget now, as ``budget_policy`` allows, or raise ``CacheBudgetExceeded``
-        (what was shrunk stays shrunk). Call it between forward steps, on the thread that runs the model."""
-        self._admit(lambda: {}, f"holding the cache under {self.max_size_mb} MiB")
-
-    def _admit(self, after: Callable[[], dict[int, int]], what: str) -> None:
-        """Make room for what ``after()`` predicts (bytes per layer about to change), shrinking as the policy
-        allows, or refuse. ``after`` is called again after each shrink step: shrinking changes the prediction."""
-        # whatever is admitted now changes what an earlier admission foresaw: its remaining layers are checked again
-        self._admitted_step = (set(), None)
-        policy = self.cache_config.budget_policy
-        fit_to_budget(self.layers, after, self.budget_bytes, policy, self._shrink_log, what)
-
-    def _admit_update(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        if self.max_size_mb is None:
-            return
-        shapes = (key_states.shape, value_states.shape)
-        pending, admitted_shapes = self._admitted_step
-        if layer_idx != self._first_layer and layer_idx in pending and shapes == admitted_shapes:
-            pending.discard(layer_idx)  # admitted with its step, and untouched since
-            return
-        # A forward step updates every layer in turn: it is admitted whole at its first layer, so that a refusal
-        # never leaves layers of different lengths (later layers take K/V of the first one's shape).
-        step: Iterable[int] = range(len(self.layers)) if layer_idx == self._first_layer else (layer_idx,)
-        step = list(step)
-        after = lambda: {i: layer_nbytes_after(self.layers[i], key_states, value_states) for i in step}
-        what = f"layer {layer_idx}: an update of {key_states.shape[-2]} token(s)"
-        self._admit(after, what + (f" for each of the {len(step)} layers" if len(step) > 1 else ""))
-        if len(step) > 1:
-            self._admitted_step = (set(step) - {layer_idx}, shapes)
 
     @property
     def uses_fused_attention(self) -> bool:
@@ -350,7 +295,10 @@ class QuantizedKVCache(Cache):
         if batch is None:
             batch = next((layer.keys.shape[0] for layer in self.layers if getattr(layer, "is_initialized", False)
                           and getattr(layer, "keys", None) is not None), 0)  # fmt: skip
-        super().batch_select_indices(batch_indices(indices, batch, torch.device("cpu")))
+        selected = batch_indices(indices, batch, torch.device("cpu"))
+        super().batch_select_indices(selected)
+        if self._left_padding is not None:
+            self._left_padding = self._left_padding[selected]
         self._admitted_step = (set(), None)
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -413,11 +361,16 @@ class QuantizedKVCache(Cache):
         key_states = _one_of("key_states", key_states, "k", k)
         value_states = _one_of("value_states", value_states, "v", v)
         self._check_layer_idx(layer_id, "layer_id")
+        shrink_after = False
         if self.max_size_mb is not None:
             after = lambda: {layer_id: layer_nbytes_after(self.layers[layer_id], key_states, value_states)}
-            self._admit(after, f"layer {layer_id}: storing {key_states.shape[-2]} token(s)")
+            policy = self.cache_config.budget_policy
+            smallest = lambda: {layer_id: smallest_nbytes_after(self.layers[layer_id], key_states, value_states, policy)}
+            shrink_after = self._admit(after, f"layer {layer_id}: storing {key_states.shape[-2]} token(s)", smallest)
         # the plain path (never the fused hand-over, which expects the model's attention to read the layer)
         super().update(key_states, value_states, layer_id)
+        if shrink_after:
+            self._shrink_after_step()
 
     def retrieve(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """All K/V of layer ``layer_id``, dequantized to the compute dtype."""

@@ -462,6 +462,11 @@ class QuantizedKVLayer(CacheLayerMixin):
         """``nbytes`` once ``append(key_states, value_states)`` and its flush are done, predicted without touching
         the layer: the same path through sinks, residual window, blocks and mixed-precision aging (blocks that
         cannot be quantized, kept exact, excepted)."""
+        dense, blocks, _ = self.append_footprint(key_states, value_states)
+        return dense + blocks
+
+    def append_footprint(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[int, int, int]:
+        """``nbytes_after_append`` in parts: (bytes of sinks and window, bytes of blocks, blocks per stream)."""
         check_key_value_states(self._name(), key_states, value_states)
         b, h, n, d = key_states.shape
         dv = value_states.shape[-1]
@@ -483,11 +488,9 @@ class QuantizedKVLayer(CacheLayerMixin):
         # a caller that expands the batch for num_return_sequences repeats the history's rows first
         repeat = b // self.batch_size if self.is_initialized and b % self.batch_size == 0 else 1
         dtype = key_states.dtype
-        return (
-            dense
-            + keys.nbytes_after(new_blocks, b, h, d, dtype, repeat)
-            + values.nbytes_after(new_blocks, b, h, dv, dtype, repeat)
-        )
+        blocks = keys.nbytes_after(new_blocks, b, h, d, dtype, repeat)
+        blocks += values.nbytes_after(new_blocks, b, h, dv, dtype, repeat)
+        return dense, blocks, keys.num_blocks + new_blocks
 
     def nbytes_after_load(self, keys: QuantizedTensor, values: QuantizedTensor, dtype: torch.dtype) -> int:
         """``nbytes`` once ``load_blocks(keys, values, dtype, ...)`` is done (blocks ``[B, H, n, G, D]``), predicted."""

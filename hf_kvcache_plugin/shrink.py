@@ -31,6 +31,17 @@ SQNR of 2 bits from the values to 0.01 dB (tests/test_cache_shrink.py). Keys and
 same blocks when they have the same bits; when their bits differ their tiers
 are cut at different blocks and fused attention reads that layer dequantized.
 
+An update larger than the budget on its own (a long prompt) cannot make
+room by shrinking what is held before it: its own new blocks have to shrink.
+It is admitted when what the cache would hold with those blocks shrunk as
+far as the policy goes (re-packed to 2 bits, or dropped) fits; it is
+appended at its bits, its forward step reads it so, and the cache shrinks
+to the budget, by the same steps, as soon as the step's last layer is in
+(``QuantizedKVCache``). Only if even that smallest form is over the budget
+is it refused, naming the budget and those bytes. Meanwhile, for the one
+step, the cache holds more than its budget, as the step's incoming K/V
+always do.
+
 Dropped tokens leave a gap in the positions (``QuantizedKVLayer``): the held
 keys keep the rotary rotation of their true positions and new tokens go on
 from the number of tokens seen, as StreamingLLM without re-rotation does.
@@ -44,11 +55,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .budget import check_budget, layer_nbytes
+import torch
+
+from .budget import check_budget, layer_nbytes, layer_nbytes_after
 from .config import BUDGET_POLICIES
 from .layer import QuantizedKVLayer
+from .padding import move_sinks_past_padding
 
-__all__ = ["BUDGET_POLICIES", "ShrinkLog", "budget_stats", "fit_to_budget"]
+__all__ = ["BUDGET_POLICIES", "ShrinkLog", "budget_stats", "fit_to_budget", "smallest_nbytes_after"]
 
 REPACK_STEPS = ((8, 4), (4, 2))
 _STEPS_OF_POLICY = {
@@ -104,8 +118,9 @@ def _repack(layers: list[QuantizedKVLayer], from_bits: int, to_bits: int) -> tup
     return apply, saving
 
 
-def _drop(layers: list[QuantizedKVLayer]) -> tuple[Callable[[int], int], int]:
-    """(apply(k): drop the oldest k blocks of every layer, blocks done; bytes per k, at the oldest blocks' bits)."""
+def _drop(layers: list[QuantizedKVLayer], left_padding: torch.Tensor | None) -> tuple[Callable[[int], int], int]:
+    """(apply(k): drop the oldest k blocks of every layer, blocks done; bytes per k, at the oldest blocks' bits).
+    ``left_padding``: padding tokens per row of a left-padded batch, whose rows keep their own sinks (``padding``)."""
     holding = [layer for layer in layers if layer.quantized_keys.num_blocks]
     saving = sum(
         _block_saving(layer, name, getattr(layer, f"quantized_{name}").tiers[0].bits, None)
@@ -117,6 +132,8 @@ def _drop(layers: list[QuantizedKVLayer]) -> tuple[Callable[[int], int], int]:
         done = 0
         for layer in holding:
             n = min(k, layer.quantized_keys.num_blocks)
+            if left_padding is not None:
+                move_sinks_past_padding(layer, n, left_padding)
             layer.quantized_keys.drop_oldest(n)
             layer.quantized_values.drop_oldest(n)
             layer.dropped_tokens += n * layer.group_size
@@ -126,6 +143,24 @@ def _drop(layers: list[QuantizedKVLayer]) -> tuple[Callable[[int], int], int]:
     return apply, saving
 
 
+def smallest_nbytes_after(layer: Any, key_states: torch.Tensor, value_states: torch.Tensor, policy: str) -> int:
+    """What ``layer`` would hold once it has taken ``key_states`` / ``value_states`` and then shrunk as far as
+    ``policy`` goes: every block dropped (a policy that drops), or every block at 2 bits (``repack``: 8 -> 4 -> 2
+    reaches 2 from either). Layers the shrink steps do not touch keep what ``layer_nbytes_after`` says."""
+    steps = _STEPS_OF_POLICY[policy]
+    if not steps or not isinstance(layer, QuantizedKVLayer) or layer.is_sliding:
+        return layer_nbytes_after(layer, key_states, value_states)
+    dense, _, num_blocks = layer.append_footprint(key_states, value_states)
+    if "drop" in steps:
+        return dense
+    b, h, _, d = key_states.shape
+    floor = 0
+    for name, dim in (("keys", d), ("values", value_states.shape[-1])):
+        codec = (getattr(layer, f"quantized_{name}") if layer.is_initialized else layer.settings.blocks(name)).codec
+        floor += num_blocks * codec.block_nbytes(b, h, dim, key_states.dtype, bits=REPACK_STEPS[-1][1])
+    return dense + floor
+
+
 def fit_to_budget(
     layers: Sequence[Any],
     after: Callable[[], dict[int, int]],
@@ -133,11 +168,19 @@ def fit_to_budget(
     policy: str,
     log: ShrinkLog,
     what: str,
-) -> None:
+    smallest: Callable[[], dict[int, int]] | None = None,
+    left_padding: torch.Tensor | None = None,
+) -> bool:
     """Shrink ``layers`` until what they will hold (``after()``: bytes per layer about to change, as
-    ``check_budget`` takes it) fits ``budget_bytes``, by the steps ``policy`` allows; else refuse."""
+    ``check_budget`` takes it) fits ``budget_bytes``, by the steps ``policy`` allows; else refuse.
+
+    ``smallest()``: what the layers about to change would hold once the update is in and they have shrunk as far
+    as the policy goes (``smallest_nbytes_after``). An update whose own new blocks have to shrink to fit (a
+    prompt larger than the budget) is then admitted when that fits: True is returned, and the caller shrinks
+    the cache (``fit_to_budget`` with nothing about to change) once the update is in. ``left_padding``: see
+    ``padding``."""
     if budget_bytes is None:
-        return
+        return False
 
     def needed() -> int:
         planned = after()
@@ -148,7 +191,7 @@ def fit_to_budget(
         while need > budget_bytes:
             quantized = _quantized(layers)
             if name == "drop":
-                apply, saving = _drop(quantized)
+                apply, saving = _drop(quantized, left_padding)
             else:
                 from_bits, to_bits = (8, 4) if name == "repack_8_to_4" else (4, 2)
                 apply, saving = _repack(quantized, from_bits, to_bits)
@@ -168,7 +211,12 @@ def fit_to_budget(
     allowed = _STEPS_OF_POLICY[policy]
     shrunk = f"after the shrink steps {list(allowed)} of `budget_policy` {policy!r} ran out" if allowed else (
         f"`budget_policy` is {policy!r} (nothing is re-packed or dropped)")
+    if need > budget_bytes and smallest is not None and allowed:
+        own = "dropped" if "drop" in allowed else "re-packed to 2 bits"
+        check_budget(layers, smallest(), budget_bytes, what, detail=f"{shrunk}, even with its own new blocks {own}")
+        return True
     check_budget(layers, after(), budget_bytes, what, detail=shrunk)
+    return False
 
 
 def budget_stats(layers: Sequence[Any], policy: str, log: ShrinkLog) -> dict[str, Any]:

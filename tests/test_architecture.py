@@ -34,7 +34,9 @@ RANKS = {
     "sliding_layer": 5,
     "cache_io": 5,
     "budget": 5,
+    "padding": 5,  # a left-padded batch's sinks under drops: only torch
     "shrink": 6,
+    "cache_budget": 6.5,  # the budget half of QuantizedKVCache (a mixin over shrink and padding)
     "attention": 6,
     "cache": 7,
     "encoder_decoder": 8,

@@ -212,7 +212,9 @@ def _nested(key: str, value: object) -> dict:
 
 def test_every_float_setting_is_found():
     keys = set(_float_keys())
-    assert len(keys) == 35 and {"cache.clip_percentile", "cache.max_size_mb", "serving.api.batch_wait_ms"} <= keys
+    assert len(keys) == 37 and {"cache.clip_percentile", "cache.max_size_mb", "serving.api.batch_wait_ms",
+                                "distributed.migration_time_budget_ms", "distributed.migration_initial_mb_per_s",
+                                "distributed.verify_sample_rate"} <= keys
 
 
 @pytest.mark.parametrize("key", _float_keys())

@@ -414,7 +414,10 @@ class DistributedConfig(Checked):
     ``reset_timeout_s``, and meanwhile that peer's work is done locally;
     ``success_threshold`` trial successes close it again. Keys left out of
     ``breaker`` take 3 / 30.0 / 1. Migration sends at most
-    ``migration_mb_per_step`` MiB per round. ``store_port``: only when not
+    ``migration_mb_per_step`` MiB per round, in batches sized so that the
+    round spends about ``migration_time_budget_ms`` sending them at the
+    bandwidth measured to each target (``migration_initial_mb_per_s`` until
+    a target was measured; at least one entry per round). ``store_port``: only when not
     launched by torchrun / ``accelerate launch``, the port where rank 0 hosts
     the coordinator's store, listening on ``bind_address`` only.
     ``verify_sample_rate``: the share of peers' migration batches recomputed
@@ -434,6 +437,8 @@ class DistributedConfig(Checked):
     capacity_mb: PositiveFloat | None = None
     load_slack: NonNegativeFloat = 0.25
     migration_mb_per_step: PositiveFloat = 16.0
+    migration_time_budget_ms: Annotated[float, Strict(), Field(gt=0, le=3_600_000)] = 200.0
+    migration_initial_mb_per_s: PositiveFloat = 16.0
     heartbeat_interval_s: PositiveFloat = 0.5
     heartbeat_timeout_s: PositiveFloat = 5.0
     round_deadline_s: Annotated[float, Strict(), Field(gt=0, le=3600)] = 30.0
@@ -465,6 +470,12 @@ class DistributedConfig(Checked):
                 ("migration_mb_per_step",),
                 f"has to be at most `max_payload_mb` ({self.max_payload_mb}): a step is one message, but got "
                 f"{self.migration_mb_per_step}",
+            )
+        if self.migration_time_budget_ms > self.round_deadline_s * 1000:
+            yield Problem(
+                ("migration_time_budget_ms",),
+                f"has to be at most `round_deadline_s` ({self.round_deadline_s} s) in ms: migration is part of a "
+                f"round, but got {self.migration_time_budget_ms}",
             )
         if not self.secret_env:
             yield Problem(("secret_env",), "has to name an environment variable but got ''")

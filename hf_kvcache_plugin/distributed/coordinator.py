@@ -53,6 +53,7 @@ from .entry_exchange import EntryExchange
 from .eviction import eviction_shares
 from .hash_ring import ConsistentHashRing, NodeId, node_order
 from .local_entries import LocalEntries
+from .migration_pacing import MigrationPacer
 from .nodes import EntryDirectory, NodeInfo, NodeState
 from .round_messages import RoundMessages
 from .round_runner import RoundRunner
@@ -129,9 +130,12 @@ class CacheCoordinator:
         self.counters: Counter[str] = Counter()  # shared by the parts: stats() shows them all
         self.cluster = ClusterView(local_node, self.config, transport, self.counters)
         self.messages = RoundMessages(self.cluster, transport, self.config, self.counters)
+        self.migration_pacer = MigrationPacer(
+            self.config.migration_time_budget_ms / 1000, int(self.config.migration_mb_per_step * MIB),
+            self.config.migration_initial_mb_per_s, metrics=metrics, rank=local_node.node_id,
+        )
         self.entry_exchange = EntryExchange(
-            self.cluster, local_entries, self.directory, transport, self.counters,
-            int(self.config.migration_mb_per_step * MIB), self.messages,
+            self.cluster, local_entries, self.directory, transport, self.counters, self.migration_pacer, self.messages,
         )
         # a process that leaves the ring for good takes what it held with it
         self.cluster.on_node_gone = self.entry_exchange.forget
@@ -368,7 +372,8 @@ class CacheCoordinator:
         return [*self.transport.breakers.values(), self.transport.c10d_store_breaker]
 
     def stats(self) -> dict[str, Any]:
-        """Counters, breaker states and transitions, ring and directory sizes."""
+        """Counters, breaker states and transitions, ring and directory sizes, and the migration pacing (the
+        bandwidth measured to each peer and the batches sent, ``migration_pacing``)."""
         out: dict[str, Any] = {
             **self.counters,
             "node_id": self.node_id,
@@ -376,6 +381,7 @@ class CacheCoordinator:
             "round": self.messages.number,
             "ring": self.ring.nodes,
             "directory_keys": len(self.directory),
+            "migration": self.migration_pacer.stats(),
         }
         if self.transport is not None:
             out["breakers"] = {p: self.transport.breaker_state(p) for p in self.transport.breakers}

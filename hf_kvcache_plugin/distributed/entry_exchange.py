@@ -5,8 +5,9 @@
   others re-read it when the version moves. Whole sets, not deltas, so a
   missed update is repaired by the next one.
 - *Migration*: a process sends the chunks ``migration.plan_migration`` gives
-  it as numbered batches (the stored quantized blocks, ``torch.save``d), at
-  most ``max_bytes_per_step`` per round and one batch in flight per target;
+  it as numbered batches (the stored quantized blocks, ``torch.save``d),
+  sized by ``migration_pacing`` (a time budget per round from the bandwidth
+  measured to each target, under a byte cap), one batch in flight per target;
   its view announces how many it sent to each target, and the target imports
   them (and deletes the key) when it reads that view.
 - *Global eviction*: an order (bytes per process) is posted once and
@@ -35,7 +36,8 @@ from .cluster_view import ClusterView
 from .entry_verification import EntryMismatch, EntryUnverifiable, EntryVerifier
 from .eviction import plan_local_eviction
 from .local_entries import LocalEntries, chains_parent_first
-from .migration import plan_migration, split_into_steps
+from .migration import plan_migration
+from .migration_pacing import MigrationPacer
 from .nodes import EntryDirectory, NodeState
 from .payloads import PayloadError, decode_entries, encode_entries, encode_json
 from .round_messages import RoundMessages
@@ -53,7 +55,8 @@ class EntryExchange:
     """One process's side of the directory, migration and eviction traffic; see the module docstring.
 
     ``transport`` None: one process; only the local directory is kept.
-    ``counters`` is the coordinator's, so that ``stats()`` shows these figures too.
+    ``counters`` is the coordinator's, so that ``stats()`` shows these figures too. ``pacer`` sizes the
+    migration batches and times them on the transport's clock.
     """
 
     def __init__(
@@ -63,7 +66,7 @@ class EntryExchange:
         directory: EntryDirectory,
         transport: StoreTransport | None,
         counters: Counter[str],
-        max_bytes_per_step: int,
+        pacer: MigrationPacer,
         messages: RoundMessages | None = None,
         verifier: EntryVerifier | None = None,
     ):
@@ -73,7 +76,7 @@ class EntryExchange:
         self.directory = directory
         self.transport = transport
         self.counters = counters
-        self.max_bytes_per_step = max_bytes_per_step
+        self.pacer = pacer
         self.messages = messages
         self.verifier = verifier  # None: batches are checked for form only
         self.directory_version = 0
@@ -154,24 +157,22 @@ class EntryExchange:
             skip=self._recently_sent, keep_copies=self.cluster.node.state == NodeState.ACTIVE,
         )
         sizes = {info.key: info.nbytes for info in infos}
-        budget = self.max_bytes_per_step
-        busy: set[int] = set()  # one batch in flight per target: the next goes once the last was read
-        for step in split_into_steps(plan.transfers, sizes, self.max_bytes_per_step):
+        pending: dict[int, list[bytes]] = {}
+        for transfer in plan.transfers:
+            pending.setdefault(transfer.target, []).extend(transfer.keys)
+        # one batch in flight per target: the next goes once the last was read
+        ready = {t: keys for t, keys in pending.items() if self.cluster.reachable(t) and not self._in_flight(t)}
+        for step in self.pacer.plan_step(ready, sizes, turn=round_no):
             target = step.target
-            oversized = step.nbytes > budget and budget < self.max_bytes_per_step  # only a first step may exceed
-            if target in busy or oversized or not self.cluster.reachable(target):
-                continue
-            busy.add(target)
-            if self.migrations_sent[target] and self.transport.exists(self._batch_key(self.node_id, target)):
-                continue
+            started = self.transport.clock()
             payloads = self.local_entries.export_entries(step.keys)
             if not payloads:
                 continue
             self.migrations_sent[target] += 1
             self.transport.post(self._batch_key(self.node_id, target), encode_entries(payloads))
+            self.pacer.record(target, step.nbytes, len(payloads), self.transport.clock() - started)
             for key in step.keys:
                 self._recently_sent[(key, target)] = round_no
-            budget -= step.nbytes
             self.counters["migrated_out_entries"] += len(payloads)
             self.counters["migrated_out_bytes"] += step.nbytes
             self.counters["migration_steps"] += 1
@@ -179,6 +180,9 @@ class EntryExchange:
         if plan.drops:
             self.counters["handed_over_bytes"] += self.local_entries.remove_entries(plan.drops)
             self.publish()  # rounds run only after `start` announced this process: this posts the new key set
+
+    def _in_flight(self, target: int) -> bool:
+        return bool(self.migrations_sent[target]) and self.transport.exists(self._batch_key(self.node_id, target))
 
     def _batch_key(self, source: int, target: int, number: int | None = None) -> str:
         number = self.migrations_sent[target] if number is None else number
