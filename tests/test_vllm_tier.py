@@ -10,12 +10,13 @@ import socket
 import time
 
 import pytest
+import torch
 
 from hf_kvcache_plugin.integrations.vllm_blocks import ChunkCodec
 from hf_kvcache_plugin.integrations.vllm_store import StoreService, connect_store
 from hf_kvcache_plugin.reuse.memory import MemoryReading
 
-from .vllm_tier_peer import AUTHKEY, BLOCK, LAYERS, NAMESPACE, chain, run_instance, settings
+from .vllm_tier_peer import AUTHKEY, BLOCK, HEAD_SIZE, HEADS, LAYERS, NAMESPACE, chain, run_instance, settings
 
 MIB = 2**20
 
@@ -98,8 +99,9 @@ def free_port() -> int:
 
 
 def test_a_chain_stored_by_one_instance_is_a_hit_of_another(tmp_path):
-    """Two instances' tiers in their own processes, sharing through the coordinator: the chain instance 0
-    stores reaches instance 1, whose scheduler-side lookup (over its socket) then matches it."""
+    """Two instances' tiers sharing through the coordinator, instance 0 here and instance 1 in a process of its
+    own: the chain instance 0 stores reaches instance 1, whose scheduler-side lookup (over its socket) then
+    matches it."""
     distributed = {
         "store_port": free_port(), "replication_factor": 2, "heartbeat_interval_s": 0.1,
         "heartbeat_timeout_s": 5.0, "round_deadline_s": 10.0,
@@ -107,31 +109,28 @@ def test_a_chain_stored_by_one_instance_is_a_hit_of_another(tmp_path):
     prompt = list(range(3, 303))  # two whole chunks and a tail
     context = multiprocessing.get_context("spawn")
     stop = context.Event()
-    addresses = [str(tmp_path / f"instance{rank}.sock") for rank in range(2)]
-    processes = [
-        context.Process(
-            target=run_instance,
-            args=({"distributed": distributed, "instance_rank": rank, "instances": 2}, addresses[rank],
-                  prompt if rank == 0 else None, stop),
-            daemon=True,
-        )  # fmt: skip
-        for rank in range(2)
-    ]
-    for process in processes:
-        process.start()
+    address = str(tmp_path / "instance1.sock")
+    other = context.Process(
+        target=run_instance, args=({"distributed": distributed, "instance_rank": 1, "instances": 2}, address, stop),
+        daemon=True,
+    )
+    other.start()
+    tier = settings(distributed=distributed, instance_rank=0, instances=2)
+    codec = ChunkCodec(tier.cache, LAYERS)
+    here = StoreService.build(tier, entry_check=codec.entry_layout(HEADS, BLOCK, HEAD_SIZE, torch.float32).problem)
     try:
-        other = connect_store(addresses[1], AUTHKEY, timeout_s=120)
+        here.store.put_chain(chain(codec, prompt))
+        remote = connect_store(address, AUTHKEY, timeout_s=120)
         deadline = time.monotonic() + 120
-        while other.matched_tokens(NAMESPACE, prompt, len(prompt) - 1) < 2 * BLOCK:
-            assert all(p.is_alive() for p in processes)
-            assert time.monotonic() < deadline, other.tier_stats()["cluster"]
-            time.sleep(0.2)
-        cluster = other.tier_stats()["cluster"]
-        assert cluster["migrated_in_entries"] == 2 and cluster["error"] is None
-        assert other.stats()["entries"] == 2
+        while remote.tier_stats()["cluster"].get("migrated_in_entries", 0) < 2:
+            assert other.is_alive()
+            assert time.monotonic() < deadline, remote.tier_stats()["cluster"]
+            time.sleep(0.1)
+        assert remote.matched_tokens(NAMESPACE, prompt, len(prompt) - 1) == 2 * BLOCK
+        assert remote.tier_stats()["cluster"]["error"] is None and remote.stats()["entries"] == 2
         # the sender keeps its copy: both instances hold the chain now
-        assert connect_store(addresses[0], AUTHKEY, timeout_s=10).stats()["entries"] == 2
+        assert here.stats()["entries"] == 2 and here.tier_stats()["cluster"]["migrated_out_entries"] == 2
     finally:
         stop.set()
-        for process in processes:
-            process.join(timeout=60)
+        other.join(timeout=60)
+        here.close()

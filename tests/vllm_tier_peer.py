@@ -35,16 +35,13 @@ def chain(codec: ChunkCodec, tokens: list[int], seed: int = 0) -> list[PrefixEnt
     return entries
 
 
-def run_instance(extra: dict, address: str, put_tokens: list[int] | None, stop) -> None:
-    """Host an instance's tier at ``address`` (as the worker does), store ``put_tokens``' chain, serve until
-    ``stop`` is set."""
+def run_instance(extra: dict, address: str, stop) -> None:
+    """Host an instance's tier at ``address`` (as the worker does) until ``stop`` is set."""
     from hf_kvcache_plugin.integrations.vllm_store import StoreService, host_store, stop_hosting
 
     tier = settings(**extra)
     codec = ChunkCodec(tier.cache, LAYERS)
     service = StoreService.build(tier, entry_check=codec.entry_layout(HEADS, BLOCK, HEAD_SIZE, torch.float32).problem)
     host_store(address, AUTHKEY, service)
-    if put_tokens:
-        service.store.put_chain(chain(codec, put_tokens))
     stop.wait(120)
     stop_hosting(address)

@@ -56,7 +56,8 @@ def main() -> None:
         wait_until((workdir / "done").exists, "instance 1")
     else:
         wait_until((workdir / "served").exists, "instance 0 to serve")
-        wait_until(lambda: len(service.store) >= MATCHABLE // BLOCK, "the chain to reach this instance")
+        arrived = lambda: service.tier_stats()["cluster"].get("migrated_in_entries", 0) >= MATCHABLE // BLOCK  # noqa: E731
+        wait_until(arrived, "the chain to reach this instance")
         passes = generate(llm, PROMPTS[:1], NEW_TOKENS)
         (workdir / "done").touch()
     report = {"passes": passes, "tier": service.tier_stats()}
