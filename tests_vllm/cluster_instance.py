@@ -1,9 +1,8 @@
-"""Run by test_instances.py: one vLLM instance (its engine in this process) whose tier joins a cluster of two.
+"""Instance 1 of test_instances.py's two vLLM instances, in a fresh interpreter (its engine in that process).
 
-Usage: python -m tests_vllm.cluster_instance MODEL_DIR RANK STORE_PORT WORKDIR
-Instance 0 serves PROMPTS[0], then stays (its coordinator sends the chain on) until WORKDIR/done.
-Instance 1 waits until instance 0 served, and until the chain has reached its own store; then serves
-PROMPTS[0] and writes WORKDIR/done. Each prints one JSON line: its passes and its tier's figures.
+Usage: python -m tests_vllm.cluster_instance MODEL_DIR STORE_PORT WORKDIR
+Waits until instance 0 (the test's process) served PROMPTS[0] and the chain has reached this instance's tier
+through the coordinator; then serves PROMPTS[0] and prints one JSON line: its pass and its tier's figures.
 """
 
 from __future__ import annotations
@@ -14,28 +13,14 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-
 WAIT_S = 300
 
 
-def wait_until(ready, what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not ready():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {WAIT_S} s for {what}")
-        time.sleep(0.1)
-
-
-def main() -> None:
+def instance_kv(rank: int, port: int, workdir: Path):
+    """The connector's config of instance ``rank`` of two sharing their tiers (INT8)."""
     from vllm.config import KVTransferConfig
 
-    from .conftest import BLOCK, MATCHABLE, NEW_TOKENS, PROMPTS, generate, make_llm, service_of
-
-    model_dir, rank, port, workdir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
-    kv = KVTransferConfig(
+    return KVTransferConfig(
         kv_connector="HFKVCacheConnector",
         kv_role="kv_both",
         engine_id=f"instance{rank}",
@@ -48,20 +33,30 @@ def main() -> None:
             "store_address": str(workdir / f"instance{rank}.sock"),
         },
     )  # fmt: skip
-    llm = make_llm(model_dir, kv)
+
+
+def wait_until(ready, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not ready():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {WAIT_S} s for {what}")
+        time.sleep(0.1)
+
+
+def main() -> None:
+    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from .conftest import BLOCK, MATCHABLE, NEW_TOKENS, PROMPTS, generate, make_llm, service_of
+
+    model_dir, port, workdir = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+    llm = make_llm(model_dir, instance_kv(1, port, workdir))
     service = service_of(llm)
-    if rank == 0:
-        passes = generate(llm, PROMPTS[:1], NEW_TOKENS)
-        (workdir / "served").touch()
-        wait_until((workdir / "done").exists, "instance 1")
-    else:
-        wait_until((workdir / "served").exists, "instance 0 to serve")
-        arrived = lambda: service.tier_stats()["cluster"].get("migrated_in_entries", 0) >= MATCHABLE // BLOCK  # noqa: E731
-        wait_until(arrived, "the chain to reach this instance")
-        passes = generate(llm, PROMPTS[:1], NEW_TOKENS)
-        (workdir / "done").touch()
-    report = {"passes": passes, "tier": service.tier_stats()}
-    print("RESULT " + json.dumps(report, default=str), flush=True)
+    wait_until((workdir / "served").exists, "instance 0 to serve")
+    arrived = lambda: service.tier_stats()["cluster"].get("migrated_in_entries", 0) >= MATCHABLE // BLOCK  # noqa: E731
+    wait_until(arrived, "the chain to reach this instance")
+    passes = generate(llm, PROMPTS[:1], NEW_TOKENS)
+    print("RESULT " + json.dumps({"passes": passes, "tier": service.tier_stats()}, default=str), flush=True)
     llm.llm_engine.engine_core.shutdown()
 
 

@@ -1,43 +1,47 @@
-"""Two vLLM instances (processes) sharing their tiers through our coordinator: instance 0's prefix is a hit
-of instance 1, and instance 1's output is vLLM's own (INT8)."""
+"""Two vLLM instances sharing their tiers through our coordinator: instance 0 (engine in this process) serves a
+prompt; instance 1 (a process of its own) then gets it from its tier, and its output is vLLM's own (INT8)."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
-from .conftest import BLOCK, MATCHABLE
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+from .cluster_instance import instance_kv
+from .conftest import BLOCK, MATCHABLE, NEW_TOKENS, PROMPTS, close_llm, generate, make_llm, service_of
 from .test_processes import REPO, STARTUP_S, environment, free_port
 
 
 def test_a_prefix_served_by_one_instance_is_a_hit_of_the_other(model_dir, tmp_path, reference):
     port = free_port()
-    logs = [open(tmp_path / f"instance{rank}.log", "w") for rank in range(2)]
-    instances = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tests_vllm.cluster_instance", str(model_dir), str(rank), str(port), str(tmp_path)],
-            cwd=REPO, env=environment(), stdout=log, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
-        for rank, log in enumerate(logs)
-    ]
+    log_path = tmp_path / "instance1.log"
+    log = open(log_path, "w")
+    other = subprocess.Popen(
+        [sys.executable, "-m", "tests_vllm.cluster_instance", str(model_dir), str(port), str(tmp_path)],
+        cwd=REPO, env=environment(), stdout=log, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    llm = None
     try:
-        codes = [instance.wait(timeout=STARTUP_S) for instance in instances]
+        llm = make_llm(model_dir, instance_kv(0, port, tmp_path))
+        served = generate(llm, PROMPTS[:1], NEW_TOKENS)
+        (tmp_path / "served").touch()
+        code = other.wait(timeout=STARTUP_S)
+        here = service_of(llm).tier_stats()
     finally:
-        for instance in instances:
-            if instance.poll() is None:
-                instance.kill()
-        for log in logs:
-            log.close()
-    texts = [(tmp_path / f"instance{rank}.log").read_text() for rank in range(2)]
-    assert codes == [0, 0], "\n".join(text[-3000:] for text in texts)
-    first, second = (
-        json.loads(next(line for line in text.splitlines() if line.startswith("RESULT ")).removeprefix("RESULT "))
-        for text in texts
-    )
-    assert first["passes"] == [[reference[0][0], 0]]  # instance 0 computed it
-    assert second["passes"] == [[reference[0][0], MATCHABLE]]  # instance 1 loaded it from its tier
-    cluster = second["tier"]["cluster"]
+        if other.poll() is None:
+            other.kill()
+        log.close()
+        if llm is not None:
+            close_llm(llm)
+    text = log_path.read_text()
+    assert code == 0, text[-3000:]
+    report = json.loads(next(line for line in text.splitlines() if line.startswith("RESULT ")).removeprefix("RESULT "))
+    assert served == [(reference[0][0], 0)]  # instance 0 computed it
+    assert report["passes"] == [[reference[0][0], MATCHABLE]]  # instance 1 loaded it from its tier
+    cluster = report["tier"]["cluster"]
     assert cluster["migrated_in_entries"] == MATCHABLE // BLOCK and cluster["error"] is None
-    assert first["tier"]["cluster"]["migrated_out_entries"] == MATCHABLE // BLOCK
-    assert second["tier"]["requests"] == {"requests": 1, "tier_hits": 1, "tier_tokens": MATCHABLE}
+    assert here["cluster"]["migrated_out_entries"] == MATCHABLE // BLOCK
+    assert report["tier"]["requests"] == {"requests": 1, "tier_hits": 1, "tier_tokens": MATCHABLE}

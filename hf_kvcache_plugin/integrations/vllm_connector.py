@@ -186,6 +186,9 @@ class HFKVCacheConnector(KVConnectorBase_V1):
         return external, False
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
+        looked_up = self._looked_up.get(request.request_id)
+        if looked_up is not None:  # what vLLM took of the tier's offer
+            self._looked_up[request.request_id] = (looked_up[0], max(0, num_external_tokens))
         if num_external_tokens <= 0:
             return
         prompt = list(request.prompt_token_ids)
