@@ -28,6 +28,7 @@ from typing import Any
 
 from ..reuse.prefix_store import PrefixEntry, PrefixStore
 from ..reuse.sizer import AdaptiveSizer
+from .vllm_cluster import InstanceCluster
 from .vllm_settings import TierSettings
 
 __all__ = ["StoreService", "connect_store", "host_store", "stop_hosting"]
@@ -40,7 +41,8 @@ _HOSTED_LOCK = threading.Lock()
 class StoreService:
     """What the scheduler side may ask of the worker's tier (keys and counts only); see the module docstring."""
 
-    def __init__(self, store: PrefixStore, sizer: AdaptiveSizer | None = None, cluster: Any = None):
+    def __init__(self, store: PrefixStore, sizer: AdaptiveSizer | None = None,
+                 cluster: InstanceCluster | None = None):
         self.store = store
         self.sizer = sizer
         self.cluster = cluster
@@ -57,8 +59,6 @@ class StoreService:
         sizer = None if settings.sizer is None else AdaptiveSizer.for_store(store, settings.sizer)
         cluster = None
         if settings.distributed is not None:
-            from .vllm_cluster import InstanceCluster
-
             if entry_check is None:
                 raise ValueError("an instance that shares its tier needs `entry_check` for its peers' entries")
             cluster = InstanceCluster(
