@@ -1,8 +1,10 @@
 """vLLM tests: run in their own venv (.ci/run builds it), not by the main suite (testpaths = tests).
 
 One process, vLLM's engine in it (VLLM_ENABLE_V1_MULTIPROCESSING=0), LLMs
-built one after another on one tiny random Llama; test_processes.py starts
-the multi-process default and the OpenAI server in subprocesses.
+built one after another on one tiny random Llama (one at a time: vLLM keeps
+its KV connector in a process-wide global); test_processes.py starts the
+multi-process default and the OpenAI server in subprocesses, test_instances.py
+a second instance (cluster_instance.py).
 """
 
 from __future__ import annotations
