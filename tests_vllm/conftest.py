@@ -1,8 +1,10 @@
 """vLLM tests: run in their own venv (.ci/run builds it), not by the main suite (testpaths = tests).
 
 One process, vLLM's engine in it (VLLM_ENABLE_V1_MULTIPROCESSING=0), LLMs
-built one after another on one tiny random Llama; test_processes.py starts
-the multi-process default and the OpenAI server in subprocesses.
+built one after another on one tiny random Llama (one at a time: vLLM keeps
+its KV connector in a process-wide global); test_processes.py starts the
+multi-process default and the OpenAI server in subprocesses, test_instances.py
+a second instance (cluster_instance.py).
 """
 
 from __future__ import annotations
@@ -59,13 +61,13 @@ def kv_transfer(quant_type: str | None, max_size_mb: float, group_size: int = 32
     return KVTransferConfig(kv_connector="HFKVCacheConnector", kv_role="kv_both", kv_connector_extra_config=settings)
 
 
-def make_llm(model_dir, kv_transfer_config=None):
+def make_llm(model_dir, kv_transfer_config=None, prefix_caching: bool = False):
     from vllm import LLM
 
     return LLM(
         model=str(model_dir),
         dtype="float32",
-        enable_prefix_caching=False,  # vLLM's own prefix cache off: every hit is ours
+        enable_prefix_caching=prefix_caching,  # off unless a test says: every hit is ours
         kv_transfer_config=kv_transfer_config,
         max_model_len=1024,
         block_size=BLOCK,
@@ -99,12 +101,17 @@ def run_twice(llm, prompts, max_tokens: int = NEW_TOKENS):
     return generate(llm, prompts, max_tokens), generate(llm, prompts, max_tokens)
 
 
-def store_of(llm):
-    """The PrefixStore that the worker side hosts (in this process: engine in-process)."""
+def service_of(llm):
+    """The StoreService (store, sizer, cluster) that the worker side hosts (in this process: engine in-process)."""
     from hf_kvcache_plugin.integrations.vllm_connector import store_address
     from hf_kvcache_plugin.integrations.vllm_store import connect_store
 
-    return connect_store(*store_address(llm.llm_engine.vllm_config), timeout_s=5).store
+    return connect_store(*store_address(llm.llm_engine.vllm_config), timeout_s=5)
+
+
+def store_of(llm):
+    """The PrefixStore that the worker side hosts."""
+    return service_of(llm).store
 
 
 def prefix_agreement(tokens: list[int], expected: list[int]) -> int:

@@ -56,12 +56,13 @@ def test_bad_settings_are_refused_by_name(extra, error, message):
 
 def test_config_sections_the_connector_does_not_apply_are_refused(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("cache: {quant_type: int4}\nsizer: {min_size_mb: 1}\n")
-    with pytest.raises(ValueError, match=r"applies only the `cache:` and `prefix_store:` sections but the config has \['sizer'\]"):
+    path.write_text("cache: {quant_type: int4}\nserving: {}\n")
+    with pytest.raises(ValueError, match=r"applies only the .* sections but the config has \['serving'\]"):
         connector_settings({"config": str(path)}, block_size=128, num_layers=2, head_size=64)
 
 
 def test_settings_resolve_the_group_size_for_the_model():
-    cache, store = connector_settings({"cache": {"quant_type": "int4"}}, block_size=128, num_layers=2, head_size=64)
-    assert (cache.resolved_key_bits, cache.group_size, store.chunk_size) == (4, 64, 128)
-    assert connector_settings({"full_precision": True}, block_size=128, num_layers=2, head_size=64)[0] is None
+    settings = connector_settings({"cache": {"quant_type": "int4"}}, block_size=128, num_layers=2, head_size=64)
+    assert (settings.cache.resolved_key_bits, settings.cache.group_size, settings.prefix_store.chunk_size) == (4, 64, 128)
+    assert (settings.sizer, settings.distributed) == (None, None)
+    assert connector_settings({"full_precision": True}, block_size=128, num_layers=2, head_size=64).cache is None

@@ -26,6 +26,8 @@ import torch
 from ..config import CacheConfig
 from ..layer import LayerSettings
 from ..quantization import QuantizedTensor, dequantize
+from ..reuse.entry_layout import BlockLayout as StoredBlockLayout
+from ..reuse.entry_layout import EntryLayout
 
 __all__ = ["BlockLayout", "ChunkCodec", "FullPrecisionTensor"]
 
@@ -143,6 +145,19 @@ class ChunkCodec:
             return tuple(FullPrecisionTensor(t[None, :, None].clone()) for t in (keys, values))
         key_codec, value_codec = self._codecs[layer]
         return key_codec.encode(keys[None]), value_codec.encode(values[None])
+
+    def entry_layout(self, heads: int, chunk_size: int, head_size: int, dtype: torch.dtype) -> EntryLayout:
+        """What every chunk this codec stores looks like (a chunk of zeros encoded per layer): the check a
+        peer instance's entry has to pass. Quantized tiers only."""
+        if self._codecs is None:
+            raise ValueError("the full-precision tier has no quantized entry layout")
+        zeros = torch.zeros(heads, chunk_size, head_size, dtype=dtype)
+        encoded = [self.encode(i, zeros, zeros) for i in range(len(self._codecs))]
+        return EntryLayout(
+            chunk_size,
+            tuple(StoredBlockLayout.of(k) for k, _ in encoded),
+            tuple(StoredBlockLayout.of(v) for _, v in encoded),
+        )
 
     @staticmethod
     def decode(stored: QuantizedTensor | FullPrecisionTensor, dtype: torch.dtype) -> torch.Tensor:

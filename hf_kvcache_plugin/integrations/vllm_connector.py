@@ -13,12 +13,14 @@ budget and eviction apply as for ``transformers``; loads dequantize and write
 through vLLM's own cache-write op. The store lives in the worker process and
 the scheduler reaches it over a local socket (``vllm_store``).
 
-Settings come from ``kv_connector_extra_config``:
+Settings come from ``kv_connector_extra_config`` (``vllm_settings``): our
+YAML's ``cache:``, ``prefix_store:``, ``sizer:`` and ``distributed:`` sections
+apply as for ``transformers``: the byte budget and eviction, the
+``AdaptiveSizer`` resizing that budget under memory pressure, and the
+coordinator sharing stored chains between vLLM instances (``vllm_cluster``).
 
-- ``config``: path to our YAML (its ``cache:`` and ``prefix_store:`` sections), and/or
-- ``cache`` / ``prefix_store``: the same sections inline;
-- ``full_precision``: store exact KV instead (a full-precision tier, for comparison);
-- ``store_address``: the socket path (default: the temp dir, named by the engine id).
+With vLLM's own prefix cache on, the tier is asked only for the tokens beyond
+vLLM's hit, and loads just those blocks.
 
 ``prefix_store.chunk_size`` is vLLM's block size (set it only to that value).
 One worker only (no tensor or pipeline parallelism); CPU backend only.
@@ -31,11 +33,11 @@ import json
 import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-import yaml
 from vllm import _custom_ops as ops
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
@@ -45,10 +47,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-from ..config import CacheConfig, parse_config
+from ..config import CacheConfig
 from ..reuse.prefix_store import PrefixEntry, PrefixStore, chunk_keys, prefix_namespace
 from .vllm_blocks import BlockLayout, ChunkCodec, split_kv
-from .vllm_store import connect_store, host_store, stop_hosting
+from .vllm_settings import connector_settings
+from .vllm_store import StoreService, connect_store, host_store, stop_hosting
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -62,7 +65,6 @@ __all__ = ["HFKVCacheConnector", "HFKVCacheMetadata", "connector_settings", "sto
 
 logger = logging.getLogger(__name__)
 
-_EXTRA_KEYS = {"config", "cache", "prefix_store", "full_precision", "store_address"}
 # hf_config fields that name a checkout rather than what the weights compute
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_commit_hash")
 
@@ -101,39 +103,10 @@ class _Request:
     keys: list[bytes]  # one per full chunk of the prompt
     block_ids: list[int]
     saved_chunks: int  # chunks before this one are stored or were loaded
-
-
-def connector_settings(extra: dict[str, Any], block_size: int, num_layers: int, head_size: int):
-    """(``CacheConfig`` resolved for the model, or None for full precision; ``PrefixStoreConfig``)."""
-    unknown = set(extra) - _EXTRA_KEYS
-    if unknown:
-        raise ValueError(f"kv_connector_extra_config has unknown keys {sorted(unknown)}; known: {sorted(_EXTRA_KEYS)}")
-    data: dict[str, Any] = {}
-    if "config" in extra:
-        path = extra["config"]
-        if not os.path.isfile(path):
-            raise ValueError(f"kv_connector_extra_config `config`: file {path!r} does not exist")
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-    ignored = set(data) - {"cache", "prefix_store"}
-    if ignored:
-        raise ValueError(
-            f"the vLLM connector applies only the `cache:` and `prefix_store:` sections but the config has {sorted(ignored)}"
-        )
-    for section in ("cache", "prefix_store"):
-        if section in extra:
-            data[section] = {**(data.get(section) or {}), **extra[section]}
-    store = dict(data.get("prefix_store") or {})
-    if store.setdefault("chunk_size", block_size) != block_size:
-        raise ValueError(
-            f"prefix_store.chunk_size has to be vLLM's block size ({block_size}) but got {store['chunk_size']}"
-        )
-    config = parse_config({**data, "cache": data.get("cache") or {}, "prefix_store": store})
-    full = extra.get("full_precision", False)
-    if not isinstance(full, bool):
-        raise ValueError(f"kv_connector_extra_config `full_precision` has to be true or false but got {full!r}")
-    cache = config.cache.for_model(num_layers, head_size)
-    return (None if full else cache), config.prefix_store
+    looked_up_at: float  # when the scheduler first asked the tier about it (monotonic s)
+    tier_tokens: int  # tokens the tier gave it
+    first_token_due: bool = False  # its prefill ends in the step being built: its first token comes next
+    first_token_seen: bool = False  # reported, or due
 
 
 def store_address(vllm_config: "VllmConfig") -> tuple[str, bytes]:
@@ -163,9 +136,10 @@ class HFKVCacheConnector(KVConnectorBase_V1):
         self.dtype = model.dtype
         self.num_layers = model.get_num_layers(vllm_config.parallel_config)
         self.head_size = model.get_head_size()
-        self.cache_config, self.store_config = connector_settings(
+        self.settings = connector_settings(
             self._kv_transfer_config.kv_connector_extra_config or {}, self.block_size, self.num_layers, self.head_size
         )
+        self.cache_config = self.settings.cache
         fingerprint = _model_fingerprint(vllm_config)
         cache_for_keys = self.cache_config or CacheConfig().for_model(self.num_layers, self.head_size)
         # the full-precision tier's chunks are other bytes: never under the quantized tier's keys
@@ -177,7 +151,9 @@ class HFKVCacheConnector(KVConnectorBase_V1):
         self._service = None
         self._requests: dict[str, _Request] = {}
         self._pending_loads: dict[str, tuple[int, list[bytes]]] = {}  # req_id -> (external tokens, pinned keys)
+        self._looked_up: dict[str, tuple[float, int]] = {}  # req_id -> (first lookup, tier tokens) until scheduled
         # worker side
+        self.service: StoreService | None = None
         self.store: PrefixStore | None = None
         self._layers: list[tuple[str, torch.Tensor]] = []
         self._layer_index: dict[str, int] = {}
@@ -190,7 +166,8 @@ class HFKVCacheConnector(KVConnectorBase_V1):
 
     # ================================================================== scheduler side
     @property
-    def service(self):
+    def remote(self):
+        """The worker's ``StoreService`` as the scheduler side reaches it."""
         if self._service is None:
             self._service = connect_store(self.address, self._authkey)
         return self._service
@@ -199,27 +176,37 @@ class HFKVCacheConnector(KVConnectorBase_V1):
         prompt = request.prompt_token_ids
         if not prompt:
             return 0, False
-        # vLLM computes at least the last prompt token itself
-        matched = self.service.matched_tokens(self.namespace, list(prompt), len(prompt) - 1)
-        return max(0, matched - num_computed_tokens), False
+        # vLLM computes at least the last prompt token itself; with its own prefix cache on,
+        # `num_computed_tokens` is its hit and the tier offers only what lies beyond
+        matched = self.remote.matched_tokens(self.namespace, list(prompt), len(prompt) - 1)
+        external = max(0, matched - num_computed_tokens)
+        # asked again while waiting for room: the latency counts from the first time
+        first = self._looked_up.get(request.request_id, (time.monotonic(), 0))[0]
+        self._looked_up[request.request_id] = (first, external)
+        return external, False
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
+        looked_up = self._looked_up.get(request.request_id)
+        if looked_up is not None:  # what vLLM took of the tier's offer
+            self._looked_up[request.request_id] = (looked_up[0], max(0, num_external_tokens))
         if num_external_tokens <= 0:
             return
         prompt = list(request.prompt_token_ids)
-        pinned = self.service.pin_chain(self.namespace, prompt, len(prompt) - 1)
+        pinned = self.remote.pin_chain(self.namespace, prompt, len(prompt) - 1)
         self._pending_loads[request.request_id] = (num_external_tokens, pinned)
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        self._report_first_tokens()
         meta = HFKVCacheMetadata()
         scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
             if not new.prompt_token_ids:
                 continue
             prompt = list(new.prompt_token_ids)
+            looked_up_at, tier_tokens = self._looked_up.pop(new.req_id, (time.monotonic(), 0))
             state = _Request(
                 prompt, chunk_keys(self.namespace, prompt, self.block_size), list(new.block_ids[0]),
-                new.num_computed_tokens // self.block_size,
+                new.num_computed_tokens // self.block_size, looked_up_at, tier_tokens,
             )
             self._requests[new.req_id] = state
             self._add_load(meta, new.req_id, state, new.num_computed_tokens)
@@ -247,7 +234,19 @@ class HFKVCacheConnector(KVConnectorBase_V1):
         first, last = (computed - external) // self.block_size, computed // self.block_size
         meta.loads.append(LoadSpec(req_id, pinned[first:last], state.block_ids[first:last], pinned))
 
+    def _report_first_tokens(self) -> None:
+        """Requests whose prefill ended in the last step have their first token now: tell the sizer."""
+        for state in self._requests.values():
+            if state.first_token_due:
+                self._report(state)
+
+    def _report(self, state: _Request) -> None:
+        state.first_token_due = False
+        self.remote.record_request(state.tier_tokens, 1000 * (time.monotonic() - state.looked_up_at))
+
     def _add_save(self, meta: HFKVCacheMetadata, req_id: str, state: _Request, computed_after: int) -> None:
+        if computed_after >= len(state.prompt) and not state.first_token_seen:
+            state.first_token_due = state.first_token_seen = True
         # only prompt chunks whose every token is in the buffer by the end of this step
         upto = min(computed_after, len(state.prompt)) // self.block_size
         start = state.saved_chunks
@@ -257,10 +256,13 @@ class HFKVCacheConnector(KVConnectorBase_V1):
             state.saved_chunks = upto
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        self._requests.pop(request.request_id, None)
+        state = self._requests.pop(request.request_id, None)
+        if state is not None and state.first_token_due:  # done within the step that ended its prefill
+            self._report(state)
+        self._looked_up.pop(request.request_id, None)
         pending = self._pending_loads.pop(request.request_id, None)
         if pending is not None:  # allocated but never scheduled: its pins would hold the chain forever
-            self.service.unpin(pending[1])
+            self.remote.unpin(pending[1])
         return False, None
 
     # ================================================================== worker side
@@ -280,10 +282,15 @@ class HFKVCacheConnector(KVConnectorBase_V1):
         self._isa = _get_attn_isa(first.dtype, self.block_size, self.head_size, kv_cache_dtype)
         self._layout = BlockLayout.probe(self._write, self.block_size, self.head_size, first.dtype)
         self._codec = ChunkCodec(self.cache_config, len(self._layers))
-        self.store = PrefixStore.from_config(self.store_config)
+        layout = None
+        if self.settings.distributed is not None:
+            heads = first.shape[1]
+            layout = self._codec.entry_layout(heads, self.block_size, self.head_size, first.dtype).problem
+        self.service = StoreService.build(self.settings, entry_check=layout)
+        self.store = self.service.store
         if os.path.exists(self.address):
             os.unlink(self.address)  # left by an engine of the same id that did not shut down
-        host_store(self.address, self._authkey, self.store)
+        host_store(self.address, self._authkey, self.service)
 
     def _write(self, key, value, key_cache, value_cache, slot_mapping) -> None:
         ops.cpu_attn_reshape_and_cache(
@@ -360,6 +367,7 @@ class HFKVCacheConnector(KVConnectorBase_V1):
                 )
             if entries:
                 self.store.put_chain(entries)
+        self.service.step_sizer_if_due()
 
     def shutdown(self) -> None:
         if self.store is not None:
