@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from hf_kvcache_plugin import blocks, create_quantized_kv_cache
+from hf_kvcache_plugin import block_tensors, blocks, create_quantized_kv_cache
 from hf_kvcache_plugin.attention.reference import attention_from_layer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -43,19 +43,19 @@ def make_cache(quant_type: str, context: int, part_tokens: int, dtype: torch.dty
     v = torch.randn(1, HEADS, context + flush_steps, HEAD_DIM, generator=g).to(dtype)
     cache.update(k[:, :, :context], v[:, :, :context], 0)
     largest = [0]
-    real_cat = blocks._cat
+    real_cat = block_tensors.cat_blocks
 
     def measuring_cat(parts):
         out = real_cat(parts)
         largest[0] = max(largest[0], out.nbytes)
         return out
 
-    blocks._cat = measuring_cat
+    block_tensors.cat_blocks = measuring_cat
     try:
         for t in range(context, context + flush_steps):
             cache.update(k[:, :, t : t + 1], v[:, :, t : t + 1], 0)
     finally:
-        blocks._cat = real_cat
+        block_tensors.cat_blocks = real_cat
     return cache, largest[0]
 
 

@@ -42,7 +42,6 @@ such a block as the placeholder (zeros), as the eager path's tiers hold it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,15 +49,14 @@ import logging
 
 import torch
 
+from .block_tensors import _BLOCK_DIM, append_parts, blocks_of, cat_blocks, concat_blocks, part_end, slice_blocks
+from .block_tensors import take_blocks as take_from_parts
 from .quantization import QuantizedTensor, dequantize, dequantize_into, quantize
 
 __all__ = ["BlockCodec", "QuantizedBlocks", "concat_blocks", "unquantizable_blocks"]
 
-_BLOCK_DIM = 2
-
 # tokens of a tier's first parts; later parts double every four parts up to 8x (see the module docstring)
 PART_TOKENS = 256
-_PARTS_PER_SIZE, _SIZE_STEPS = 4, 3  # four parts of each size; sizes x1, x2, x4, then x8 from there on
 
 logger = logging.getLogger(__name__)
 
@@ -103,33 +101,6 @@ class BlockCodec:
         groups = batch * heads * head_dim
         codes = groups * self.group_size * bits // 8
         return codes + groups * meta_itemsize * (1 if self.symmetric else 2)
-
-
-def _to_physical(q: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """data/scale/zero with the group dims back at ``q.axis``: the order ``quantize`` writes them in.
-
-    Channel-grouped keys are stored token-major (``[B, H, n, 1, G/per_byte, D]`` in memory), so that
-    dequantizing writes whole rows of head_dim; concatenating and slicing in this view keeps it so.
-    """
-    a = q.axis
-    zero = None if q.zero is None else q.zero.movedim(-1, a)
-    return q.data.movedim((-2, -1), (a, a + 1)), q.scale.movedim(-1, a), zero
-
-
-def _from_physical(q: QuantizedTensor, data, scale, zero, n_blocks: int) -> QuantizedTensor:
-    a = q.axis
-    shape = list(q.shape)
-    shape[_BLOCK_DIM] = n_blocks
-    return QuantizedTensor(
-        data=data.movedim((a, a + 1), (-2, -1)),
-        scale=scale.movedim(a, -1),
-        zero=None if zero is None else zero.movedim(a, -1),
-        bits=q.bits,
-        group_size=q.group_size,
-        axis=a,
-        shape=tuple(shape),
-        dtype=q.dtype,
-    )
 
 
 def _unquantizable_mask(q: QuantizedTensor) -> torch.Tensor:
@@ -177,81 +148,6 @@ def _as_placeholders(q: QuantizedTensor, bad: torch.Tensor) -> QuantizedTensor:
         shape=q.shape,
         dtype=q.dtype,
     )
-
-
-def _cat(parts: list[QuantizedTensor]) -> QuantizedTensor:
-    first = parts[0]
-    if len(parts) == 1:
-        return first
-    # the block dim (2) precedes the group axis (3 or 4), so it is dim 2 in the physical view too
-    physical = [_to_physical(p) for p in parts]
-    return _from_physical(
-        first,
-        torch.cat([d for d, _, _ in physical], dim=_BLOCK_DIM),
-        torch.cat([s for _, s, _ in physical], dim=_BLOCK_DIM),
-        None if first.zero is None else torch.cat([z for _, _, z in physical], dim=_BLOCK_DIM),
-        sum(p.shape[_BLOCK_DIM] for p in parts),
-    )
-
-
-def _slice(q: QuantizedTensor, start: int, end: int) -> QuantizedTensor:
-    """Blocks [start, end) as a compact copy (a view would pin the whole buffer)."""
-    data, scale, zero = (
-        None if t is None else t[:, :, start:end].contiguous() for t in _to_physical(q)
-    )
-    return _from_physical(q, data, scale, zero, end - start)
-
-
-def _blocks_of(parts: Sequence[QuantizedTensor]) -> int:
-    return sum(p.shape[_BLOCK_DIM] for p in parts)
-
-
-def _part_end(block: int, first_part: int) -> int:
-    """The stream position (in blocks) where the part holding ``block`` ends, for first parts of ``first_part``
-    blocks: four parts of each size x1, x2, x4, then x8 parts on."""
-    start = 0
-    for step in range(_SIZE_STEPS):
-        size = first_part << step
-        if block < start + _PARTS_PER_SIZE * size:
-            return start + ((block - start) // size + 1) * size
-        start += _PARTS_PER_SIZE * size
-    size = first_part << _SIZE_STEPS
-    return start + ((block - start) // size + 1) * size
-
-
-def _append_parts(
-    parts: list[QuantizedTensor], new: QuantizedTensor, first_part: int, first_block: int, copy: bool = False
-) -> list[QuantizedTensor]:
-    """``parts`` (a tier whose first block is block ``first_block`` of the stream) with the blocks of ``new``
-    after them, cut where the stream's parts end (``_part_end``): the last part is filled up to its end, then
-    new parts follow. Pieces are compact copies, except all of ``new`` when it is a whole part and ``copy`` is
-    False (a tensor the caller made for this)."""
-    parts = list(parts)
-    n, start = new.shape[_BLOCK_DIM], 0
-    end_of_tier = first_block + _blocks_of(parts)
-    while start < n:
-        end = min(n, _part_end(end_of_tier + start, first_part) - end_of_tier)
-        piece = new if (start, end) == (0, n) and not copy else _slice(new, start, end)
-        if start == 0 and parts and _part_end(end_of_tier - 1, first_part) > end_of_tier:
-            parts[-1] = _cat([parts[-1], piece])  # the last part does not reach its end yet: fill it
-        else:
-            parts.append(piece)
-        start = end
-    return parts
-
-
-def _take(parts: Sequence[QuantizedTensor], start: int, end: int) -> QuantizedTensor:
-    """Blocks [start, end) of consecutive parts as one compact copy."""
-    pieces, pos = [], 0
-    for part in parts:
-        n = part.shape[_BLOCK_DIM]
-        lo, hi = max(start, pos), min(end, pos + n)
-        if lo < hi:
-            pieces.append(_slice(part, lo - pos, hi - pos))
-        pos += n
-    if not pieces:
-        raise ValueError(f"no blocks in [{start}, {end}) of {pos} blocks")
-    return _cat(pieces)
 
 
 def _dequantize_into(q: QuantizedTensor, out: torch.Tensor) -> None:
@@ -323,12 +219,12 @@ class QuantizedBlocks:
     @property
     def recent(self) -> QuantizedTensor | None:
         """The blocks at the codec's bits as one tensor (a copy when held in several parts: for inspection)."""
-        return _take(self._recent, 0, _blocks_of(self._recent)) if self._recent else None
+        return take_from_parts(self._recent, 0, blocks_of(self._recent)) if self._recent else None
 
     @property
     def aged(self) -> QuantizedTensor | None:
         """The blocks at ``aged_bits`` (mixed precision) as one tensor (a copy when held in several parts)."""
-        return _take(self._aged, 0, _blocks_of(self._aged)) if self._aged else None
+        return take_from_parts(self._aged, 0, blocks_of(self._aged)) if self._aged else None
 
     def replace_tiers(self, tiers: list[QuantizedTensor]) -> None:
         """Store ``tiers`` (tensors of blocks, oldest first) instead: the newest run at the codec's bits is
@@ -340,8 +236,8 @@ class QuantizedBlocks:
             while bits is not None and tiers and tiers[-1].bits == bits:
                 runs[name].insert(0, tiers.pop())
         self.repacked = tiers
-        self._aged = self._as_parts(runs["aged"], _blocks_of(tiers))
-        self._recent = self._as_parts(runs["recent"], _blocks_of(tiers) + _blocks_of(self._aged))
+        self._aged = self._as_parts(runs["aged"], blocks_of(tiers))
+        self._recent = self._as_parts(runs["recent"], blocks_of(tiers) + blocks_of(self._aged))
 
     def _as_parts(self, tensors: list[QuantizedTensor], first_block: int) -> list[QuantizedTensor]:
         """Consecutive tensors of one tier (starting at stream block ``first_block``) cut into the stream's parts;
@@ -350,11 +246,11 @@ class QuantizedBlocks:
         at = first_block
         for t in tensors:
             n = t.shape[_BLOCK_DIM]
-            starts_a_part = not parts or _part_end(at - 1, self.part_blocks) == at
-            if starts_a_part and _part_end(at, self.part_blocks) >= at + n:
+            starts_a_part = not parts or part_end(at - 1, self.part_blocks) == at
+            if starts_a_part and part_end(at, self.part_blocks) >= at + n:
                 parts.append(t)
             else:
-                parts = _append_parts(parts, t, self.part_blocks, first_block, copy=True)
+                parts = append_parts(parts, t, self.part_blocks, first_block, copy=True)
             at += n
         return parts
 
@@ -371,16 +267,16 @@ class QuantizedBlocks:
             n = tier.shape[_BLOCK_DIM]
             take = min(n, left) if tier.bits == from_bits else 0
             if take:
-                tokens = dequantize(_slice(tier, 0, take)).flatten(2, 3)
+                tokens = dequantize(slice_blocks(tier, 0, take)).flatten(2, 3)
                 new = self._encode_or_keep(tokens, first_block=first, bits=to_bits)
                 # bits never fall towards newer blocks, so the re-packed blocks join the tier just before them
                 if out and out[-1].bits == to_bits:
-                    out[-1] = _cat([out[-1], new])
+                    out[-1] = cat_blocks([out[-1], new])
                 else:
                     out.append(new)
                 left -= take
             if take < n:
-                out.append(_slice(tier, take, n) if take else tier)
+                out.append(slice_blocks(tier, take, n) if take else tier)
             first += n
         self.replace_tiers(out)
         return count - left
@@ -411,7 +307,7 @@ class QuantizedBlocks:
         grown = self.nbytes * repeat + new_blocks * block
         if self.aged_bits is None:
             return grown
-        recent = _blocks_of(self._recent) + new_blocks
+        recent = blocks_of(self._recent) + new_blocks
         aging = max(0, recent - self.recent_tokens // self.codec.group_size)
         return grown - aging * (block - self.codec.block_nbytes(batch, heads, head_dim, dtype, bits=self.aged_bits))
 
@@ -419,13 +315,13 @@ class QuantizedBlocks:
         """Quantize [B, H, n*G, D] as n new blocks; only they are touched."""
         # encoded part by part: blocks are independent, and a long prefill never holds two copies of its codes
         g, n = self.codec.group_size, tokens.shape[-2] // self.codec.group_size
-        tier_start = _blocks_of(self.repacked) + _blocks_of(self._aged)
+        tier_start = blocks_of(self.repacked) + blocks_of(self._aged)
         start = 0
         while start < n:
-            at = tier_start + _blocks_of(self._recent)
-            end = min(n, start + _part_end(at, self.part_blocks) - at)
+            at = tier_start + blocks_of(self._recent)
+            end = min(n, start + part_end(at, self.part_blocks) - at)
             new = self._encode_or_keep(tokens[:, :, start * g : end * g], first_block=at)
-            self._recent = _append_parts(self._recent, new, self.part_blocks, tier_start)
+            self._recent = append_parts(self._recent, new, self.part_blocks, tier_start)
             start = end
         if self.aged_bits is not None:
             self._age()
@@ -467,28 +363,28 @@ class QuantizedBlocks:
             )
         # copies: imported blocks (a store's slices, another process's tensors) may be laid out otherwise, and
         # the fused attention's matmuls would then take other kernels and round differently than on fresh blocks
-        tier_start = _blocks_of(self.repacked) + _blocks_of(self._aged)
-        self._recent = _append_parts(self._recent, blocks, self.part_blocks, tier_start, copy=True)
+        tier_start = blocks_of(self.repacked) + blocks_of(self._aged)
+        self._recent = append_parts(self._recent, blocks, self.part_blocks, tier_start, copy=True)
         if self.aged_bits is not None:
             self._age()
 
     def _age(self) -> None:
         """Re-pack the blocks that left the newest ``recent_tokens`` to ``aged_bits``, part by part."""
         keep = self.recent_tokens // self.codec.group_size
-        excess = _blocks_of(self._recent) - keep
-        aged_start = _blocks_of(self.repacked)
+        excess = blocks_of(self._recent) - keep
+        aged_start = blocks_of(self.repacked)
         while excess > 0:
             part, rest = self._recent[0], self._recent[1:]
             n = part.shape[_BLOCK_DIM]
             take = min(n, excess)
-            old = part if take == n else _slice(part, 0, take)
-            self._recent = rest if take == n else [_slice(part, take, n), *rest]
+            old = part if take == n else slice_blocks(part, 0, take)
+            self._recent = rest if take == n else [slice_blocks(part, take, n), *rest]
             # The one re-quantization mixed precision allows: INT8 -> aged bits, once per block.
-            first = aged_start + _blocks_of(self._aged)
+            first = aged_start + blocks_of(self._aged)
             tokens = dequantize(old).flatten(2, 3)
             # a range that fits INT8's scale can still overflow the coarser tier's; that block stays exact
             repacked = self._encode_or_keep(tokens, first_block=first, bits=self.aged_bits)
-            self._aged = _append_parts(self._aged, repacked, self.part_blocks, aged_start)
+            self._aged = append_parts(self._aged, repacked, self.part_blocks, aged_start)
             excess -= take
 
     def dequantize_into(self, out: torch.Tensor) -> None:
@@ -524,9 +420,9 @@ class QuantizedBlocks:
             tier = kept.pop()
             n = tier.shape[_BLOCK_DIM]
             take = min(n, n_drop)
-            dropped.insert(0, _slice(tier, n - take, n))
+            dropped.insert(0, slice_blocks(tier, n - take, n))
             if take < n:
-                kept.append(_slice(tier, 0, n - take))
+                kept.append(slice_blocks(tier, 0, n - take))
             n_drop -= take
         if n_drop:
             raise ValueError(f"cannot drop {count} tokens from {self.num_tokens + count} quantized tokens")
@@ -544,7 +440,7 @@ class QuantizedBlocks:
             take = min(n, left)
             left -= take
             if take < n:
-                kept.append(_slice(tier, take, n) if take else tier)
+                kept.append(slice_blocks(tier, take, n) if take else tier)
         if left:
             raise ValueError(f"cannot drop {count} blocks from {self.num_blocks} quantized blocks")
         self.full_precision_blocks = {i - count: t for i, t in self.full_precision_blocks.items() if i >= count}
@@ -560,7 +456,7 @@ class QuantizedBlocks:
                 f"blocks {exact} hold values that could not be quantized (NaN/Inf or out of the scale range) and "
                 "are kept in full precision; they cannot be exported as quantized blocks"
             )
-        return _take(self._recent, start, end)
+        return take_from_parts(self._recent, start, end)
 
     def map_tensors(self, fn) -> None:
         """Apply ``fn`` to every stored tensor (batch reorder / selection, device moves)."""
@@ -600,51 +496,12 @@ class QuantizedBlocks:
                     f"{(self.codec.group_size, self.codec.quant_axis)}"
                 )
         self.repacked = repacked
-        self._aged = [] if tiers["aged"] is None else self._as_parts([tiers["aged"]], _blocks_of(repacked))
+        self._aged = [] if tiers["aged"] is None else self._as_parts([tiers["aged"]], blocks_of(repacked))
         self._recent = [] if tiers["recent"] is None else self._as_parts(
-            [tiers["recent"]], _blocks_of(repacked) + _blocks_of(self._aged))
+            [tiers["recent"]], blocks_of(repacked) + blocks_of(self._aged))
         self.full_precision_blocks = {int(i): t.to(device) for i, t in state["full_precision_blocks"].items()}
         self.fallback_events = int(state["fallback_events"])
         if any(not 0 <= i < self.num_blocks for i in self.full_precision_blocks):
             raise ValueError(
                 f"full-precision block indices {sorted(self.full_precision_blocks)} exceed {self.num_blocks} blocks"
             )
-
-
-# ---------------------------------------------------------------------- prefix reuse: assembling stored blocks
-
-
-def concat_blocks(parts: Sequence[QuantizedTensor], dim: int) -> QuantizedTensor:
-    """Concatenate blocks of logical shape [B, H, n, G, D] along the batch (0) or block (2) dim.
-
-    Both dims precede either group axis, so data, scale and zero concatenate
-    alike. The result is always a fresh copy, so it never aliases a stored entry.
-    """
-    if dim not in (0, _BLOCK_DIM):
-        raise ValueError(f"`dim` has to be 0 (batch) or {_BLOCK_DIM} (blocks) but got {dim}")
-    if not parts:
-        raise ValueError("`parts` has to hold at least one QuantizedTensor")
-    first = parts[0]
-    for p in parts[1:]:
-        same = (p.bits, p.group_size, p.axis, p.dtype, p.zero is None) == (
-            first.bits, first.group_size, first.axis, first.dtype, first.zero is None
-        )
-        other_dims = [s for i, s in enumerate(p.shape) if i != dim]
-        if not same or other_dims != [s for i, s in enumerate(first.shape) if i != dim]:
-            raise ValueError(
-                f"cannot concatenate blocks of shape {p.shape} ({p.bits} bits, group {p.group_size}, axis {p.axis}) "
-                f"with blocks of shape {first.shape} ({first.bits} bits, group {first.group_size}, axis {first.axis}) "
-                f"along dim {dim}"
-            )
-    shape = list(first.shape)
-    shape[dim] = sum(p.shape[dim] for p in parts)
-    return QuantizedTensor(
-        data=torch.cat([p.data for p in parts], dim=dim),
-        scale=torch.cat([p.scale for p in parts], dim=dim),
-        zero=None if first.zero is None else torch.cat([p.zero for p in parts], dim=dim),
-        bits=first.bits,
-        group_size=first.group_size,
-        axis=first.axis,
-        shape=tuple(shape),
-        dtype=first.dtype,
-    )

@@ -27,12 +27,13 @@ RANKS = {
     "_compat": 1,
     "token_clock": 1,
     "snapshot_file": 1,
+    "block_tensors": 1.5,  # concatenating, slicing and cutting block tensors into parts
     "blocks": 2,
     "layer_inputs": 0,
     "layer_settings": 3,
     "layer": 4,
     "sliding_layer": 5,
-    "cache_io": 5,
+    "cache_io": 5.5,  # snapshots of both layer kinds
     "budget": 5,
     "padding": 5,  # a left-padded batch's sinks under drops: only torch
     "shrink": 6,
@@ -174,7 +175,7 @@ def test_the_checks_catch_a_cycle_and_an_upward_import():
         f"{NAME}.cache -> {NAME}.reuse.hook"
     ]
     # relative, function-level and `from pkg import submodule` imports are all seen
-    assert _imports(f"{NAME}.blocks", PACKAGE / "blocks.py", set(_modules())) == {f"{NAME}.quantization"}
+    assert _imports(f"{NAME}.blocks", PACKAGE / "blocks.py", set(_modules())) == {f"{NAME}.block_tensors", f"{NAME}.quantization"}
     assert f"{NAME}.distributed.launch" in _graph()[f"{NAME}.app.service"]
 
 

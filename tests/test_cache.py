@@ -414,7 +414,7 @@ def test_tiers_are_held_in_bounded_parts_that_read_as_one(monkeypatch, quant_typ
     """A long history is held in parts cut at fixed positions (4 of PART_TOKENS, 4 of twice that, ...): a flush
     copies at most one part (the peak stays close to what is stored), and the parts hold exactly what one tensor
     per tier would (codes, bytes, history)."""
-    from hf_kvcache_plugin import blocks
+    from hf_kvcache_plugin import block_tensors, blocks
 
     k, v = kv(300)
     steps = (90, *([1] * 150), 60)
@@ -424,8 +424,8 @@ def test_tiers_are_held_in_bounded_parts_that_read_as_one(monkeypatch, quant_typ
 
     monkeypatch.setattr(blocks, "PART_TOKENS", 24)  # 3 blocks of 8 tokens per part
     cat_blocks = []
-    real_cat = blocks._cat
-    monkeypatch.setattr(blocks, "_cat", lambda parts: cat_blocks.append(sum(p.shape[2] for p in parts))
+    real_cat = block_tensors.cat_blocks
+    monkeypatch.setattr(block_tensors, "cat_blocks", lambda parts: cat_blocks.append(sum(p.shape[2] for p in parts))
                         or real_cat(parts))
     parted = make(quant_type, mixed_int8_tokens=32)
     fill(parted, k, v, steps=steps)

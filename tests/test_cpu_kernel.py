@@ -160,7 +160,7 @@ def test_decode_steps_compile_whole_and_equal_eager(realistic_model):
 def test_a_tier_in_parts_gives_the_sums_of_one_tensor_bit_for_bit(bits, symmetric, rows):
     """One kernel call reads all parts of a tier with one set of accumulators: the same bits as the tier held
     whole, so how a history is cut into parts never changes output (prefix reuse stays bit-exact)."""
-    from hf_kvcache_plugin.blocks import _slice
+    from hf_kvcache_plugin.block_tensors import slice_blocks as _slice
 
     torch.manual_seed(bits + rows)
     b, h, n, group, d = 2, 3, 7, 16, 48

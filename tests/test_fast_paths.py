@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from hf_kvcache_plugin import quantization
-from hf_kvcache_plugin.blocks import BlockCodec, QuantizedBlocks, _cat, _slice
+from hf_kvcache_plugin.block_tensors import cat_blocks as _cat, slice_blocks as _slice
+from hf_kvcache_plugin.blocks import BlockCodec, QuantizedBlocks
 from hf_kvcache_plugin.quantization import (
     dequantize,
     dequantize_into,
