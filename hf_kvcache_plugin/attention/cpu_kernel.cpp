@@ -331,9 +331,26 @@ Part<S> part_of(const at::Tensor& data, const at::Tensor& scale, const c10::opti
 struct PartTensors {
   at::Tensor data, scale;
   c10::optional<at::Tensor> zero;
+  int64_t tokens = 0;  // values: tokens of the part
 };
 
+// True when `t` [B, H, n, D, 1, R] is the permuted view of contiguous [B, H, n, R, D] memory (keys as stored).
+bool token_major(const at::Tensor& t) {
+  if (t.dim() != 6 || t.size(4) != 1) return false;
+  const int64_t D = t.size(3), R = t.size(5);
+  int64_t expected = D * R;
+  if (t.stride(3) != 1 || (R > 1 && t.stride(5) != D) || (t.size(2) > 1 && t.stride(2) != expected)) return false;
+  expected *= t.size(2);
+  if (t.size(1) > 1 && t.stride(1) != expected) return false;
+  expected *= t.size(1);
+  return t.size(0) == 1 || t.stride(0) == expected;
+}
+
 PartTensors key_tensors(const at::Tensor& data, const at::Tensor& scale, const c10::optional<at::Tensor>& zero) {
+  if (data.dim() == 6 && token_major(data) && scale.is_contiguous() && (!zero.has_value() || zero->is_contiguous())) {
+    // keys as stored: read in place, without building views (a long history has many parts)
+    return {data, scale, zero};
+  }
   if (data.dim() == 6) {
     TORCH_CHECK(data.size(4) == 1 && scale.dim() == 5 && scale.size(4) == 1,
                 "hf_kvcache: grouped key codes have to be [B, H, n, D, 1, G/pb] with scales [B, H, n, D, 1]");
@@ -364,17 +381,26 @@ void key_scores_parts(const at::Tensor& query, at::TensorList data, at::TensorLi
     c10::optional<at::Tensor> z;
     if (!zero.empty()) z = zero[i];
     PartTensors k = key_tensors(data[i], scale[i], z);
-    check_common(k.data, k.scale, k.zero, bits);
-    TORCH_CHECK(k.data.dim() == 5, "hf_kvcache: key codes have to be [B, H, n, G/pb, D]");
-    const int64_t n = k.data.size(2), g = k.data.size(3) * (8 / bits);
+    const bool in_place = k.data.dim() == 6;  // [B, H, n, D, 1, G/pb] over token-major memory
+    TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "hf_kvcache: bits has to be 2, 4 or 8 but got ", bits);
+    TORCH_CHECK(k.data.device().is_cpu() && k.data.scalar_type() == at::kByte,
+                "hf_kvcache: codes have to be a uint8 CPU tensor");
+    if (!in_place) check_common(k.data, k.scale, k.zero, bits);
+    TORCH_CHECK(in_place || k.data.dim() == 5, "hf_kvcache: key codes have to be [B, H, n, G/pb, D]");
+    const int64_t n = k.data.size(2), g = (in_place ? k.data.size(5) : k.data.size(3)) * (8 / bits);
+    const int64_t width = in_place ? k.data.size(3) : k.data.size(4);
+    const int64_t scale_dims = in_place ? 5 : 4;
     TORCH_CHECK(i == 0 || g == G, "hf_kvcache: key parts have different group sizes");
     TORCH_CHECK(k.scale.scalar_type() == scale[0].scalar_type(), "hf_kvcache: key parts have different scale dtypes");
     G = g;
-    TORCH_CHECK(k.data.size(0) == B && k.data.size(1) == H && k.data.size(4) == D,
+    TORCH_CHECK(k.data.size(0) == B && k.data.size(1) == H && width == D,
                 "hf_kvcache: key codes ", k.data.sizes(), " do not match the query ", query.sizes());
-    TORCH_CHECK(k.scale.dim() == 4 && k.scale.size(0) == B && k.scale.size(1) == H && k.scale.size(2) == n &&
-                    k.scale.size(3) == D,
+    TORCH_CHECK(k.scale.dim() == scale_dims && k.scale.size(0) == B && k.scale.size(1) == H && k.scale.size(2) == n &&
+                    k.scale.size(3) == D && (!in_place || k.scale.size(4) == 1),
                 "hf_kvcache: key scales have to be [B, H, n, D]");
+    TORCH_CHECK(!k.zero.has_value() || (k.zero->sizes() == k.scale.sizes() &&
+                                        k.zero->scalar_type() == k.scale.scalar_type()),
+                "hf_kvcache: zeros have to match the scales' shape and dtype");
     tokens += n * G;
     parts.push_back(std::move(k));
   }
@@ -414,24 +440,28 @@ void value_output_parts(const at::Tensor& probs, int64_t offset, at::TensorList 
     at::Tensor d = data[i], s = scale[i];
     c10::optional<at::Tensor> z;
     if (!zero.empty()) z = zero[i];
-    if (d.dim() == 6) {  // blocks [B, H, n, G, ...] -> tokens [B, H, n*G, ...] (a view for blocks as stored)
+    int64_t part_tokens = d.dim() == 6 ? d.size(2) * d.size(3) : d.size(2);
+    const bool in_place = d.dim() == 6 && d.is_contiguous() && s.is_contiguous() && (!z.has_value() || z->is_contiguous());
+    if (d.dim() == 6 && !in_place) {  // blocks [B, H, n, G, ...] -> tokens [B, H, n*G, ...]
       d = d.flatten(2, 3).contiguous();
       s = s.flatten(2, 3).contiguous();
       if (z.has_value()) z = z->flatten(2, 3).contiguous();
     }
     check_common(d, s, z, bits);
-    TORCH_CHECK(d.dim() == 5, "hf_kvcache: value codes have to be [B, H, tokens, ng, gs/pb]");
-    TORCH_CHECK(i == 0 || (d.size(3) == ng && d.size(4) * (8 / bits) == gs),
+    TORCH_CHECK(d.dim() == (in_place ? 6 : 5), "hf_kvcache: value codes have to be [B, H, tokens, ng, gs/pb]");
+    const int64_t shift = in_place ? 1 : 0;  // [B, H, n, G, ng, gs/pb] read as [B, H, n*G, ng, gs/pb]
+    TORCH_CHECK(i == 0 || (d.size(3 + shift) == ng && d.size(4 + shift) * (8 / bits) == gs),
                 "hf_kvcache: value parts have different channel groups");
     TORCH_CHECK(s.scalar_type() == scale[0].scalar_type(), "hf_kvcache: value parts have different scale dtypes");
-    ng = d.size(3);
-    gs = d.size(4) * (8 / bits);
+    ng = d.size(3 + shift);
+    gs = d.size(4 + shift) * (8 / bits);
     TORCH_CHECK(d.size(0) == B && d.size(1) == H, "hf_kvcache: value codes ", d.sizes(),
                 " do not match the probabilities ", probs.sizes());
-    TORCH_CHECK(s.dim() == 4 && s.size(0) == B && s.size(1) == H && s.size(2) == d.size(2) && s.size(3) == ng,
+    TORCH_CHECK(s.dim() == 4 + shift && s.size(0) == B && s.size(1) == H && s.numel() == B * H * part_tokens * ng &&
+                    s.size(3 + shift) == ng,
                 "hf_kvcache: value scales have to be [B, H, tokens, ng]");
-    tokens += d.size(2);
-    parts.push_back({d, s, z});
+    tokens += part_tokens;
+    parts.push_back({d, s, z, part_tokens});
   }
   TORCH_CHECK(out.size(0) == B && out.size(1) == H && out.size(2) == M && out.size(3) == ng * gs,
               "hf_kvcache: the output ", out.sizes(), " does not match ", ng * gs, " value channels");
@@ -439,7 +469,7 @@ void value_output_parts(const at::Tensor& probs, int64_t offset, at::TensorList 
               " exceed the ", T, " probabilities");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, parts[0].scale.scalar_type(), "value_output", [&] {
     std::vector<Part<scalar_t>> raw;
-    for (const PartTensors& v : parts) raw.push_back(part_of<scalar_t>(v.data, v.scale, v.zero, v.data.size(2)));
+    for (const PartTensors& v : parts) raw.push_back(part_of<scalar_t>(v.data, v.scale, v.zero, v.tokens));
     dispatch_bits(bits, [&](auto b) {
       value_output_kernel<decltype(b)::value, scalar_t>(probs.data_ptr<float>(), raw, out.data_ptr<float>(), B * H,
                                                          M, ng, gs, T, offset);

@@ -62,15 +62,14 @@ def attention_from_layer(
     runs = _kernel_runs(segments) if cpu_kernel else {}
     start = 0
     for i, (keys, _, length) in enumerate(segments):
-        target = scores[..., start : start + length]
         if i in runs and keys.axis == 3:
             kernel_key_scores_parts(qf, [segments[j][0] for j in runs[i]], scores, start)
         elif cpu_kernel and isinstance(keys, QuantizedTensor) and keys.axis == 3:
             pass  # read with the run it belongs to
         elif isinstance(keys, QuantizedTensor):
-            _quantized_key_scores(qf, keys, target, chunk_tokens)
+            _quantized_key_scores(qf, keys, scores[..., start : start + length], chunk_tokens)
         else:
-            target.copy_(torch.matmul(qf, keys.float().transpose(-1, -2)))  # out= into a strided view: no compile
+            scores[..., start : start + length].copy_(torch.matmul(qf, keys.float().transpose(-1, -2)))  # out= into a strided view: no compile
         start += length
 
     keep = keep_mask(attention_mask, b, q, total, query.device)
@@ -86,15 +85,14 @@ def attention_from_layer(
     out = torch.zeros(b, hkv, rows, dv, dtype=torch.float32, device=query.device)
     start = 0
     for i, (_, values, length) in enumerate(segments):
-        p = probs[..., start : start + length]
         if i in runs and values.axis == 4:
             kernel_value_output_parts(probs, start, [segments[j][1] for j in runs[i]], out)
         elif cpu_kernel and isinstance(values, QuantizedTensor) and values.axis == 4:
             pass  # read with the run it belongs to
         elif isinstance(values, QuantizedTensor):
-            _quantized_value_output(p, values, out, chunk_tokens)
+            _quantized_value_output(probs[..., start : start + length], values, out, chunk_tokens)
         else:
-            out += torch.matmul(p, values.float())
+            out += torch.matmul(probs[..., start : start + length], values.float())
         start += length
     return out.reshape(b, hq, q, dv).to(query.dtype)
 
