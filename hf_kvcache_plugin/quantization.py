@@ -309,11 +309,37 @@ def quantize(
     if g % per_byte != 0:
         raise ValueError(f"`group_size` ({g}) must be a multiple of {per_byte} to pack {bits}-bit codes")
     src = x.reshape(rows, g, post)
-    data = torch.empty(rows, g // per_byte, post, dtype=torch.uint8, device=x.device)
-    scale = torch.empty(rows, 1, post, dtype=scale_dtype, device=x.device)
-    zero = None if symmetric else torch.empty(rows, 1, post, dtype=scale_dtype, device=x.device)
+    if torch.compiler.is_compiling():
+        # Inductor does not emulate precision casts by default: it would fuse the scale's round trip through
+        # `scale_dtype` away and choose codes against the unrounded scale, so a block flushed inside a compiled
+        # step would store other codes than eager. As one opaque op the eager code runs, bit for bit.
+        data, scale, zero = torch.ops.hf_kvcache_quant.quantize_groups(src, bits, symmetric, clip_percentile,
+                                                                      scale_dtype)
+        zero = None if symmetric else zero
+    else:
+        data, scale, zero = _quantize_groups(src, bits, symmetric, clip_percentile, scale_dtype)
+    lead, trail = tuple(x.shape[:axis]), tuple(x.shape[axis + 1 :])
+    n_groups = x.shape[axis] // g
+    # physical [pre, n_groups, G // per_byte, post] -> grouped layout [pre, post, n_groups, G // per_byte]
+    data = data.view(*lead, n_groups, g // per_byte, *trail).movedim((axis, axis + 1), (-2, -1))
+    scale = scale.view(*lead, n_groups, *trail).movedim(axis, -1)
+    if zero is not None:
+        zero = zero.view(*lead, n_groups, *trail).movedim(axis, -1)
+    return QuantizedTensor(data, scale, zero, bits, group_size, axis, tuple(x.shape), x.dtype)
+
+
+def _quantize_groups(
+    src: torch.Tensor, bits: int, symmetric: bool, clip_percentile: float | None, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``src`` [rows, G, P] -> codes [rows, G/per_byte, P] and scale / zero [rows, 1, P], a chunk of rows at a
+    time through one float32 work buffer."""
+    rows, g, post = src.shape
+    per_byte = 8 // bits
+    data = torch.empty(rows, g // per_byte, post, dtype=torch.uint8, device=src.device)
+    scale = torch.empty(rows, 1, post, dtype=scale_dtype, device=src.device)
+    zero = None if symmetric else torch.empty(rows, 1, post, dtype=scale_dtype, device=src.device)
     step = max(1, _CHUNK_ELEMENTS // (g * post))
-    work = torch.empty(min(step, rows), g, post, dtype=torch.float32, device=x.device)
+    work = torch.empty(min(step, rows), g, post, dtype=torch.float32, device=src.device)
     for start in range(0, rows, step):
         end = min(start + step, rows)
         _quantize_rows(
@@ -326,14 +352,24 @@ def quantize(
             scale[start:end],
             None if zero is None else zero[start:end],
         )
-    lead, trail = tuple(x.shape[:axis]), tuple(x.shape[axis + 1 :])
-    n_groups = x.shape[axis] // g
-    # physical [pre, n_groups, G // per_byte, post] -> grouped layout [pre, post, n_groups, G // per_byte]
-    data = data.view(*lead, n_groups, g // per_byte, *trail).movedim((axis, axis + 1), (-2, -1))
-    scale = scale.view(*lead, n_groups, *trail).movedim(axis, -1)
-    if zero is not None:
-        zero = zero.view(*lead, n_groups, *trail).movedim(axis, -1)
-    return QuantizedTensor(data, scale, zero, bits, group_size, axis, tuple(x.shape), x.dtype)
+    return data, scale, zero
+
+
+@torch.library.custom_op("hf_kvcache_quant::quantize_groups", mutates_args=())
+def _quantize_groups_op(
+    src: torch.Tensor, bits: int, symmetric: bool, clip_percentile: float | None, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_quantize_groups`` as an op ``torch.compile`` does not look into; a symmetric zero is an empty tensor."""
+    data, scale, zero = _quantize_groups(src, bits, symmetric, clip_percentile, scale_dtype)
+    return data, scale, scale.new_empty(0) if zero is None else zero
+
+
+@_quantize_groups_op.register_fake
+def _(src, bits, symmetric, clip_percentile, scale_dtype):
+    rows, g, post = src.shape
+    data = src.new_empty(rows, g // (8 // bits), post, dtype=torch.uint8)
+    scale = src.new_empty(rows, 1, post, dtype=scale_dtype)
+    return data, scale, scale.new_empty(0) if symmetric else src.new_empty(rows, 1, post, dtype=scale_dtype)
 
 
 def _quantize_rows(

@@ -42,14 +42,14 @@ def test_kernel_equals_reference(bits, symmetric, scale_dtype, rows, head_dim, g
     expected = torch.full((b, h, rows, total), 7.0)
     _quantized_key_scores(query, keys, expected[..., offset : offset + n * group], chunk_tokens=64)
     scores = torch.full((b, h, rows, total), 7.0)
-    cpu_kernel.kernel_key_scores(query, keys, scores, offset)
+    cpu_kernel.kernel_key_scores_parts(query, [keys], scores, offset)
     _assert_same_sums(scores, expected)
 
     probs = torch.softmax(torch.randn(b, h, rows, total), dim=-1)
     expected_out = torch.randn(b, h, rows, head_dim)
     out = expected_out.clone()
     _quantized_value_output(probs[..., offset : offset + n * group], values, expected_out, chunk_tokens=64)
-    cpu_kernel.kernel_value_output(probs, offset, values, out)
+    cpu_kernel.kernel_value_output_parts(probs, offset, [values], out)
     _assert_same_sums(out, expected_out)
 
 
@@ -64,9 +64,9 @@ def test_kernel_refuses_what_does_not_fit():
     keys = BlockCodec(4, 8, "channel").encode(torch.randn(1, 2, 16, 16))
     scores = torch.zeros(1, 2, 1, 10)  # 16 tokens do not fit in 10
     with pytest.raises(RuntimeError, match="cannot hold 16 tokens at offset 0"):
-        cpu_kernel.kernel_key_scores(torch.randn(1, 2, 1, 16), keys, scores, 0)
+        cpu_kernel.kernel_key_scores_parts(torch.randn(1, 2, 1, 16), [keys], scores, 0)
     with pytest.raises(RuntimeError, match="contiguous float32"):
-        cpu_kernel.kernel_key_scores(torch.randn(1, 2, 1, 16).double(), keys, torch.zeros(1, 2, 1, 16), 0)
+        cpu_kernel.kernel_key_scores_parts(torch.randn(1, 2, 1, 16).double(), [keys], torch.zeros(1, 2, 1, 16), 0)
 
 
 def _generate(model, cache, prompt, new_tokens=24):
@@ -154,6 +154,32 @@ def test_decode_steps_compile_whole_and_equal_eager(realistic_model):
     torch.testing.assert_close(compiled_logits, eager_logits, rtol=0, atol=0)
 
 
+def test_decode_steps_compiled_by_inductor_store_the_codes_eager_stores(realistic_model):
+    """With the default backend (Inductor), a flush inside a compiled step quantizes through an opaque op:
+    Inductor would otherwise fuse the scale's round trip through fp16 away and store other codes than eager,
+    and every later step (and a stored prefix) would inherit them."""
+    model = realistic_model
+    prompt = torch.randint(3, model.config.vocab_size, (1, 70), generator=torch.Generator().manual_seed(2))
+    caches = [QuantizedKVCache(model.config, "int4", group_size=16, residual_length=16) for _ in range(2)]
+    token = prompt[:, -1:]
+    torch._dynamo.reset()
+    compiled = torch.compile(_decode_step, fullgraph=True)
+    with torch.no_grad():
+        for cache in caches:
+            model(input_ids=prompt, past_key_values=cache, use_cache=True)
+        for _ in range(12):  # the tenth step flushes a block
+            compiled_logits = compiled(model, caches[0], token)
+            eager_logits = _decode_step(model, caches[1], token)
+    for layer, reference in zip(caches[0].layers, caches[1].layers):
+        assert layer.quantized_keys.num_blocks == reference.quantized_keys.num_blocks == 4
+        for stream in ("quantized_keys", "quantized_values"):
+            got, expected = getattr(layer, stream).recent, getattr(reference, stream).recent
+            assert torch.equal(got.data, expected.data) and torch.equal(got.scale, expected.scale)
+            assert torch.equal(got.zero, expected.zero)
+    # the model's own fused float ops round differently from eager, by a few ulps
+    torch.testing.assert_close(compiled_logits, eager_logits, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("rows", [1, 4])
@@ -170,8 +196,8 @@ def test_a_tier_in_parts_gives_the_sums_of_one_tensor_bit_for_bit(bits, symmetri
     total, offset = n * group + 9, 4
     probs = torch.softmax(torch.randn(b, h, rows, total), dim=-1)
     whole_scores, whole_out = torch.zeros(b, h, rows, total), torch.zeros(b, h, rows, d)
-    cpu_kernel.kernel_key_scores(query, keys, whole_scores, offset)
-    cpu_kernel.kernel_value_output(probs, offset, values, whole_out)
+    cpu_kernel.kernel_key_scores_parts(query, [keys], whole_scores, offset)
+    cpu_kernel.kernel_value_output_parts(probs, offset, [values], whole_out)
     for cuts in ([0, 1, 7], [0, 3, 4, 7], [0, 2, 4, 6, 7]):
         k_parts = [_slice(keys, i, j) for i, j in zip(cuts, cuts[1:])]
         v_parts = [_slice(values, i, j) for i, j in zip(cuts, cuts[1:])]
