@@ -416,13 +416,6 @@ void key_scores_parts(const at::Tensor& query, at::TensorList data, at::TensorLi
   });
 }
 
-void key_scores(const at::Tensor& query, const at::Tensor& data, const at::Tensor& scale,
-                const c10::optional<at::Tensor>& zero, int64_t bits, at::Tensor& scores, int64_t offset) {
-  std::vector<at::Tensor> zeros;
-  if (zero.has_value()) zeros.push_back(*zero);
-  key_scores_parts(query, {data}, {scale}, zeros, bits, scores, offset);
-}
-
 // probs [B, H, M, T] f32; per part: data [B, H, tokens, ng, gs/pb] (or [B, H, n, G, ng, gs/pb]),
 // scale/zero [B, H, tokens, ng] (or [B, H, n, G, ng]); out [B, H, M, ng*gs] f32 += the parts' sum
 void value_output_parts(const at::Tensor& probs, int64_t offset, at::TensorList data, at::TensorList scale,
@@ -477,13 +470,6 @@ void value_output_parts(const at::Tensor& probs, int64_t offset, at::TensorList 
   });
 }
 
-void value_output(const at::Tensor& probs, int64_t offset, const at::Tensor& data, const at::Tensor& scale,
-                  const c10::optional<at::Tensor>& zero, int64_t bits, at::Tensor& out) {
-  std::vector<at::Tensor> zeros;
-  if (zero.has_value()) zeros.push_back(*zero);
-  value_output_parts(probs, offset, {data}, {scale}, zeros, bits, out);
-}
-
 }  // namespace
 
 TORCH_LIBRARY(hf_kvcache, m) {
@@ -491,15 +477,9 @@ TORCH_LIBRARY(hf_kvcache, m) {
         "int offset) -> ()");
   m.def("value_output_parts(Tensor probs, int offset, Tensor[] data, Tensor[] scale, Tensor[] zero, int bits, "
         "Tensor(a!) out) -> ()");
-  m.def("key_scores(Tensor query, Tensor data, Tensor scale, Tensor? zero, int bits, Tensor(a!) scores, "
-        "int offset) -> ()");
-  m.def("value_output(Tensor probs, int offset, Tensor data, Tensor scale, Tensor? zero, int bits, "
-        "Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(hf_kvcache, CPU, m) {
-  m.impl("key_scores", &key_scores);
-  m.impl("value_output", &value_output);
   m.impl("key_scores_parts", &key_scores_parts);
   m.impl("value_output_parts", &value_output_parts);
 }

@@ -28,9 +28,7 @@ from ..quantization import QuantizedTensor
 __all__ = [
     "cpu_kernel_available",
     "cpu_kernel_unsupported",
-    "kernel_key_scores",
     "kernel_key_scores_parts",
-    "kernel_value_output",
     "kernel_value_output_parts",
 ]
 
@@ -86,8 +84,7 @@ def _register_fakes() -> None:
 
     Both ops write into a tensor they are given and return nothing: their fake does nothing.
     """
-    for op in ("hf_kvcache::key_scores", "hf_kvcache::value_output", "hf_kvcache::key_scores_parts",
-               "hf_kvcache::value_output_parts"):
+    for op in ("hf_kvcache::key_scores_parts", "hf_kvcache::value_output_parts"):
         torch.library.register_fake(op)(lambda *args: None)
 
 
@@ -125,41 +122,18 @@ def _ops():
     return torch.ops.hf_kvcache
 
 
-def _key_layout(keys: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Keys grouped per channel as the kernel reads them: data [B, H, n, G/pb, D], scale/zero [B, H, n, D]."""
-    # the grouped layout [B, H, n, D, 1, G/pb] is a permuted view of token-major memory: undo the permutation
-    data = keys.data.squeeze(-2).transpose(-1, -2)
-    scale = keys.scale.squeeze(-1)
-    zero = None if keys.zero is None else keys.zero.squeeze(-1)
-    return data.contiguous(), scale.contiguous(), None if zero is None else zero.contiguous()
-
-
-def kernel_key_scores(qf: torch.Tensor, keys: QuantizedTensor, scores: torch.Tensor, offset: int) -> None:
-    """scores[..., offset : offset + n*G] = qf @ keys^T for keys grouped per channel (``axis == 3``)."""
-    data, scale, zero = _key_layout(keys)
-    _ops().key_scores(qf, data, scale, zero, keys.bits, scores, offset)
-
-
 def kernel_key_scores_parts(qf: torch.Tensor, parts: list[QuantizedTensor], scores: torch.Tensor, offset: int) -> None:
-    """``kernel_key_scores`` over consecutive parts of one tier (same bits and codec) in one call: the layout
-    changes are done in C++, so a long history held in many parts costs no Python per part."""
+    """scores[..., offset : offset + n*G] = qf @ keys^T over consecutive parts of one tier of keys grouped per
+    channel (same bits and codec), in one call: the layout changes are done in C++, so a long history held in
+    many parts costs no Python per part."""
     zeros = [] if parts[0].zero is None else [p.zero for p in parts]
     _ops().key_scores_parts(qf, [p.data for p in parts], [p.scale for p in parts], zeros, parts[0].bits, scores,
                             offset)
 
 
 def kernel_value_output_parts(probs: torch.Tensor, offset: int, parts: list[QuantizedTensor], out: torch.Tensor) -> None:
-    """``kernel_value_output`` over consecutive parts of one tier, summed with one set of accumulators."""
+    """out += probs[..., offset : offset + n*G] @ values over consecutive parts of one tier of values grouped per
+    token, summed with one set of accumulators (so how the tier is cut never changes the bits)."""
     zeros = [] if parts[0].zero is None else [p.zero for p in parts]
     _ops().value_output_parts(probs, offset, [p.data for p in parts], [p.scale for p in parts], zeros,
                               parts[0].bits, out)
-
-
-def kernel_value_output(probs: torch.Tensor, offset: int, values: QuantizedTensor, out: torch.Tensor) -> None:
-    """out += probs[..., offset : offset + n*G] @ values for values grouped per token (``axis == 4``)."""
-    b, h, n, g = values.shape[:4]
-    data = values.data.reshape(b, h, n * g, *values.data.shape[-2:])
-    scale = values.scale.reshape(b, h, n * g, -1)
-    zero = None if values.zero is None else values.zero.reshape(b, h, n * g, -1)
-    _ops().value_output(probs, offset, data.contiguous(), scale.contiguous(),
-                        None if zero is None else zero.contiguous(), values.bits, out)
