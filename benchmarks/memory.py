@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from caches import CacheSpec, cache_bytes, standard_specs  # noqa: E402
-from models import FORWARD_CACHE_KWARG, TINYSTORIES_VAL, realistic_config, realistic_model, stories_model  # noqa: E402
+from models import FORWARD_CACHE_KWARG, realistic_config, realistic_model, stories_model, story_text  # noqa: E402
 from records import Recorder, format_table, set_threads  # noqa: E402
 
 from hf_kvcache_plugin import QuantizedKVLayer  # noqa: E402
@@ -109,7 +109,7 @@ def realistic_bytes(specs, contexts, num_layers: int, window: int) -> list[dict]
 @torch.inference_mode()
 def stories_bytes(specs, contexts, window: int) -> list[dict]:
     model, tok = stories_model()
-    ids = tok(TINYSTORIES_VAL.read_text()[:20000], return_tensors="pt")["input_ids"]
+    ids = tok(story_text(20000), return_tensors="pt")["input_ids"]
     cfg = model.config
     heads, head_dim = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
     rows = []

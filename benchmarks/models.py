@@ -49,5 +49,34 @@ def stories_model(path: Path = STORIES):
     return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
 
+def story_text(chars: int) -> str:
+    """The first ``chars`` characters of the TinyStories validation text, or stories260K's own stories where
+    this clone has no ``../shared`` (the text stays on our machines).
+
+    Random token ids are no substitute: with no likely next token, greedy decoding meets near-ties that the
+    rounding of a different batch shape flips, so equality tests fail for reasons unrelated to the cache.
+    Text the model wrote itself is text it predicts with confidence, like real stories.
+    """
+    if TINYSTORIES_VAL.is_file():
+        return TINYSTORIES_VAL.read_text()[:chars]
+    return _written_stories(chars)
+
+
+@torch.inference_mode()
+def _written_stories(chars: int, batch: int = 16) -> str:
+    model, tok = stories_model()
+    bos = torch.full((batch, 1), model.config.bos_token_id)
+    stories: list[str] = []
+    seed = 0
+    while sum(len(s) for s in stories) < chars:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            out = model.generate(bos, do_sample=True, top_k=8, max_new_tokens=model.config.max_position_embeddings - 2,
+                                 pad_token_id=model.config.eos_token_id)
+        stories += [s.strip() for s in tok.batch_decode(out, skip_special_tokens=True)]
+        seed += 1
+    return "\n".join(stories)[:chars]
+
+
 # transformers 5.24 renamed the forward/generate argument `past_key_values` to `cache`
 FORWARD_CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"

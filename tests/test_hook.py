@@ -22,7 +22,7 @@ from hf_kvcache_plugin import (
 from hf_kvcache_plugin._compat import GENERATE_CACHE_KWARG
 from hf_kvcache_plugin.reuse.chunk_codec import encode_blocks
 
-from .conftest import HAVE_TEXT, TEXT
+from benchmarks.models import story_text
 
 CHUNK = 32
 NEW = 12
@@ -31,11 +31,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def stream(model_and_tokenizer) -> torch.Tensor:
-    """A long run of token ids: TinyStories text where it is present, random ids otherwise."""
-    model, tok = model_and_tokenizer
-    if HAVE_TEXT:
-        return tok(TEXT.read_text()[:20000], add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    return torch.randint(3, model.config.vocab_size, (6000,), generator=torch.Generator().manual_seed(0))
+    """A long run of token ids: TinyStories text, or stories260K's own stories where the text is absent."""
+    _, tok = model_and_tokenizer
+    ids = tok(story_text(20000), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    assert len(ids) >= 5040, f"{len(ids)} tokens: the prompts below slice up to token 5037"
+    return ids
 
 
 def cache_config(quant_type: str = "int8") -> CacheConfig:
