@@ -32,12 +32,11 @@ exact tokens live in ``full_precision_blocks``, which ``dequantize_into``
 writes over the placeholder. Both count in ``nbytes``.
 
 Inside a ``torch.compile`` trace the check cannot branch on the data (that
-would break the graph at every flush), so there it is deferred: the blocks
-that cannot be quantized get the placeholder codes branch-free
-(``torch.where``), the flushed tokens are kept aside, and the first eager
-read of the stream (``full_precision_blocks``, ``fallback_events``) moves the
-exact ones into place and logs them. Until then a compiled decode step reads
-such a block as the placeholder (zeros), as the eager path's tiers hold it.
+would break the graph at every flush), so there the blocks that cannot be
+quantized get the placeholder codes branch-free (``torch.where``) and an
+opaque op (``hf_kvcache_quant::keep_unquantizable``) keeps their exact tokens
+when the compiled step runs. Nothing is held back for a later eager read: a
+compiled ``generate`` makes none, so the flushed tokens would pile up.
 """
 
 from __future__ import annotations
@@ -45,7 +44,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import itertools
 import logging
+import weakref
 
 import torch
 
@@ -155,6 +156,42 @@ def _dequantize_into(q: QuantizedTensor, out: torch.Tensor) -> None:
     dequantize_into(q, out.view(q.shape))
 
 
+# streams by handle, for the op below: it runs inside compiled steps, where only numbers and tensors pass.
+# A plain dict of weak references (a stream can be built inside a trace, and Dynamo cannot build the keyed
+# references of a WeakValueDictionary); dead entries are pruned as new streams register.
+_STREAMS: dict[int, weakref.ref] = {}
+_HANDLES = itertools.count(1)
+_PRUNE_EVERY = 1024
+# exact blocks kept for a stream built in the same compiled graph: Dynamo registers such a stream only after
+# the graph has run, so the op parks them here and the stream takes them at its next eager read
+_PENDING: dict[int, list[tuple[int, torch.Tensor, list[int]]]] = {}
+
+
+@torch.library.custom_op("hf_kvcache_quant::keep_unquantizable", mutates_args=())
+def _keep_unquantizable(handle: int, first_block: int, tokens: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    """Keep the exact tokens of the flagged blocks in the stream ``handle``; returns the flags (a copy)."""
+    ref = _STREAMS.get(handle)
+    stream = None if ref is None else ref()
+    flagged = torch.nonzero(bad).flatten().tolist()
+    if flagged:
+        if stream is None:
+            g = tokens.shape[-2] // bad.numel()
+            exact = torch.cat([tokens[:, :, i * g : (i + 1) * g] for i in flagged], dim=-2)
+            _PENDING.setdefault(handle, []).append((first_block, exact, flagged))
+            kept = len(flagged)
+        else:
+            kept = stream._keep_exact(first_block, tokens, flagged)
+        if kept:
+            logger.warning("%d block(s) flushed inside torch.compile could not be quantized (NaN/Inf or out of "
+                           "the scale range); kept in full precision", kept)
+    return bad.clone()
+
+
+@_keep_unquantizable.register_fake
+def _(handle, first_block, tokens, bad):
+    return torch.empty_like(bad)
+
+
 class QuantizedBlocks:
     """Append-only quantized history of one stream, in one or two precision tiers."""
 
@@ -173,12 +210,29 @@ class QuantizedBlocks:
         # block index (aged first, then recent) -> exact tokens [B, H, G, D] of a block that could not be quantized
         self._full_precision_blocks: dict[int, torch.Tensor] = {}
         self._fallback_events = 0  # blocks ever kept in full precision (not decremented by crop)
-        # flushes encoded inside a torch.compile trace, not yet checked: (first block, bad mask [n], tokens)
-        self._unchecked: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self._register()
+
+    def _register(self) -> None:
+        """A number naming this stream to the op that keeps exact blocks inside compiled steps."""
+        self._handle = next(_HANDLES)
+        _STREAMS[self._handle] = weakref.ref(self)
+        if self._handle % _PRUNE_EVERY == 0 and not torch.compiler.is_compiling():
+            for handle in [h for h, ref in _STREAMS.items() if ref() is None]:
+                del _STREAMS[handle]
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._register()  # a copy is a stream of its own
+
+    def _take_pending(self) -> None:
+        # `not is_compiling()` first: a trace must not read (and guard on) the global dict
+        if not torch.compiler.is_compiling() and _PENDING:
+            for first_block, exact, flagged in _PENDING.pop(self._handle, ()):
+                self._keep_exact(first_block, exact, flagged, packed=True)
 
     @property
     def full_precision_blocks(self) -> dict[int, torch.Tensor]:
-        self._check_deferred()
+        self._take_pending()
         return self._full_precision_blocks
 
     @full_precision_blocks.setter
@@ -187,29 +241,25 @@ class QuantizedBlocks:
 
     @property
     def fallback_events(self) -> int:
-        self._check_deferred()
+        self._take_pending()
         return self._fallback_events
 
     @fallback_events.setter
     def fallback_events(self, count: int) -> None:
         self._fallback_events = count
 
-    def _check_deferred(self) -> None:
-        """Keep the exact tokens of the blocks a compiled flush could not quantize (eager only: it branches)."""
-        if not self._unchecked or torch.compiler.is_compiling():
-            return
-        unchecked, self._unchecked = self._unchecked, []
+    def _keep_exact(self, first_block: int, tokens: torch.Tensor, bad: list[int], packed: bool = False) -> int:
+        """Keep the exact tokens of the blocks ``bad`` (indices into ``tokens``' blocks, or with ``packed`` into
+        the blocks ``bad`` whose tokens follow one another in ``tokens``); returns how many were new."""
         g = self.codec.group_size
-        found = 0
-        for first, bad, tokens in unchecked:
-            for i in torch.nonzero(bad).flatten().tolist():
-                if first + i not in self._full_precision_blocks:
-                    self._full_precision_blocks[first + i] = tokens[:, :, i * g : (i + 1) * g].clone()
-                    self._fallback_events += 1
-                    found += 1
-        if found:
-            logger.warning("%d block(s) flushed inside torch.compile could not be quantized (NaN/Inf or out of the "
-                           "scale range); kept in full precision from now on", found)
+        kept = 0
+        for j, i in enumerate(bad):
+            if first_block + i not in self._full_precision_blocks:
+                at = j if packed else i
+                self._full_precision_blocks[first_block + i] = tokens[:, :, at * g : (at + 1) * g].clone()
+                self._fallback_events += 1
+                kept += 1
+        return kept
 
     @property
     def tiers(self) -> list[QuantizedTensor]:
@@ -330,20 +380,18 @@ class QuantizedBlocks:
         """Encode [B, H, n*G, D]; blocks that cannot be quantized are kept exact and encoded as zeros."""
         encoded = self.codec.encode(tokens, bits=bits)
         if torch.compiler.is_compiling():
-            # no data-dependent branch in a trace: placeholders now, exact tokens at the next eager read
-            bad_mask = _unquantizable_mask(encoded)
-            self._unchecked.append((first_block, bad_mask, tokens))
+            # no data-dependent branch in a trace: placeholders branch-free, the exact tokens kept by an op
+            # that runs with the step (its output feeds the placeholders, so it is neither dropped nor moved)
+            bad_mask = torch.ops.hf_kvcache_quant.keep_unquantizable(self._handle, first_block, tokens,
+                                                                     _unquantizable_mask(encoded))
             return _as_placeholders(encoded, bad_mask)
         bad = unquantizable_blocks(encoded)
         if not bad:
             return encoded
         g = self.codec.group_size
+        self._keep_exact(first_block, tokens, bad)
         placeholder = tokens.clone()
         for i in bad:
-            index = first_block + i
-            if index not in self.full_precision_blocks:
-                self.full_precision_blocks[index] = tokens[:, :, i * g : (i + 1) * g].clone()
-                self.fallback_events += 1
             placeholder[:, :, i * g : (i + 1) * g] = 0
         return self.codec.encode(placeholder, bits=bits)
 
@@ -460,7 +508,6 @@ class QuantizedBlocks:
 
     def map_tensors(self, fn) -> None:
         """Apply ``fn`` to every stored tensor (batch reorder / selection, device moves)."""
-        self._unchecked = [(first, bad, fn(tokens)) for first, bad, tokens in self._unchecked]
         self._aged = [part.map_tensors(fn) for part in self._aged]
         self._recent = [part.map_tensors(fn) for part in self._recent]
         self.repacked = [tier.map_tensors(fn) for tier in self.repacked]
