@@ -40,6 +40,7 @@ from .blocks import QuantizedBlocks
 from .layer_inputs import batch_indices, check_key_value_states, tracks_grad
 from .layer_settings import LayerSettings
 from .quantization import QuantizedTensor
+from .residual_window import ResidualWindow, tensor_nbytes
 
 __all__ = ["LayerSettings", "QuantizedKVLayer", "EMPTY_LAYER_STATS", "tensor_nbytes"]
 
@@ -52,11 +53,7 @@ EMPTY_LAYER_STATS = (
 logger = logging.getLogger(__name__)
 
 
-def tensor_nbytes(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.numel() * t.element_size()
-
-
-class QuantizedKVLayer(CacheLayerMixin):
+class QuantizedKVLayer(ResidualWindow, CacheLayerMixin):
     """One attention layer's quantized cache (see the module docstring for the layout).
 
     Built from ``LayerSettings`` or from their fields as keywords:
@@ -85,9 +82,7 @@ class QuantizedKVLayer(CacheLayerMixin):
     def _clear(self) -> None:
         self.is_initialized = False
         self.sink_keys = self.sink_values = None
-        self.residual_keys = self.residual_values = None
-        # backing tensors of [residual_length + G] tokens that decode steps write the window into, in place
-        self._window_buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._clear_window()
         self.quantized_keys: QuantizedBlocks | None = None
         self.quantized_values: QuantizedBlocks | None = None
         self._length = 0  # tokens seen, dropped ones included
@@ -213,60 +208,6 @@ class QuantizedKVLayer(CacheLayerMixin):
             self.flush_deferred()
 
     @property
-    def window_capacity(self) -> int:
-        """Tokens the window can hold between flushes: the kept ``residual_length`` plus one block being filled."""
-        return self.residual_length + self.group_size
-
-    def _writes_window_in_place(self, held: int, new: int, had_history: bool) -> bool:
-        """Whether an append of ``new`` tokens to a window of ``held`` goes into the capacity buffers.
-
-        Decode-sized appends (after the first) do: concatenating would copy the whole window every token, a
-        transient as large as the window per step. The first append (the prompt) and appends too large for
-        the capacity concatenate, so a cache after prefill holds no spare capacity."""
-        return had_history and held + new <= self.window_capacity
-
-    def _append_to_window(self, key_states: torch.Tensor, value_states: torch.Tensor, had_history: bool) -> None:
-        held, new = self.residual_keys.shape[-2], key_states.shape[-2]
-        if new == 0:
-            return
-        if not self._writes_window_in_place(held, new, had_history):
-            self._window_buffers = None
-            self.residual_keys = torch.cat([self.residual_keys, key_states], dim=-2)
-            self.residual_values = torch.cat([self.residual_values, value_states], dim=-2)
-            return
-        if self._window_buffers is None:
-            # once per sequence (and after a crop or a batch reorder): the window moves into buffers of
-            # `window_capacity` tokens; nbytes counts them whole from then on
-            buffers = []
-            for held_states in (self.residual_keys, self.residual_values):
-                b, h, _, d = held_states.shape
-                buffer = held_states.new_empty(b, h, self.window_capacity, d)
-                buffer[:, :, :held] = held_states
-                buffers.append(buffer)
-            self._window_buffers = (buffers[0], buffers[1])
-        key_buffer, value_buffer = self._window_buffers
-        key_buffer[:, :, held : held + new] = key_states
-        value_buffer[:, :, held : held + new] = value_states
-        self.residual_keys = key_buffer[:, :, : held + new]
-        self.residual_values = value_buffer[:, :, : held + new]
-
-    def _drop_window_head(self, n_tokens: int) -> None:
-        """Remove the window's oldest ``n_tokens`` (just quantized)."""
-        if self._window_buffers is None:
-            # clone: a slice would keep the whole old window alive
-            self.residual_keys = self.residual_keys[:, :, n_tokens:].clone()
-            self.residual_values = self.residual_values[:, :, n_tokens:].clone()
-            return
-        kept = self.residual_keys.shape[-2] - n_tokens
-        for buffer in self._window_buffers:
-            # shift left in pieces of at most n_tokens: source and destination of a copy never overlap
-            for start in range(0, kept, n_tokens):
-                length = min(n_tokens, kept - start)
-                buffer[:, :, start : start + length] = buffer[:, :, n_tokens + start : n_tokens + start + length]
-        self.residual_keys = self._window_buffers[0][:, :, :kept]
-        self.residual_values = self._window_buffers[1][:, :, :kept]
-
-    @property
     def flush_pending(self) -> bool:
         """True between ``append(defer_flush=True)`` and ``flush_deferred()``: a reader has not finished."""
         return self._flush_deferred
@@ -370,7 +311,9 @@ class QuantizedKVLayer(CacheLayerMixin):
                 ))
         else:
             for k_tier, v_tier in zip(k_tiers, v_tiers):
-                segments.append((k_tier, v_tier, k_tier.shape[2] * self.group_size))
+                # the data tensor's size, not the recorded shape: under torch.compile a Python int would become a
+                # symbol no graph input defines (Inductor then fails on it)
+                segments.append((k_tier, v_tier, k_tier.data.shape[2] * self.group_size))
         if self.residual_keys.shape[-2]:
             segments.append((self.residual_keys, self.residual_values, self.residual_keys.shape[-2]))
         return segments
@@ -451,13 +394,6 @@ class QuantizedKVLayer(CacheLayerMixin):
         dense = tensor_nbytes(self.sink_keys) + tensor_nbytes(self.sink_values) + self._window_nbytes
         return self.quantized_keys.nbytes + self.quantized_values.nbytes + dense
 
-    @property
-    def _window_nbytes(self) -> int:
-        """The window's bytes: its capacity buffers whole while decode writes into them, else its tokens."""
-        if self._window_buffers is not None:
-            return sum(tensor_nbytes(t) for t in self._window_buffers)
-        return tensor_nbytes(self.residual_keys) + tensor_nbytes(self.residual_values)
-
     def nbytes_after_append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> int:
         """``nbytes`` once ``append(key_states, value_states)`` and its flush are done, predicted without touching
         the layer: the same path through sinks, residual window, blocks and mixed-precision aging (blocks that
@@ -534,7 +470,7 @@ class QuantizedKVLayer(CacheLayerMixin):
                 f"{croppable} were dropped to fit the byte budget, so a crop may remove at most {croppable}"
             )
         self._length -= count
-        self._window_buffers = None
+        self._release_window_buffers()
         r = self.residual_keys.shape[-2]
         from_residual = min(count, r)
         self.residual_keys = self.residual_keys[:, :, : r - from_residual].clone()
@@ -555,7 +491,7 @@ class QuantizedKVLayer(CacheLayerMixin):
             self.sink_values = self.sink_values[:, :, : s - count].clone()
 
     def _map_all(self, fn) -> None:
-        self._window_buffers = None
+        self._release_window_buffers()
         for name in ("sink_keys", "sink_values", "residual_keys", "residual_values"):
             setattr(self, name, fn(getattr(self, name)))
         self.quantized_keys.map_tensors(fn)

@@ -31,6 +31,7 @@ RANKS = {
     "blocks": 2,
     "layer_inputs": 0,
     "layer_settings": 3,
+    "residual_window": 0,  # the exact window of a layer (a mixin): only torch
     "layer": 4,
     "sliding_layer": 5,
     "cache_io": 5.5,  # snapshots of both layer kinds

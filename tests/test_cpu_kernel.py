@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
@@ -130,7 +131,7 @@ def _decode_step(model, cache, token):
 
 def test_decode_steps_compile_whole_and_equal_eager(realistic_model):
     """torch.compile traces every decode step, flushes included, through the cache and the kernel (its ops have
-    fake versions; the finite check of a flush is deferred inside traces) in one graph, and the compiled step,
+    fake versions; inside traces the finite check of a flush runs in an opaque op) in one graph, and the compiled step,
     run with the eager backend, gives the eager logits."""
     model = realistic_model
     prompt = torch.randint(3, model.config.vocab_size, (1, 70), generator=torch.Generator().manual_seed(1))
@@ -157,7 +158,8 @@ def test_decode_steps_compile_whole_and_equal_eager(realistic_model):
 def test_decode_steps_compiled_by_inductor_store_the_codes_eager_stores(realistic_model):
     """With the default backend (Inductor), a flush inside a compiled step quantizes through an opaque op:
     Inductor would otherwise fuse the scale's round trip through fp16 away and store other codes than eager,
-    and every later step (and a stored prefix) would inherit them."""
+    and every later step (and a stored prefix) would inherit them. Logits differ from eager by the few ulps by
+    which the model's own fused float ops round differently."""
     model = realistic_model
     prompt = torch.randint(3, model.config.vocab_size, (1, 70), generator=torch.Generator().manual_seed(2))
     caches = [QuantizedKVCache(model.config, "int4", group_size=16, residual_length=16) for _ in range(2)]
@@ -167,17 +169,41 @@ def test_decode_steps_compiled_by_inductor_store_the_codes_eager_stores(realisti
     with torch.no_grad():
         for cache in caches:
             model(input_ids=prompt, past_key_values=cache, use_cache=True)
-        for _ in range(12):  # the tenth step flushes a block
+        # steps 10, 26 and 42 flush a block; in between the window's length varies, so Dynamo recompiles the
+        # step with symbolic sizes (where a view of the window next to its buffer used to crash Inductor)
+        for _ in range(44):
             compiled_logits = compiled(model, caches[0], token)
             eager_logits = _decode_step(model, caches[1], token)
+            torch.testing.assert_close(compiled_logits, eager_logits, rtol=0, atol=1e-5)
     for layer, reference in zip(caches[0].layers, caches[1].layers):
-        assert layer.quantized_keys.num_blocks == reference.quantized_keys.num_blocks == 4
+        assert layer.quantized_keys.num_blocks == reference.quantized_keys.num_blocks == 6
         for stream in ("quantized_keys", "quantized_values"):
             got, expected = getattr(layer, stream).recent, getattr(reference, stream).recent
             assert torch.equal(got.data, expected.data) and torch.equal(got.scale, expected.scale)
-            assert torch.equal(got.zero, expected.zero)
-    # the model's own fused float ops round differently from eager, by a few ulps
-    torch.testing.assert_close(compiled_logits, eager_logits, rtol=0, atol=1e-5)
+            # a zero is the block's minimum in fp16; the compiled model's keys differ from eager's by an ulp
+            # now and then (its fused RoPE), which moves the rounding of about 0.1% of zeros
+            assert (got.zero != expected.zero).float().mean().item() <= 0.01
+            torch.testing.assert_close(got.zero, expected.zero, rtol=1e-3, atol=0)
+
+
+def test_generate_with_an_inductor_compiled_forward_equals_eager(realistic_model):
+    """A user's ``torch.compile`` of the model's forward, through ``generate``: 60 tokens, four flushes, the
+    window's length and the parts' sizes varying, so Dynamo recompiles with symbolic sizes. Inductor used to
+    fail there twice over: on a size known only as a Python int (a symbol no graph input defines) and on the
+    window's buffer and a view of it entering the graph as two inputs, one mutated."""
+    model = copy.deepcopy(realistic_model)
+    prompt = torch.randint(3, model.config.vocab_size, (1, 70), generator=torch.Generator().manual_seed(2))
+
+    def generate(cache):
+        return model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache,
+                              max_new_tokens=60, min_new_tokens=60, do_sample=False, pad_token_id=0)
+
+    expected = generate(QuantizedKVCache(model.config, "int4", group_size=16, residual_length=16))
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward)
+    with torch.no_grad():
+        got = generate(QuantizedKVCache(model.config, "int4", group_size=16, residual_length=16))
+    assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
