@@ -9,6 +9,9 @@ on CUDA, XPU, MPS, TPU and Neuron it needs no flag). This times, interleaved, at
 - ``static-compiled``: ``StaticCache`` compiled by ``generate`` (Inductor, ``mode="default"``: the default
   ``reduce-overhead`` is CUDA graphs);
 - ``ours-int4``: our INT4 cache with its defaults, eager (``is_compileable`` is False);
+- ``ours-static-int4``: ``StaticQuantizedKVCache`` (INT4, defaults), eager;
+- ``ours-static-int4-compiled``: the same, compiled by ``generate`` as ``static-compiled`` is (one graph for
+  every decode step: its shapes do not change);
 - with ``--ours-compiled``, also ``ours-int4-compiled``: our cache with ``is_compileable`` forced on, so that
   ``generate`` compiles it like a static cache. An experiment, not a supported mode: a failure is recorded
   with its message instead of stopping the run.
@@ -38,7 +41,7 @@ from models import FORWARD_CACHE_KWARG, realistic_config, realistic_model  # noq
 from records import Recorder, format_table, machine  # noqa: E402
 from speed import StepClock  # noqa: E402
 
-from hf_kvcache_plugin import CacheConfig, QuantizedKVCache  # noqa: E402
+from hf_kvcache_plugin import CacheConfig, QuantizedKVCache, StaticQuantizedKVCache  # noqa: E402
 
 
 def _compile_config() -> CompileConfig:
@@ -54,11 +57,13 @@ def run_once(model, name: str, prompt: torch.Tensor, new_tokens: int) -> dict:
         cache = StaticCache(config=config, max_cache_len=prompt.shape[1] + new_tokens)
     elif name == "dynamic":
         cache = DynamicCache(config=config)
+    elif name.startswith("ours-static"):
+        cache = StaticQuantizedKVCache(config, max_cache_len=prompt.shape[1] + new_tokens, quant_type="int4")
     else:
         cache = QuantizedKVCache(config, cache_config=CacheConfig(quant_type="int4"))
     if name.endswith("-compiled"):
         kwargs = {"compile_config": _compile_config()}
-        if name.startswith("ours"):
+        if name.startswith("ours-int4"):
             for layer in cache.layers:
                 layer.is_compileable = True  # the experiment: generate then compiles our decode step
     clock = StepClock()
@@ -79,7 +84,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--ours-compiled", action="store_true", help="also our cache with is_compileable forced on")
     p.add_argument("--out")
     args = p.parse_args(argv)
-    names = ["dynamic", "static", "static-compiled", "ours-int4"] + (["ours-int4-compiled"] * args.ours_compiled)
+    names = ["dynamic", "static", "static-compiled", "ours-int4", "ours-static-int4", "ours-static-int4-compiled"]
+    names += ["ours-int4-compiled"] * args.ours_compiled
     config = realistic_config()
     base = realistic_model(config)
     host = machine()

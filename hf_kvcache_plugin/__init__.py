@@ -23,6 +23,7 @@ from .attention import QUANTIZED_ATTENTION, enable_quantized_attention, register
 from .budget import CacheBudgetExceeded
 from .errors import KVCacheError
 from .cache import QuantizedKVCache, QuantizedKVCacheManager, create_quantized_kv_cache
+from .static_cache import StaticQuantizedKVCache
 from .encoder_decoder import quantized_encoder_decoder_cache
 from .cache_io import SnapshotError
 from .config import (
@@ -184,6 +185,7 @@ __all__ = [
     "ProductionCacheWrapper",
     "QUANTIZED_ATTENTION",
     "QuantizedKVCache",
+    "StaticQuantizedKVCache",
     "QuantizedKVCacheManager",
     "QuantizedKVLayer",
     "QuantizedTensor",

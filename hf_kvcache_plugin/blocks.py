@@ -54,7 +54,9 @@ from .block_tensors import _BLOCK_DIM, append_parts, blocks_of, cat_blocks, conc
 from .block_tensors import take_blocks as take_from_parts
 from .quantization import QuantizedTensor, dequantize, dequantize_into, quantize
 
-__all__ = ["BlockCodec", "QuantizedBlocks", "concat_blocks", "unquantizable_blocks"]
+__all__ = [
+    "BlockCodec", "QuantizedBlocks", "as_placeholders", "concat_blocks", "unquantizable_blocks", "unquantizable_mask",
+]
 
 # tokens of a tier's first parts; later parts double every four parts up to 8x (see the module docstring)
 PART_TOKENS = 256
@@ -104,7 +106,7 @@ class BlockCodec:
         return codes + groups * meta_itemsize * (1 if self.symmetric else 2)
 
 
-def _unquantizable_mask(q: QuantizedTensor) -> torch.Tensor:
+def unquantizable_mask(q: QuantizedTensor) -> torch.Tensor:
     """Bool [n]: blocks (along dim 2) whose scale or zero is not finite in some batch row or head."""
     n = q.shape[_BLOCK_DIM]
     finite = torch.isfinite(q.scale).reshape(*q.scale.shape[:3], -1).all(-1)  # [B, H, n]
@@ -121,10 +123,10 @@ def unquantizable_blocks(q: QuantizedTensor) -> list[int]:
     stored, so checking the stored metadata catches both.
     """
     # one device sync per flushed batch of blocks, not per token
-    return torch.nonzero(_unquantizable_mask(q)).flatten().tolist()
+    return torch.nonzero(unquantizable_mask(q)).flatten().tolist()
 
 
-def _as_placeholders(q: QuantizedTensor, bad: torch.Tensor) -> QuantizedTensor:
+def as_placeholders(q: QuantizedTensor, bad: torch.Tensor) -> QuantizedTensor:
     """``q`` with the blocks flagged in ``bad`` [n] replaced, branch-free, by the encoding of zeros.
 
     That is what quantizing a zero block stores: codes 0 (asymmetric) or the offset 2**(bits-1) (symmetric),
@@ -383,8 +385,8 @@ class QuantizedBlocks:
             # no data-dependent branch in a trace: placeholders branch-free, the exact tokens kept by an op
             # that runs with the step (its output feeds the placeholders, so it is neither dropped nor moved)
             bad_mask = torch.ops.hf_kvcache_quant.keep_unquantizable(self._handle, first_block, tokens,
-                                                                     _unquantizable_mask(encoded))
-            return _as_placeholders(encoded, bad_mask)
+                                                                     unquantizable_mask(encoded))
+            return as_placeholders(encoded, bad_mask)
         bad = unquantizable_blocks(encoded)
         if not bad:
             return encoded

@@ -63,10 +63,13 @@ class LayerSettings:
             expected_head_dim=head_dim,
         )
 
-    def blocks(self, stream: str) -> QuantizedBlocks:
-        """An empty block list for ``stream`` (``"keys"`` or ``"values"``) with this layer's codec."""
+    def codec(self, stream: str) -> BlockCodec:
+        """How this layer quantizes ``stream`` (``"keys"`` or ``"values"``)."""
         bits, axis = (self.key_bits, self.key_axis) if stream == "keys" else (self.value_bits, self.value_axis)
-        codec = BlockCodec(
+        return BlockCodec(
             bits, self.group_size, axis, self.symmetric, _SCALE_DTYPES[self.scale_dtype], self.clip_percentile
         )
-        return QuantizedBlocks(codec, aged_bits=self.aged_bits, recent_tokens=self.recent_tokens)
+
+    def blocks(self, stream: str) -> QuantizedBlocks:
+        """An empty block list for ``stream`` (``"keys"`` or ``"values"``) with this layer's codec."""
+        return QuantizedBlocks(self.codec(stream), aged_bits=self.aged_bits, recent_tokens=self.recent_tokens)

@@ -33,6 +33,7 @@ RANKS = {
     "layer_settings": 3,
     "residual_window": 0,  # the exact window of a layer (a mixin): only torch
     "layer": 4,
+    "static_layer": 4,  # fixed-shape buffers for torch.compile, beside `layer`
     "sliding_layer": 5,
     "cache_io": 5.5,  # snapshots of both layer kinds
     "budget": 5,
@@ -41,6 +42,7 @@ RANKS = {
     "cache_budget": 6.5,  # the budget half of QuantizedKVCache (a mixin over shrink and padding)
     "attention": 6,
     "cache": 7,
+    "static_cache": 7.5,  # the fixed-shape cache generate compiles, over `cache`'s model layout
     "encoder_decoder": 8,
     "generate_recipe": 9,
     "recipe": 10,

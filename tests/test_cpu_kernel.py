@@ -10,7 +10,7 @@ import torch
 
 from hf_kvcache_plugin import QuantizedKVCache
 from hf_kvcache_plugin.attention import cpu_kernel
-from hf_kvcache_plugin.attention.reference import _quantized_key_scores, _quantized_value_output
+from hf_kvcache_plugin.attention.reference import quantized_key_scores, quantized_value_output
 from hf_kvcache_plugin.blocks import BlockCodec
 
 from .attention_reference import rel_err
@@ -41,7 +41,7 @@ def test_kernel_equals_reference(bits, symmetric, scale_dtype, rows, head_dim, g
     query = torch.randn(b, h, rows, head_dim)
     total, offset = n * group + 11, 5  # the tier sits inside a longer score row, as between sinks and residual
     expected = torch.full((b, h, rows, total), 7.0)
-    _quantized_key_scores(query, keys, expected[..., offset : offset + n * group], chunk_tokens=64)
+    quantized_key_scores(query, keys, expected[..., offset : offset + n * group], chunk_tokens=64)
     scores = torch.full((b, h, rows, total), 7.0)
     cpu_kernel.kernel_key_scores_parts(query, [keys], scores, offset)
     _assert_same_sums(scores, expected)
@@ -49,7 +49,7 @@ def test_kernel_equals_reference(bits, symmetric, scale_dtype, rows, head_dim, g
     probs = torch.softmax(torch.randn(b, h, rows, total), dim=-1)
     expected_out = torch.randn(b, h, rows, head_dim)
     out = expected_out.clone()
-    _quantized_value_output(probs[..., offset : offset + n * group], values, expected_out, chunk_tokens=64)
+    quantized_value_output(probs[..., offset : offset + n * group], values, expected_out, chunk_tokens=64)
     cpu_kernel.kernel_value_output_parts(probs, offset, [values], out)
     _assert_same_sums(out, expected_out)
 

@@ -31,6 +31,7 @@ from .cpu_kernel import cpu_kernel_available, cpu_kernel_unsupported
 from .history import QuantizedHistory, take_over
 from .masks import keep_mask
 from .reference import attention_from_layer
+from .static_attention import static_attention
 from .triton_attention import triton_attention_from_layer, triton_available, triton_unsupported
 
 __all__ = [
@@ -118,6 +119,8 @@ def quantized_attention_forward(
     if step is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
     history = step.history
+    if getattr(history, "is_static", False):
+        return _static_step(module, query, history, attention_mask, dropout, scaling, is_causal, step, kwargs)
     # a sliding layer holds up to a block's worth of tokens before its window, which the model's mask leaves out
     window = history.attention_window(query.shape[2]) if getattr(history, "is_sliding", False) else None
     unsupported = _unsupported(module, dropout, kwargs, window)
@@ -145,6 +148,22 @@ def quantized_attention_forward(
     else:
         use_kernel = step.cpu_kernel and _use_cpu_kernel(query)
         out = attention_from_layer(query, history, attention_mask, scaling, cpu_kernel=use_kernel)
+    step.finish()
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _static_step(module, query, layer, attention_mask, dropout, scaling, is_causal, step, kwargs):
+    """A decode step of a ``StaticQuantizedKVLayer``: ``static_attention``, or SDPA over its dense read."""
+    unsupported = _unsupported(module, dropout, kwargs)
+    if unsupported:
+        _log_once(logging.WARNING, f"{QUANTIZED_ATTENTION}: {unsupported}; dequantizing the static history")
+        key, value = layer.dequantized()
+        step.finish()
+        if kwargs.get("output_attentions") or kwargs.get("softcap") is not None:
+            return _eager_attention(query, key, value, attention_mask, dropout, scaling, kwargs.get("softcap"))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = static_attention(query, layer, attention_mask, scaling, cpu_kernel=step.cpu_kernel and _use_cpu_kernel(query))
     step.finish()
     return out.transpose(1, 2).contiguous(), None
 

@@ -29,7 +29,7 @@ from .cpu_kernel import kernel_key_scores_parts, kernel_value_output_parts
 from .history import QuantizedHistory
 from .masks import keep_mask
 
-__all__ = ["DEFAULT_CHUNK_TOKENS", "attention_from_layer"]
+__all__ = ["DEFAULT_CHUNK_TOKENS", "attention_from_layer", "quantized_key_scores", "quantized_value_output"]
 
 # tokens of codes turned into floats at a time: 256 tokens x head_dim 128 x 4 B = 128 KiB per head
 DEFAULT_CHUNK_TOKENS = 256
@@ -67,7 +67,7 @@ def attention_from_layer(
         elif cpu_kernel and isinstance(keys, QuantizedTensor) and keys.axis == 3:
             pass  # read with the run it belongs to
         elif isinstance(keys, QuantizedTensor):
-            _quantized_key_scores(qf, keys, scores[..., start : start + length], chunk_tokens)
+            quantized_key_scores(qf, keys, scores[..., start : start + length], chunk_tokens)
         else:
             scores[..., start : start + length].copy_(torch.matmul(qf, keys.float().transpose(-1, -2)))  # out= into a strided view: no compile
         start += length
@@ -90,7 +90,7 @@ def attention_from_layer(
         elif cpu_kernel and isinstance(values, QuantizedTensor) and values.axis == 4:
             pass  # read with the run it belongs to
         elif isinstance(values, QuantizedTensor):
-            _quantized_value_output(probs[..., start : start + length], values, out, chunk_tokens)
+            quantized_value_output(probs[..., start : start + length], values, out, chunk_tokens)
         else:
             out += torch.matmul(probs[..., start : start + length], values.float())
         start += length
@@ -147,7 +147,7 @@ def _code_parts(packed: torch.Tensor, bits: int, symmetric: bool):
         yield i, codes
 
 
-def _quantized_key_scores(qf: torch.Tensor, keys: QuantizedTensor, out: torch.Tensor, chunk_tokens: int) -> None:
+def quantized_key_scores(qf: torch.Tensor, keys: QuantizedTensor, out: torch.Tensor, chunk_tokens: int) -> None:
     """Scores of qf [B, H, M, D] against quantized key blocks, written into out [B, H, M, n*G]."""
     b, h, n, g, d = keys.shape
     m = qf.shape[2]
@@ -172,7 +172,7 @@ def _quantized_key_scores(qf: torch.Tensor, keys: QuantizedTensor, out: torch.Te
             target.copy_(torch.matmul(qf, kd.transpose(-1, -2)).view(b, h, m, j - i, g))
 
 
-def _quantized_value_output(p: torch.Tensor, values: QuantizedTensor, out: torch.Tensor, chunk_tokens: int) -> None:
+def quantized_value_output(p: torch.Tensor, values: QuantizedTensor, out: torch.Tensor, chunk_tokens: int) -> None:
     """out [B, H, M, Dv] += p [B, H, M, n*G] @ quantized value blocks."""
     b, h, n, g, d = values.shape
     m = p.shape[2]
