@@ -136,6 +136,9 @@ class StaticQuantizedKVLayer(CacheLayerMixin):
         if s.expected_num_heads is not None and h != s.expected_num_heads:
             raise ValueError(f"{self._name()}: key/value states have {h} heads but the model config has "
                              f"{s.expected_num_heads} key/value heads")
+        if s.expected_head_dim is not None and d != s.expected_head_dim:
+            raise ValueError(f"{self._name()}: key states have head_dim {d} but the model config has head_dim "
+                             f"{s.expected_head_dim}")
         self.dtype, self.device = key_states.dtype, key_states.device
         self.batch_size, self.num_heads = b, h
         self.head_dim, self.value_head_dim = d, value_states.shape[-1]
