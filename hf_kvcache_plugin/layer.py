@@ -97,21 +97,7 @@ class QuantizedKVLayer(ResidualWindow, CacheLayerMixin):
         b, h, _, d = key_states.shape
         dv = value_states.shape[-1]
         s = self.settings
-        if s.expected_num_heads is not None and h != s.expected_num_heads:
-            raise ValueError(
-                f"{self._name()}: key/value states have {h} heads but the model config has "
-                f"{s.expected_num_heads} key/value heads"
-            )
-        if s.expected_head_dim is not None and d != s.expected_head_dim:
-            raise ValueError(
-                f"{self._name()}: key states have head_dim {d} but the model config has head_dim {s.expected_head_dim}"
-            )
-        for name, axis, dim in (("keys", s.key_axis, d), ("values", s.value_axis, dv)):
-            if axis == "token" and dim % s.group_size != 0:
-                raise ValueError(
-                    f"{self._name()}: `group_size` ({s.group_size}) has to divide head_dim ({dim}) to group "
-                    f"{name} per token"
-                )
+        s.check_shape(self._name(), h, d, dv)
         self.dtype, self.device = key_states.dtype, key_states.device
         self.batch_size, self.num_heads, self.head_dim, self.value_head_dim = b, h, d, dv
         self.quantized_keys = s.blocks("keys")

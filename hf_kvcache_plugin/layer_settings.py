@@ -63,6 +63,26 @@ class LayerSettings:
             expected_head_dim=head_dim,
         )
 
+    def check_shape(self, name: str, heads: int, head_dim: int, value_head_dim: int) -> None:
+        """Key/value states of ``heads`` heads and these head dims fit this layer: the model config's shape (when
+        known), and whole groups of channels for a stream grouped per token."""
+        if self.expected_num_heads is not None and heads != self.expected_num_heads:
+            raise ValueError(
+                f"{name}: key/value states have {heads} heads but the model config has "
+                f"{self.expected_num_heads} key/value heads"
+            )
+        if self.expected_head_dim is not None and head_dim != self.expected_head_dim:
+            raise ValueError(
+                f"{name}: key states have head_dim {head_dim} but the model config has head_dim "
+                f"{self.expected_head_dim}"
+            )
+        for stream, axis, dim in (("keys", self.key_axis, head_dim), ("values", self.value_axis, value_head_dim)):
+            if axis == "token" and dim % self.group_size != 0:
+                raise ValueError(
+                    f"{name}: `group_size` ({self.group_size}) has to divide head_dim ({dim}) to group "
+                    f"{stream} per token"
+                )
+
     def codec(self, stream: str) -> BlockCodec:
         """How this layer quantizes ``stream`` (``"keys"`` or ``"values"``)."""
         bits, axis = (self.key_bits, self.key_axis) if stream == "keys" else (self.value_bits, self.value_axis)

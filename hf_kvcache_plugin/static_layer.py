@@ -98,7 +98,8 @@ class StaticQuantizedKVLayer(CacheLayerMixin):
 
     def __init__(self, settings: LayerSettings, max_cache_len: int, croppable_tokens: int = DEFAULT_CROPPABLE_TOKENS):
         super().__init__()
-        name = f"layer {settings.layer_idx}" if settings.layer_idx is not None else "this layer"
+        self.settings = settings
+        name = self._name()
         if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1:
             raise ValueError(f"`max_cache_len` has to be a positive int but got {max_cache_len!r}")
         if isinstance(croppable_tokens, bool) or not isinstance(croppable_tokens, int) or croppable_tokens < 0:
@@ -107,7 +108,6 @@ class StaticQuantizedKVLayer(CacheLayerMixin):
             raise ValueError(f"{name}: the static cache keeps no sink tokens but got {settings.sink_tokens}")
         if settings.aged_bits is not None:
             raise ValueError(f"{name}: the static cache quantizes every block once; `mixed` is not supported")
-        self.settings = settings
         self.max_cache_len = max_cache_len
         g = settings.group_size
         self.num_blocks = -(-max_cache_len // g)  # block slots for the capacity; slot `num_blocks` is the scratch
@@ -132,13 +132,7 @@ class StaticQuantizedKVLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         check_key_value_states(self._name(), key_states, value_states)
         b, h, _, d = key_states.shape
-        s = self.settings
-        if s.expected_num_heads is not None and h != s.expected_num_heads:
-            raise ValueError(f"{self._name()}: key/value states have {h} heads but the model config has "
-                             f"{s.expected_num_heads} key/value heads")
-        if s.expected_head_dim is not None and d != s.expected_head_dim:
-            raise ValueError(f"{self._name()}: key states have head_dim {d} but the model config has head_dim "
-                             f"{s.expected_head_dim}")
+        self.settings.check_shape(self._name(), h, d, value_states.shape[-1])
         self.dtype, self.device = key_states.dtype, key_states.device
         self.batch_size, self.num_heads = b, h
         self.head_dim, self.value_head_dim = d, value_states.shape[-1]
@@ -198,29 +192,34 @@ class StaticQuantizedKVLayer(CacheLayerMixin):
                              f"({self.max_cache_len}); build it with a larger max_cache_len")
         boundary = self._boundary(start)
         n_blocks = -(-q // g)  # blocks [Q(start), Q(end)) lie among the first ceil(q / G) from the boundary
-        if q + self.residual_length + g <= size:
+        short = q + self.residual_length + g <= size
+        if short:
             # a short step (decode, a check of candidates): the ring takes the tokens first and is the window
             self._write_ring(key_states, value_states, end)
             slot = torch.arange(size, device=self.device)
             positions = end - 1 - (end - 1 - slot) % size  # the newest position each slot holds
             window = StepWindow(self.ring_keys, self.ring_values, positions, positions >= boundary, boundary, end)
-            block_slots = (boundary + torch.arange(n_blocks * g, device=self.device)) % size
-            exact = (self.ring_keys.index_select(2, block_slots), self.ring_values.index_select(2, block_slots))
         else:
             # a long step (a prompt): the window is gathered from the ring and the new tokens
             window = self._long_window(key_states, value_states, start, boundary, end)
-            exact = (window.keys[:, :, : n_blocks * g], window.values[:, :, : n_blocks * g])
         index = torch.arange(n_blocks, device=self.device)
         crosses = boundary + (index + 1) * g <= self._boundary(end)
         # Most steps cross no block. Eager on the CPU a look at `crosses` costs nothing and skips the work; a
         # compiled step branches inside its graph (torch.cond); eager on an accelerator, which would wait for the
         # look, quantizes anyway. Blocks that do not cross go to the scratch slot.
-        slots = torch.where(crosses, boundary // g + index, torch.full_like(index, self.num_blocks))
-        if _compiling():
-            self._store_blocks(torch.cond(crosses.any(), self._encode, self._encode_nothing, exact), slots, crosses)
-        elif self.device.type != "cpu" or bool(crosses.any()):
-            self._store_blocks(self._encode(*exact), slots, crosses)
-        if q + self.residual_length + g > size:
+        if _compiling() or self.device.type != "cpu" or bool(crosses.any()):
+            if short:
+                block_slots = (boundary + torch.arange(n_blocks * g, device=self.device)) % size
+                exact = (self.ring_keys.index_select(2, block_slots), self.ring_values.index_select(2, block_slots))
+            else:
+                exact = (window.keys[:, :, : n_blocks * g], window.values[:, :, : n_blocks * g])
+            slots = torch.where(crosses, boundary // g + index, torch.full_like(index, self.num_blocks))
+            if _compiling():
+                encoded = torch.cond(crosses.any(), self._encode, self._encode_nothing, exact)
+            else:
+                encoded = self._encode(*exact)
+            self._store_blocks(encoded, slots, crosses)
+        if not short:
             self._write_ring(key_states, value_states, end)
         self.cumulative_length.add_(q)
         self._step = window
@@ -401,20 +400,14 @@ class StaticQuantizedKVLayer(CacheLayerMixin):
         return (f"StaticQuantizedKVLayer(key_bits={s.key_bits}, value_bits={s.value_bits}, group_size={s.group_size}, "
                 f"residual_length={s.residual_length}, max_cache_len={self.max_cache_len})")
 
-    @property
-    def keys(self) -> Any:
-        return self.dense()[0] if self._step is not None else None
+    # transformers reads `layer.keys` / `layer.values` in places: the dense history of the last step, read-only
+    keys = property(lambda self: self._dense_stream(0), lambda self, value: self._refuse_write("keys", value))
+    values = property(lambda self: self._dense_stream(1), lambda self, value: self._refuse_write("values", value))
 
-    @keys.setter
-    def keys(self, value: Any) -> None:
-        if value is not None:
-            raise AttributeError("the static quantized layer's keys are read-only")
+    def _dense_stream(self, index: int) -> torch.Tensor | None:
+        return self.dense()[index] if self._step is not None else None
 
-    @property
-    def values(self) -> Any:
-        return self.dense()[1] if self._step is not None else None
-
-    @values.setter
-    def values(self, value: Any) -> None:
-        if value is not None:
-            raise AttributeError("the static quantized layer's values are read-only")
+    @staticmethod
+    def _refuse_write(stream: str, value: Any) -> None:
+        if value is not None:  # CacheLayerMixin.__init__ writes None
+            raise AttributeError(f"the static quantized layer's {stream} are read-only")
